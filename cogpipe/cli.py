@@ -1,0 +1,27 @@
+"""The `cogpipe` command. Each subcommand lives in its own module with `add_arguments(parser)` and
+`run(args) -> int`; this file only dispatches."""
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module providing add_arguments(parser) and run(args)
+COMMANDS = {
+    "convert": ("cogpipe.convert.cli", "convert SAT <-> Diffusers checkpoints (transformer, VAE, LoRA)"),
+    "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
