@@ -17,8 +17,8 @@ def write_mp4(frames, path, fps: int = 8, quality: float = 8.0) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # macro_block_size=1 keeps small sizes (e.g. 64x64) unchanged instead of padding to 16.
-    with imageio.get_writer(path, fps=fps, codec="libx264", quality=quality, macro_block_size=1,
-                            ffmpeg_params=["-pix_fmt", "yuv420p"]) as writer:
+    with imageio.get_writer(path, fps=fps, codec="libx264", quality=quality,
+                            macro_block_size=1, pixelformat="yuv420p") as writer:
         for frame in frames:
             writer.append_data(frame)
     return path
