@@ -1,0 +1,165 @@
+"""Content-keyed cache of VAE latents and T5 prompt embeddings, as safetensors files.
+
+A video's key hashes the clip's bytes, the VAE's identity and the preprocessing (frames, size,
+dtype); a prompt's key hashes its text, the tokenizer/T5 identity, the text length and dtype. A
+changed clip, model or resolution gives a new key, so stale entries are never read and nobody
+deletes files by hand. Entries are written to a temporary name and renamed, so an interrupted
+caching pass leaves nothing that reads as valid.
+
+    entries = build_cache(cfg, samples, device)   # encodes what is missing, then frees VAE and T5
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cogpipe import models
+
+CACHE_FORMAT = 1  # bump when the stored tensors change meaning
+
+
+def file_digest(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encoder_identity(model_cfg, component: str) -> str:
+    """Who encodes: a preset's config and seed, or a pretrained folder's config and weight files."""
+    if not model_cfg.pretrained:
+        preset = models.PRESETS[model_cfg.preset]
+        return _digest(dict(preset=model_cfg.preset, seed=model_cfg.init_seed, component=component,
+                            config=preset.get(component), torch=torch.__version__.split("+")[0]))
+    folder = Path(model_cfg.pretrained).expanduser()
+    if not folder.exists():  # a hub id: the cached snapshot's path holds its commit hash
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model_cfg.pretrained, allow_patterns=[f"{component}/*"]))
+    files = sorted((folder / component).glob("*"))
+    return _digest(dict(component=component, files=[(f.name, f.stat().st_size, f.stat().st_mtime_ns,
+                                                     f.read_text() if f.suffix == ".json" else None)
+                                                    for f in files if f.is_file()]))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One training example in the cache."""
+    latents: Path  # safetensors with "mean" and "std" of the scaled latent distribution [C, F', H', W']
+    prompt: Path  # safetensors with "prompt_embeds" [L, D]
+    caption: str
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class Cache:
+    def __init__(self, root, model_cfg, data_cfg, max_text_len: int, dtype: str = "fp32"):
+        self.root = Path(root).expanduser()
+        self.model_cfg, self.data_cfg, self.max_text_len, self.dtype = model_cfg, data_cfg, max_text_len, dtype
+        self._vae_id = encoder_identity(model_cfg, "vae")
+        self._text_id = _digest([encoder_identity(model_cfg, "text_encoder"),
+                                 encoder_identity(model_cfg, "tokenizer")])
+
+    def video_path(self, video: Path) -> Path:
+        d = self.data_cfg
+        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(video), vae=self._vae_id, frames=d.frames,
+                           height=d.height, width=d.width, dtype=self.dtype))
+        return self.root / "latents" / key[:2] / f"{key}.safetensors"
+
+    def prompt_path(self, caption: str) -> Path:
+        key = _digest(dict(v=CACHE_FORMAT, text=caption, encoder=self._text_id, length=self.max_text_len,
+                           dtype=self.dtype))
+        return self.root / "prompts" / key[:2] / f"{key}.safetensors"
+
+
+@torch.no_grad()
+def encode_video(vae, frames: torch.Tensor) -> dict:
+    """frames [F,3,H,W] in [-1,1] -> scaled latent distribution {"mean", "std"} of shape [C,F',H',W']."""
+    x = frames.to(vae.device, vae.dtype).permute(1, 0, 2, 3).unsqueeze(0)  # (1, 3, F, H, W)
+    dist = vae.encode(x).latent_dist
+    s = vae.config.scaling_factor
+    return {"mean": (dist.mean[0] * s).float(), "std": (dist.std[0] * s).float()}
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, captions: list[str], max_len: int) -> torch.Tensor:
+    """T5 embeddings [B, max_len, D], padded and truncated as the CogVideoX pipelines do."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barrier=lambda: None,
+                log=print) -> list[Entry]:
+    """Make sure every sample has cached latents and prompt embeddings; return the entries.
+
+    Each process encodes its share (every `world`-th missing item); the encoders are loaded only if
+    something is missing and are freed before returning.
+    """
+    from cogpipe.data import load_clip
+
+    tcfg, _ = models.component_configs(cfg.model)
+    max_len = tcfg["max_text_seq_length"]
+    cache = Cache(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data, max_len,
+                  cfg.model.weight_dtype)
+    dtype = models.DTYPES[cfg.model.weight_dtype]
+    entries = [Entry(cache.video_path(s.video), cache.prompt_path(s.caption), s.caption) for s in samples]
+
+    todo_videos = [(s, e) for s, e in zip(samples, entries) if not e.latents.exists()]
+    todo_prompts = {e.caption: e.prompt for e in entries if not e.prompt.exists()}
+    mine_v = todo_videos[rank::world]
+    mine_p = sorted(todo_prompts.items())[rank::world]
+    log(f"cache {cache.root}: {len(samples) - len(todo_videos)}/{len(samples)} clips and "
+        f"{len(set(e.caption for e in entries)) - len(todo_prompts)}/{len(set(e.caption for e in entries))} "
+        f"prompts already encoded")
+    if mine_v:
+        vae = models.build_vae(cfg.model, dtype).to(device).eval()
+        for s, e in mine_v:
+            frames = load_clip(s.video, cfg.data.frames, cfg.data.height, cfg.data.width)
+            _atomic_save(encode_video(vae, frames), e.latents,
+                         {"video": str(s.video), "frames": str(cfg.data.frames)})
+        del vae
+    if mine_p:
+        tokenizer = models.build_tokenizer(cfg.model)
+        text_encoder = models.build_text_encoder(cfg.model, dtype).to(device).eval()
+        for caption, path in mine_p:
+            embeds = encode_prompts(tokenizer, text_encoder, [caption], max_len)[0]
+            _atomic_save({"prompt_embeds": embeds.float()}, path, {"caption": caption})
+        del text_encoder, tokenizer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    barrier()
+    return entries
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Training examples read from the cache: {"mean", "std", "prompt_embeds"}."""
+
+    def __init__(self, entries: list[Entry]):
+        self.entries = entries
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        e = self.entries[i]
+        return {**load_file(str(e.latents)), **load_file(str(e.prompt))}

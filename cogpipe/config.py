@@ -1,0 +1,210 @@
+"""The training config: a dataclass schema merged with a YAML recipe and key=value overrides.
+
+    cfg = load_config("configs/tiny_lora.yaml", ["train.max_steps=20"])
+
+`OmegaConf.structured(Config)` gives the schema (a typo'd key or a wrong type fails there), then
+`OmegaConf.to_object` builds the dataclasses so every `__post_init__` check runs once on the final
+values. Checks that need the model (channels, frame and size rules) run in `validate_model()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the key."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value, choices, key: str) -> None:
+    _check(value in choices, key, f"must be one of {sorted(choices)}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # tiny | 2b | 5b | 5b-i2v | 1.5-5b | 1.5-5b-i2v (see models.PRESETS)
+    pretrained: Optional[str] = None  # Diffusers pipeline folder or hub id; None builds `preset`
+    latent_input: bool = True  # the transformer trains on VAE latents, never on RGB frames
+    init_seed: int = 0  # seed of a preset's random initialisation
+    weight_dtype: str = "fp32"  # storage dtype of frozen weights: fp32 | fp16 | bf16
+
+    def __post_init__(self):
+        _check(
+            self.latent_input,
+            "model.latent_input",
+            "must be true. The CogVideoX transformer takes 16-channel VAE latents (32 for image-to-video), "
+            "not 3-channel RGB frames: RGB frames are encoded by the VAE first (online or into the latent "
+            "cache), so there is no RGB-input mode.",
+        )
+        _one_of(self.weight_dtype, {"fp32", "fp16", "bf16"}, "model.weight_dtype")
+        if self.pretrained is None:
+            from cogpipe.models import PRESETS
+
+            _one_of(self.preset, set(PRESETS), "model.preset")
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING  # dataset folder (prompts.txt + videos.txt, captioned videos, or metadata)
+    frames: int = 17
+    height: int = 64
+    width: int = 64
+    cache_dir: Optional[str] = None  # latent/embedding cache; default <data.root>/.cogpipe_cache
+    num_workers: int = 0
+
+    def __post_init__(self):
+        _check(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            _check(value > 0 and value % 16 == 0, f"data.{key}",
+                   f"must be a positive multiple of 16 (VAE 8x times patch 2), got {value}")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 128
+    alpha: float = 64.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def __post_init__(self):
+        _check(self.rank > 0, "lora.rank", f"must be positive, got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha}")
+        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "lora"  # lora | full
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_scheduler: str = "cosine_with_restarts"  # any diffusers.optimization scheduler name
+    warmup_steps: int = 0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only the final one
+    checkpoints_total_limit: Optional[int] = None
+    resume_from: Optional[str] = None  # latest | PATH to a checkpoint folder
+    log_every: int = 1
+
+    def __post_init__(self):
+        _one_of(self.mode, {"lora", "full"}, "train.mode")
+        _one_of(self.mixed_precision, {"no", "fp16", "bf16"}, "train.mixed_precision")
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
+        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+               "train.checkpoints_total_limit", "must be >= 1 or null")
+        from diffusers.optimization import SchedulerType
+
+        _one_of(self.lr_scheduler, {s.value for s in SchedulerType}, "train.lr_scheduler")
+
+
+@dataclass
+class ValidationConfig:
+    prompts: list[str] = field(default_factory=list)  # generated at the end (and every `every` steps)
+    every: int = 0  # optimizer steps between validations; 0 = only after training
+    steps: int = 50
+    guidance: float = 6.0
+    seed: int = 0
+    fps: int = 8
+
+
+@dataclass
+class Config:
+    output_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    report_to: str = "wandb"  # wandb | tensorboard | none
+    wandb_mode: str = "offline"  # offline | online | disabled (the WANDB_MODE environment variable wins)
+    wandb_project: str = "cogpipe"
+
+    def __post_init__(self):
+        _one_of(self.report_to, {"wandb", "tensorboard", "none"}, "report_to")
+        _one_of(self.wandb_mode, {"offline", "online", "disabled"}, "wandb_mode")
+
+
+def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
+    """Merge the schema defaults, the YAML at `path` and `key=value` overrides; validate."""
+    try:
+        cfg = OmegaConf.structured(Config)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: required value missing" + (f" in {path}" if path else ""))
+        config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        source = f" ({path})" if path else ""
+        raise ConfigError(f"{key or 'config'}: {e.msg if hasattr(e, 'msg') else e}{source}") from None
+    if validate_model:
+        validate_against_model(config)
+    return config
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: Config, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)
+
+
+def frame_rule(version: str) -> tuple[int, int]:
+    """(multiple, max frames): frames must be multiple*N + 1 and at most max."""
+    return (8, 49) if version == "1.0" else (16, 161)
+
+
+def validate_against_model(cfg: Config) -> None:
+    """Cross-field rules that need the model's configs: channels, frames and size (DESIGN.md §4)."""
+    from cogpipe.models import component_configs, model_facts
+
+    tcfg, vcfg = component_configs(cfg.model)
+    facts = model_facts(tcfg, vcfg)
+    latent = vcfg.get("latent_channels", 16)
+    want = latent * (2 if facts["i2v"] else 1)
+    _check(tcfg["in_channels"] == want, "model",
+           f"the transformer's in_channels ({tcfg['in_channels']}) must equal the VAE's latent_channels "
+           f"({latent}){' x 2 for image-to-video' if facts['i2v'] else ''} = {want}")
+    multiple, most = frame_rule(facts["version"])
+    frames = cfg.data.frames
+    _check((frames - 1) % multiple == 0 and frames <= most, "data.frames",
+           f"CogVideoX {facts['version']} needs {multiple}N+1 frames, at most {most}; got {frames} "
+           f"(nearest valid: {max(1, (frames - 1) // multiple * multiple + 1)})")
+    if facts["version"] == "1.5" and facts["i2v"]:
+        _check(min(cfg.data.height, cfg.data.width) >= 768, "data.height/width",
+               "CogVideoX1.5-I2V needs the shorter side >= 768")
+        _check(max(cfg.data.height, cfg.data.width) <= 1360, "data.height/width",
+               f"CogVideoX1.5-I2V needs the longer side <= 1360, got {cfg.data.height}x{cfg.data.width}")

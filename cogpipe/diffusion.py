@@ -1,0 +1,72 @@
+"""The CogVideoX training objective as pure functions.
+
+v-prediction on the CogVideoX DDIM schedule (scaled-linear betas, zero terminal SNR, SNR shift). As in
+the official finetune code the loss compares the predicted clean latents with the true ones, weighted
+by 1 / (1 - alpha_bar_t); since x0_pred - x0 = sqrt(1 - alpha_bar_t) (v - v_pred), this equals an
+unweighted MSE on v.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+
+def _at(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    a = alphas_cumprod.to(like.device, torch.float32)[t]
+    return a.view(-1, *([1] * (like.ndim - 1)))  # (B, 1, ...) broadcast over the latent dims
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    a = _at(alphas_cumprod, t, x0)
+    return (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(x0.dtype)
+
+
+def v_target(x0, noise, t, alphas_cumprod):
+    a = _at(alphas_cumprod, t, x0)
+    return a.sqrt() * noise - (1 - a).sqrt() * x0
+
+
+def x0_from_v(noisy, v, t, alphas_cumprod):
+    a = _at(alphas_cumprod, t, noisy)
+    return a.sqrt() * noisy.float() - (1 - a).sqrt() * v.float()
+
+
+def loss_weight(t, alphas_cumprod, like):
+    return 1.0 / (1.0 - _at(alphas_cumprod, t, like))
+
+
+def diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod) -> torch.Tensor:
+    """Mean over the batch of the 1/(1 - alpha_bar_t)-weighted squared error of the predicted x0."""
+    x0_pred = x0_from_v(noisy, v_pred, t, alphas_cumprod)
+    err = loss_weight(t, alphas_cumprod, x0) * (x0_pred - x0.float()) ** 2
+    return err.flatten(1).mean(1).mean()
+
+
+def pad_for_patch_t(latents: torch.Tensor, patch_t) -> torch.Tensor:
+    """(B, F, C, H, W): CogVideoX1.5 (patch_t=2) needs an even frame count; repeat the first frame."""
+    if not patch_t or latents.shape[1] % patch_t == 0:
+        return latents
+    extra = patch_t - latents.shape[1] % patch_t
+    return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1)
+
+
+def rotary_embeddings(tcfg: dict, latent_frames: int, latent_h: int, latent_w: int, device):
+    """(cos, sin) rotary tables exactly as the CogVideoX pipelines build them; None without RoPE."""
+    if not tcfg.get("use_rotary_positional_embeddings"):
+        return None
+    p, p_t = tcfg["patch_size"], tcfg.get("patch_size_t")
+    grid_h, grid_w = latent_h // p, latent_w // p
+    base_w, base_h = tcfg["sample_width"] // p, tcfg["sample_height"] // p
+    if p_t is None:  # CogVideoX 1.0
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+        return get_3d_rotary_pos_embed(embed_dim=tcfg["attention_head_dim"], crops_coords=crops,
+                                       grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
+    return get_3d_rotary_pos_embed(embed_dim=tcfg["attention_head_dim"], crops_coords=None,
+                                   grid_size=(grid_h, grid_w), temporal_size=(latent_frames + p_t - 1) // p_t,
+                                   grid_type="slice", max_size=(base_h, base_w), device=device)

@@ -1,0 +1,219 @@
+"""Score a video against its prompt: which colour, shape and direction of motion does it show?
+
+    result = score_video(frames, "a red square moving right")   # frames: uint8 [F, H, W, 3]
+    result["colour"], result["shape"], result["direction"]       # detected ("red", "square", "right") or None
+    result["match"]                                              # {"colour": True, ..., "all": True}
+    score_many([(frames, prompt), ...])                          # {"colour": 1.0, "shape": ..., "all": ..., "n": 2}
+
+Detection works on the world of cogpipe/world.py (one shape on a plain background) and is meant to hold up
+on what a tiny diffusion model makes: H.264 artefacts, blur, noise, stray blobs.
+
+- foreground: pixels far from the background colour (the per-video median); the threshold is half the
+  video's peak contrast, which finds a blurred edge where a sharp one would be; per frame a 3x3 majority
+  filter removes speckle and only the largest 4-connected blob is kept.
+- colour: the hue of the median colour of the blob's core pixels, nearest palette hue (purple included).
+  Hue ignores brightness and saturation, which generated videos get wrong more often than hue.
+- shape: per frame, the taper (mean width of the top third of the blob's box over the bottom third: about
+  0.2 for the upward triangle, 1 otherwise) and the fill of the box (square 1.0, circle 0.79); medians
+  over frames.
+- direction: a straight-line fit of the blob's centroid over time; the dominant axis of the displacement,
+  None when it moves less than 6% of the frame.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cogpipe.world import ALL_COLOURS, COLOURS, DIRECTIONS, HELD_OUT_COLOUR, RGB, SHAPES, parse_prompt
+
+MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing counts as foreground
+MIN_AREA = 0.005  # a blob smaller than this fraction of the frame is no shape
+MIN_CHROMA = 20.0  # a foreground colour greyer than this has no hue: colour None
+MIN_TRAVEL = 0.06  # a displacement below this fraction of the frame is no motion: direction None
+TAPER_SPLIT = 0.6  # below: triangle (top much narrower than bottom)
+FILL_SPLIT = 0.89  # above: square; below: circle (midpoint of 1.0 and pi/4)
+ATTRIBUTES = ("colour", "shape", "direction")
+
+
+def _hue(rgb) -> float:
+    """HSV hue in degrees of one RGB colour."""
+    r, g, b = (float(c) for c in rgb)
+    hi, lo = max(r, g, b), min(r, g, b)
+    if hi == lo:
+        return 0.0
+    if hi == r:
+        h = (g - b) / (hi - lo)
+    elif hi == g:
+        h = 2.0 + (b - r) / (hi - lo)
+    else:
+        h = 4.0 + (r - g) / (hi - lo)
+    return (60.0 * h) % 360.0
+
+
+PALETTE_HUES = {name: _hue(RGB[name]) for name in ALL_COLOURS}
+
+
+def fixed_prompts(colours=None) -> list[str]:
+    """The fixed prompt set: every colour x shape x direction, in a fixed order.
+
+    colours=None is the pretraining palette (48 prompts); held_out_prompts() is the held-out colour's set.
+    """
+    colours = COLOURS if colours is None else tuple(colours)
+    unknown = [c for c in colours if c not in RGB]
+    if unknown:
+        raise ValueError(f"unknown colours {unknown}; expected some of {ALL_COLOURS}")
+    return [f"a {c} {s} moving {d}" for c in colours for s in SHAPES for d in DIRECTIONS]
+
+
+def held_out_prompts() -> list[str]:
+    """The fixed prompt set of the held-out colour (purple): 12 prompts."""
+    return fixed_prompts([HELD_OUT_COLOUR])
+
+
+def score_video(frames, prompt: str) -> dict:
+    """Detect colour, shape and direction in frames [F, H, W, 3] and compare them with the prompt.
+
+    Returns the detected values (None where nothing is detected), the expected ones parsed from the prompt,
+    `match` per attribute and "all" (an attribute the prompt does not name gets match None and is left out
+    of "all"), and the raw measurements under `features`.
+    """
+    detected = detect(frames)
+    expected = dict(zip(ATTRIBUTES, parse_prompt(prompt)))
+    match = {a: None if expected[a] is None else detected[a] == expected[a] for a in ATTRIBUTES}
+    named = [m for m in match.values() if m is not None]
+    match["all"] = bool(named) and all(named)
+    return {**{a: detected[a] for a in ATTRIBUTES}, "expected": expected, "match": match,
+            "features": detected["features"]}
+
+
+def score_many(items) -> dict:
+    """Accuracies over (frames, prompt) pairs: {"colour", "shape", "direction", "all": fraction, "n": count}.
+
+    Each attribute's accuracy counts only the prompts that name it.
+    """
+    results = [score_video(frames, prompt) for frames, prompt in items]
+    out = {}
+    for key in ATTRIBUTES + ("all",):
+        hits = [r["match"][key] for r in results if r["match"][key] is not None]
+        out[key] = sum(hits) / len(hits) if hits else None
+    out["n"] = len(results)
+    return out
+
+
+def detect(frames) -> dict:
+    """Colour, shape and direction shown in frames [F, H, W, 3] (uint8, or floats in [0, 1])."""
+    video = _as_float_video(frames)
+    num_frames, h, w, _ = video.shape
+    features = {"hue": None, "chroma": None, "fill": None, "taper": None, "displacement": None,
+                "frames_with_shape": 0}
+    none = {"colour": None, "shape": None, "direction": None, "features": features}
+
+    background = np.median(video.reshape(-1, 3), axis=0)
+    dist = np.linalg.norm(video - background, axis=-1)  # (F, H, W)
+    peak = float(np.percentile(dist, 99.5))
+    if peak < MIN_CONTRAST:
+        return none
+    threshold = max(MIN_CONTRAST, 0.5 * peak)
+
+    times, centroids, fills, tapers, core_pixels = [], [], [], [], []
+    for t in range(num_frames):
+        blob = _largest_component(_majority3x3(dist[t] > threshold))
+        area = int(blob.sum())
+        if area < MIN_AREA * h * w:
+            continue
+        ys, xs = np.nonzero(blob)
+        times.append(t)
+        centroids.append((xs.mean(), ys.mean()))
+        y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+        fills.append(area / ((y1 - y0 + 1) * (x1 - x0 + 1)))
+        widths = blob[y0:y1 + 1].sum(axis=1)  # per row of the box
+        third = max(1, len(widths) // 3)
+        tapers.append(widths[:third].mean() / max(widths[-third:].mean(), 1e-6))
+        d = dist[t][blob]
+        core_pixels.append(video[t][blob][d >= np.median(d)])
+    features["frames_with_shape"] = len(times)
+    if not times:
+        return none
+
+    colour = None
+    median_rgb = np.median(np.concatenate(core_pixels), axis=0)
+    chroma = float(median_rgb.max() - median_rgb.min())
+    hue = _hue(median_rgb)
+    features["hue"], features["chroma"] = round(hue, 1), round(chroma, 1)
+    if chroma >= MIN_CHROMA:
+        colour = min(PALETTE_HUES, key=lambda c: _hue_distance(hue, PALETTE_HUES[c]))
+
+    fill, taper = float(np.median(fills)), float(np.median(tapers))
+    features["fill"], features["taper"] = round(fill, 3), round(taper, 3)
+    if taper < TAPER_SPLIT:
+        shape = "triangle"
+    else:
+        shape = "square" if fill > FILL_SPLIT else "circle"
+
+    direction = None
+    if len(times) >= 2:
+        c = np.array(centroids)  # (T, 2) x, y
+        slope = np.polyfit(np.array(times, dtype=float), c, 1)[0]  # (2,) px per frame
+        dx, dy = slope * (num_frames - 1)
+        features["displacement"] = (round(float(dx), 2), round(float(dy), 2))
+        if max(abs(dx), abs(dy)) >= MIN_TRAVEL * min(h, w):
+            if abs(dx) >= abs(dy):
+                direction = "right" if dx > 0 else "left"
+            else:
+                direction = "down" if dy > 0 else "up"
+    return {"colour": colour, "shape": shape, "direction": direction, "features": features}
+
+
+def _as_float_video(frames) -> np.ndarray:
+    """float64 [F, H, W, 3] in [0, 255]; large videos are average-pooled towards 64 px on the short side."""
+    video = np.asarray(frames)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"expected frames [F, H, W, 3], got shape {tuple(video.shape)}")
+    if np.issubdtype(video.dtype, np.floating):
+        video = np.clip(video, 0.0, 1.0) * 255.0
+    video = video.astype(np.float64)
+    factor = min(video.shape[1], video.shape[2]) // 64
+    if factor > 1:
+        f, h, w, _ = video.shape
+        h, w = h // factor * factor, w // factor * factor
+        video = video[:, :h, :w].reshape(f, h // factor, factor, w // factor, factor, 3).mean(axis=(2, 4))
+    return video
+
+
+def _majority3x3(mask: np.ndarray) -> np.ndarray:
+    """Keep a pixel when at least 5 of the 9 pixels around it (itself included) are set."""
+    padded = np.pad(mask.astype(np.int8), 1)
+    h, w = mask.shape
+    count = sum(padded[i:i + h, j:j + w] for i in range(3) for j in range(3))
+    return count >= 5
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask."""
+    h, w = mask.shape
+    todo = mask.tolist()
+    best: list = []
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if not todo[y0][x0]:
+            continue
+        todo[y0][x0] = False
+        stack, region = [(y0, x0)], []
+        while stack:
+            y, x = stack.pop()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and todo[ny][nx]:
+                    todo[ny][nx] = False
+                    stack.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    out = np.zeros_like(mask, dtype=bool)
+    if best:
+        ys, xs = zip(*best)
+        out[list(ys), list(xs)] = True
+    return out
+
+
+def _hue_distance(a: float, b: float) -> float:
+    d = abs(a - b) % 360.0
+    return min(d, 360.0 - d)
