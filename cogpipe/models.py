@@ -98,10 +98,11 @@ def model_facts(tcfg: dict, vcfg: dict) -> dict:
                 i2v=tcfg["in_channels"] == 2 * (tcfg.get("out_channels") or 16))
 
 
-def _seeded(seed: int, build):
+def _seeded(seed: int, build, dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build()
+        model = build()
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def build_tokenizer(model_cfg):
@@ -120,16 +121,16 @@ def build_text_encoder(model_cfg, dtype=torch.float32):
     if model_cfg.pretrained:
         return T5EncoderModel.from_pretrained(model_cfg.pretrained, subfolder="text_encoder", dtype=dtype)
     cfg = T5Config(**PRESETS[model_cfg.preset]["text_encoder"])
-    return _seeded(model_cfg.init_seed + 1, lambda: T5EncoderModel(cfg)).to(dtype)
+    return _seeded(model_cfg.init_seed + 1, lambda: T5EncoderModel(cfg), dtype)
 
 
 def build_vae(model_cfg, dtype=torch.float32):
     from diffusers import AutoencoderKLCogVideoX
 
     if model_cfg.pretrained:
-        return AutoencoderKLCogVideoX.from_pretrained(model_cfg.pretrained, subfolder="vae", torch_dtype=dtype)
+        return AutoencoderKLCogVideoX.from_pretrained(model_cfg.pretrained, subfolder="vae", dtype=dtype)
     cfg = PRESETS[model_cfg.preset]["vae"]
-    return _seeded(model_cfg.init_seed + 2, lambda: AutoencoderKLCogVideoX(**cfg)).to(dtype)
+    return _seeded(model_cfg.init_seed + 2, lambda: AutoencoderKLCogVideoX(**cfg), dtype)
 
 
 def build_transformer(model_cfg, dtype=torch.float32):
@@ -137,9 +138,9 @@ def build_transformer(model_cfg, dtype=torch.float32):
 
     if model_cfg.pretrained:
         return CogVideoXTransformer3DModel.from_pretrained(model_cfg.pretrained, subfolder="transformer",
-                                                           torch_dtype=dtype)
+                                                           dtype=dtype)
     cfg = PRESETS[model_cfg.preset]["transformer"]
-    return _seeded(model_cfg.init_seed + 3, lambda: CogVideoXTransformer3DModel(**cfg)).to(dtype)
+    return _seeded(model_cfg.init_seed + 3, lambda: CogVideoXTransformer3DModel(**cfg), dtype)
 
 
 def build_scheduler(model_cfg):

@@ -1,0 +1,102 @@
+"""Training checkpoints under `<output_dir>/checkpoints/`.
+
+    checkpoint-000010/          trainable.safetensors (LoRA or full weights), optimizer/scheduler/RNG
+                                state from accelerate, trainer_state.json, config.yaml
+    latest                      the name of the newest complete checkpoint
+
+A checkpoint is written under a temporary name and renamed once complete, and `latest` is replaced
+atomically, so `latest` never names a partial checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+TRAINABLE = "trainable.safetensors"
+STATE = "trainer_state.json"
+
+
+def checkpoints_dir(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def resolve(output_dir, resume_from) -> Path | None:
+    """The checkpoint folder to resume from: None for a fresh start.
+
+    `latest` with no checkpoint yet is a fresh start; a PATH that does not exist is an error.
+    """
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        pointer = checkpoints_dir(output_dir) / "latest"
+        if not pointer.exists():
+            return None
+        path = checkpoints_dir(output_dir) / pointer.read_text().strip()
+    else:
+        path = Path(resume_from)
+    if not (path / STATE).is_file():
+        raise FileNotFoundError(f"train.resume_from: {path} is not a complete checkpoint "
+                                f"(no {STATE}); refusing to start a fresh run silently")
+    return path
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model, directory) -> None:
+    save_file({k: v.cpu() for k, v in trainable_state(model).items()}, str(Path(directory) / TRAINABLE))
+
+
+def load_trainable(model, directory) -> None:
+    """Load `trainable.safetensors` into the model; every trainable parameter must be there."""
+    file = Path(directory) / TRAINABLE
+    state = load_file(str(file))
+    want = set(trainable_state(model))
+    missing, unexpected = want - set(state), set(state) - want
+    if missing or unexpected:
+        raise KeyError(f"{file}: does not match the model's trainable parameters: "
+                       f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        params[name].data.copy_(tensor)
+
+
+def read_state(directory) -> dict:
+    return json.loads((Path(directory) / STATE).read_text())
+
+
+def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None) -> Path:
+    """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it."""
+    root = checkpoints_dir(output_dir)
+    final = root / f"checkpoint-{step:06d}"
+    tmp = root / f".tmp-checkpoint-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", final.name)
+        if total_limit:
+            for old in sorted(root.glob("checkpoint-*"))[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,51 @@
+"""generate(): a Diffusers CogVideoX pipeline folder (+ optional LoRA) -> frames -> mp4."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cogpipe.lora import LORA_FILE
+from cogpipe.video import write_mp4
+
+
+def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.float32, device="cpu"):
+    """A CogVideoX (text- or image-to-video) pipeline from a folder or hub id; the embedded tiny
+    preset (random weights) when `model` is None. `lora` is a folder or a .safetensors file."""
+    from cogpipe import models
+
+    if model is None:
+        from cogpipe.config import ModelConfig
+
+        pipe = models.build_pipeline(ModelConfig(preset="tiny"), dtype=dtype)
+    else:
+        cls = models.pipeline_class(models._read_component_config(str(model), "transformer"))
+        pipe = cls.from_pretrained(str(model), dtype=dtype)
+    if lora is not None:
+        lora = Path(lora)
+        if lora.is_dir():
+            pipe.load_lora_weights(str(lora), weight_name=LORA_FILE, adapter_name="lora")
+        else:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lora")
+        pipe.set_adapters(["lora"], [lora_scale])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(pipe, prompt: str, num_frames: int = 17, height: int = 64, width: int = 64, steps: int = 50,
+             guidance: float = 6.0, seed: int = 0, image=None) -> np.ndarray:
+    """Frames uint8 [F, H, W, 3]. Same seed, same video."""
+    kwargs = dict(prompt=prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+                  guidance_scale=guidance, max_sequence_length=pipe.transformer.config.max_text_seq_length,
+                  generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    if image is not None:
+        kwargs["image"] = image
+    frames = pipe(**kwargs).frames[0]  # (F, H, W, 3) floats in [0, 1]
+    return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def generate_to_file(output, fps: int = 8, **kwargs) -> Path:
+    pipe = load_pipeline(kwargs.pop("model", None), kwargs.pop("lora", None), kwargs.pop("lora_scale", 1.0))
+    return write_mp4(generate(pipe, **kwargs), output, fps=fps)

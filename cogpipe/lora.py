@@ -1,0 +1,47 @@
+"""LoRA through peft: inject into the transformer, read the adapter back, save it in diffusers keys.
+
+The saved file is what `CogVideoXPipeline.load_lora_weights` reads: keys
+`transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`, with the adapter config (rank, alpha,
+target modules) in the safetensors metadata, so the alpha/rank scale survives the export.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ADAPTER = "default"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def peft_config(lora_cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      init_lora_weights=True, target_modules=list(lora_cfg.target_modules))
+
+
+def add_lora(transformer, lora_cfg) -> None:
+    """Freeze the transformer and add a trainable LoRA adapter (parameters in fp32)."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(peft_config(lora_cfg), adapter_name=ADAPTER)
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def adapter_state_dict(trainable: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's in-model names (`….lora_A.default.weight`) -> adapter names (`….lora_A.weight`)."""
+    return {k.replace(f".{ADAPTER}.", "."): v for k, v in trainable.items() if ".lora_" in k}
+
+
+def save_lora(directory, trainable: dict[str, torch.Tensor], lora_cfg) -> Path:
+    from diffusers import CogVideoXPipeline
+
+    directory = Path(directory)
+    metadata = peft_config(lora_cfg).to_dict()
+    metadata["target_modules"] = sorted(metadata["target_modules"])
+    CogVideoXPipeline.save_lora_weights(directory, transformer_lora_layers=adapter_state_dict(trainable),
+                                        transformer_lora_adapter_metadata=metadata, weight_name=LORA_FILE)
+    return directory / LORA_FILE

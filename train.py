@@ -1,0 +1,32 @@
+"""Train a CogVideoX model as a recipe says.
+
+    accelerate launch train.py --config configs/tiny_lora.yaml [key=value ...]
+    python train.py --config configs/tiny_lora.yaml train.max_steps=10
+"""
+
+import argparse
+import sys
+
+from cogpipe.config import ConfigError, load_config
+from cogpipe.data import DataError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a YAML recipe from configs/")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from cogpipe.training import train
+
+        out = train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
