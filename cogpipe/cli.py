@@ -1,5 +1,8 @@
-"""The `cogpipe` command. Each subcommand lives in its own module with `add_arguments(parser)` and
-`run(args) -> int`; this file only dispatches."""
+"""cogpipe: CogVideoX fine-tuning, export, conversion and inference tools.
+
+Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`; this file
+only dispatches, importing just the subcommand that runs.
+"""
 
 import argparse
 import importlib
@@ -13,12 +16,14 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(p)
+        if argv and argv[0] == name:  # import only the subcommand that runs
+            importlib.import_module(module).add_arguments(p)
     args = parser.parse_args(argv)
     return int(importlib.import_module(args._module).run(args) or 0)
 

@@ -8,6 +8,7 @@ global batch on 1 process with batch 2 as on 2 processes with batch 1.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -174,6 +175,9 @@ def train(cfg: Config) -> Path:
                     "steps_per_s": rate}
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{rate:.2f}")
             accelerator.log(logs, step=step)
+            if accelerator.is_main_process:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
         bar.update(1)
         if step == cfg.train.max_steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             checkpoint.save(accelerator, out, step, {"step": step, "micro_step": micro}, config_yaml,
