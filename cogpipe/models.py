@@ -101,7 +101,7 @@ def model_facts(tcfg: dict, vcfg: dict) -> dict:
 def _seeded(seed: int, build, dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build()
+        model = build().eval()  # as from_pretrained returns it: no dropout until training asks
     return model if dtype == torch.float32 else model.to(dtype)
 
 
