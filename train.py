@@ -18,10 +18,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from cogpipe.training import train
+        from cogpipe.training import Interrupted, train
 
-        out = train(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+        try:
+            out = train(cfg)
+        except Interrupted as e:
+            print(f"interrupted: {e}; continue with train.resume_from=latest", file=sys.stderr)
+            return 128 + e.signum
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done: {out}")

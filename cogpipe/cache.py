@@ -11,6 +11,7 @@ caching pass leaves nothing that reads as valid.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -26,7 +27,13 @@ from cogpipe import models
 CACHE_FORMAT = 1  # bump when the stored tensors change meaning
 
 
-def file_digest(path, chunk: int = 1 << 20) -> str:
+def file_digest(path) -> str:
+    st = os.stat(path)
+    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -78,6 +85,12 @@ class Cache:
         self._text_id = _digest([encoder_identity(model_cfg, "text_encoder"),
                                  encoder_identity(model_cfg, "tokenizer")])
 
+    @classmethod
+    def for_config(cls, cfg) -> "Cache":
+        tcfg, _ = models.component_configs(cfg.model)
+        return cls(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data,
+                   tcfg["max_text_seq_length"], cfg.model.weight_dtype)
+
     def video_path(self, video: Path) -> Path:
         d = self.data_cfg
         key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(video), vae=self._vae_id, frames=d.frames,
@@ -116,10 +129,8 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
     """
     from cogpipe.data import load_clip
 
-    tcfg, _ = models.component_configs(cfg.model)
-    max_len = tcfg["max_text_seq_length"]
-    cache = Cache(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data, max_len,
-                  cfg.model.weight_dtype)
+    cache = Cache.for_config(cfg)
+    max_len = cache.max_text_len
     dtype = models.DTYPES[cfg.model.weight_dtype]
     entries = [Entry(cache.video_path(s.video), cache.prompt_path(s.caption), s.caption) for s in samples]
 

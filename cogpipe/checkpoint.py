@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -77,26 +78,51 @@ def read_state(directory) -> dict:
     return json.loads((Path(directory) / STATE).read_text())
 
 
+def remove_partial(output_dir) -> None:
+    """Remove temporary folders left by a save that was killed midway."""
+    for tmp in checkpoints_dir(output_dir).glob(".tmp-checkpoint-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _failpoint(name: str) -> None:
+    """Fault injection for the kill-during-save tests: COGPIPE_FAILPOINT=<name> SIGKILLs this process here."""
+    if os.environ.get("COGPIPE_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None) -> Path:
-    """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it."""
+    """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it.
+
+    Rotation keeps the newest `total_limit` complete checkpoints, never the one just written. A failed
+    write (a full disk, say) removes the partial folder and leaves the previous checkpoint as it was.
+    """
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step:06d}"
     tmp = root / f".tmp-checkpoint-{step:06d}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "config.yaml").write_text(config_yaml)
+            _failpoint(f"checkpoint-save:{step}")
+            (tmp / STATE).write_text(json.dumps(state, indent=1))
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        previous = (root / "latest").read_text().strip() if (root / "latest").exists() else "none"
+        raise OSError(e.errno, f"writing checkpoint {final} failed ({e.strerror or e}); the previous "
+                               f"checkpoint ({previous}) is intact") from e
     if accelerator.is_main_process:
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / STATE).write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / "latest", final.name)
         if total_limit:
             for old in sorted(root.glob("checkpoint-*"))[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

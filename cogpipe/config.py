@@ -60,7 +60,7 @@ class DataConfig:
     height: int = 64
     width: int = 64
     cache_dir: Optional[str] = None  # latent/embedding cache; default <data.root>/.cogpipe_cache
-    num_workers: int = 0
+    skip_bad: bool = False  # false: refuse to train on a dataset with bad clips; true: warn, skip, count
 
     def __post_init__(self):
         _check(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
@@ -103,6 +103,7 @@ class TrainConfig:
     checkpoints_total_limit: Optional[int] = None
     resume_from: Optional[str] = None  # latest | PATH to a checkpoint folder
     log_every: int = 1
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each such step is skipped)
 
     def __post_init__(self):
         _one_of(self.mode, {"lora", "full"}, "train.mode")

@@ -28,6 +28,15 @@ CAPTION_COLUMNS = ("caption", "prompt", "text")
 class DataError(ValueError):
     """A dataset problem; the message names the file and the rule."""
 
+    def __init__(self, message: str, problem: "Problem | None" = None):
+        super().__init__(message)
+        self.problem = problem
+
+
+def _bad(path, rule: str) -> DataError:
+    problem = Problem(str(path), rule)
+    return DataError(str(problem), problem)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -35,68 +44,122 @@ class Sample:
     caption: str
 
 
-def _inside(root: Path, rel: str, where: str) -> Path:
-    path = (root / rel.strip()).resolve()
-    if not path.is_relative_to(root.resolve()):
-        raise DataError(f"{where}: path {rel!r} escapes the dataset folder {root}")
-    return path
+@dataclass(frozen=True)
+class Problem:
+    """One bad input: the file (with line, where there is one) and the rule it breaks."""
+    file: str
+    rule: str
+
+    def __str__(self):
+        return f"{self.file}: {self.rule}"
 
 
-def _read_lines(file: Path) -> list[str]:
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{file}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def report(problems: list[Problem], root) -> str:
+    lines = "\n".join(f"  - {p}" for p in problems)
+    return f"dataset {root}: {len(problems)} problem(s):\n{lines}"
 
 
-def _pick(row: dict, names, file: Path, what: str) -> str:
+def _read_lines(file: Path, problems: list[Problem]) -> list[str | None]:
+    """The lines of a text file, stripped, trailing blank lines dropped; a line that is not UTF-8
+    becomes None and a problem."""
+    lines: list[str | None] = []
+    for i, raw in enumerate(file.read_bytes().splitlines()):
+        try:
+            lines.append(raw.decode("utf-8").strip())
+        except UnicodeDecodeError as e:
+            problems.append(Problem(f"{file}:{i + 1}", f"not valid UTF-8 text ({e.reason} at byte {e.start})"))
+            lines.append(None)
+    while lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _pick(row: dict, names, file, what: str) -> str:
     for name in names:
         if name in row and row[name] is not None:
             return str(row[name])
     raise DataError(f"{file}: no {what} column; expected one of {list(names)}, found {sorted(row)}")
 
 
-def discover(root) -> list[Sample]:
-    """The (video, caption) pairs of a dataset folder, in file order."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data.root: dataset folder {root} does not exist")
+def _rows(root: Path, problems: list[Problem]) -> list[tuple[str, str, str]]:
+    """(video path as written, caption, where) for each entry of the dataset's layout."""
     prompts, videos = root / "prompts.txt", root / "videos.txt"
     if prompts.exists() or videos.exists():
         if not (prompts.exists() and videos.exists()):
             raise DataError(f"{root}: prompts.txt and videos.txt must both exist (found only "
                             f"{'prompts.txt' if prompts.exists() else 'videos.txt'})")
-        caps, vids = _read_lines(prompts), _read_lines(videos)
+        caps, vids = _read_lines(prompts, problems), _read_lines(videos, problems)
         if len(caps) != len(vids):
             raise DataError(f"{prompts} has {len(caps)} lines but {videos} has {len(vids)}: "
                             "each video needs exactly one caption line")
-        return [Sample(_inside(root, v, f"{videos}:{i + 1}"), c) for i, (v, c) in enumerate(zip(vids, caps))]
+        return [(v, c, f"{videos}:{i + 1}") for i, (v, c) in enumerate(zip(vids, caps))]
     for name in ("metadata.jsonl", "metadata.csv"):
         meta = root / name
-        if meta.exists():
-            if name.endswith(".jsonl"):
-                rows = []
-                for i, line in enumerate(_read_lines(meta)):
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{meta}:{i + 1}: not valid JSON ({e.msg})") from None
-            else:
+        if not meta.exists():
+            continue
+        if name.endswith(".jsonl"):
+            rows = []
+            for i, line in enumerate(_read_lines(meta, problems)):
+                if not line:
+                    continue
+                try:
+                    rows.append((json.loads(line), i))
+                except json.JSONDecodeError as e:
+                    problems.append(Problem(f"{meta}:{i + 1}", f"not valid JSON ({e.msg})"))
+        else:
+            try:
                 with open(meta, newline="", encoding="utf-8") as f:
-                    rows = list(csv.DictReader(f))
-            return [Sample(_inside(root, _pick(r, VIDEO_COLUMNS, meta, "video"), f"{meta}:{i + 1}"),
-                           _pick(r, CAPTION_COLUMNS, meta, "caption").strip())
-                    for i, r in enumerate(rows)]
-    samples = []
+                    rows = [(r, i + 1) for i, r in enumerate(csv.DictReader(f))]
+            except UnicodeDecodeError as e:
+                raise DataError(f"{meta}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
+        return [(_pick(r, VIDEO_COLUMNS, meta, "video"), (_pick(r, CAPTION_COLUMNS, meta, "caption") or "").strip(),
+                 f"{meta}:{i + 1}") for r, i in rows]
+    out = []
     for video in sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_EXTS):
         caption_file = video.with_suffix(".txt")
         if not caption_file.exists():
-            raise DataError(f"{video}: no caption file {caption_file.name} beside it")
-        samples.append(Sample(video.resolve(), " ".join(_read_lines(caption_file))))
-    if not samples:
+            problems.append(Problem(str(video), f"no caption file {caption_file.name} beside it"))
+            continue
+        lines = _read_lines(caption_file, problems)
+        out.append((video.name, None if None in lines else " ".join(lines), str(caption_file)))
+    return out
+
+
+def scan(root) -> tuple[list[Sample], list[Problem]]:
+    """The usable (video, caption) pairs of a dataset folder, in file order, and the problems of the
+    rest (path escaping the folder, missing video, empty or undecodable caption). Problems that make
+    the layout unreadable raise DataError."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.root: dataset folder {root} does not exist")
+    problems: list[Problem] = []
+    rows = _rows(root, problems)
+    if not rows and not problems:
         raise DataError(f"{root}: no dataset found; expected prompts.txt + videos.txt, metadata.jsonl, "
                         f"metadata.csv, or videos with same-name .txt captions")
+    samples = []
+    for rel, caption, where in rows:
+        if rel is None:
+            continue  # the line naming the video is not UTF-8: already reported
+        path = (root / rel.strip()).resolve()
+        if not path.is_relative_to(root.resolve()):
+            problems.append(Problem(where, f"path {rel!r} escapes the dataset folder {root}"))
+        elif not path.is_file():
+            problems.append(Problem(str(path), "video file not found"))
+        elif caption is None:
+            continue  # its caption is not UTF-8: already reported
+        elif not caption:
+            problems.append(Problem(str(path), f"empty caption ({where})"))
+        else:
+            samples.append(Sample(path, caption))
+    return samples, problems
+
+
+def discover(root) -> list[Sample]:
+    """The (video, caption) pairs of a dataset folder; any problem raises one DataError listing all."""
+    samples, problems = scan(root)
+    if problems:
+        raise DataError(report(problems, root))
     return samples
 
 
@@ -116,24 +179,32 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return frames[..., top:top + height, left:left + width]
 
 
-def load_clip(path, num_frames: int, height: int, width: int) -> torch.Tensor:
-    """Decode, sample `num_frames` frames, resize and crop: float [F, 3, H, W] in [-1, 1]."""
+def open_clip(path, num_frames: int, height: int, width: int):
+    """Open a clip with decord and check it against the configured shape; DataError names the rule."""
     import decord
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: video file not found")
+        raise _bad(path, "video file not found")
+    if path.stat().st_size == 0:
+        raise _bad(path, "empty file (0 bytes)")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
         available = len(reader)
+        h, w = reader[0].shape[:2]
     except Exception as e:  # decord raises its own DECORDError or RuntimeError
-        raise DataError(f"{path}: cannot decode video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise _bad(path, f"cannot decode video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if available < num_frames:
-        raise DataError(f"{path}: has {available} frames, fewer than data.frames={num_frames}")
-    h, w = reader[0].shape[:2]
+        raise _bad(path, f"has {available} frames, fewer than data.frames={num_frames}")
     if h < height or w < width:
-        raise DataError(f"{path}: is {h}x{w}, smaller than data.height x data.width = {height}x{width}")
-    frames = torch.from_numpy(reader.get_batch(frame_indices(available, num_frames).tolist()).asnumpy())
+        raise _bad(path, f"is {h}x{w}, smaller than data.height x data.width = {height}x{width}")
+    return reader
+
+
+def load_clip(path, num_frames: int, height: int, width: int) -> torch.Tensor:
+    """Decode, sample `num_frames` frames, resize and crop: float [F, 3, H, W] in [-1, 1]."""
+    reader = open_clip(path, num_frames, height, width)
+    frames = torch.from_numpy(reader.get_batch(frame_indices(len(reader), num_frames).tolist()).asnumpy())
     frames = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, h, w) in [-1, 1]
     return resize_crop(frames, height, width).clamp(-1.0, 1.0).contiguous()
 

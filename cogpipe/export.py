@@ -52,12 +52,12 @@ def export(output_dir, from_checkpoint=None) -> Path:
 def render_validation(output_dir, cfg, step: int, prompts=None) -> list[Path]:
     """Generate the validation prompts (default: the dataset's first caption) from the exported
     pipeline + LoRA, as a user would load them; write mp4s under <output_dir>/validation/."""
-    from cogpipe.data import discover
+    from cogpipe.data import scan
     from cogpipe.inference import generate, load_pipeline
     from cogpipe.video import write_mp4
 
     out = Path(output_dir)
-    prompts = prompts or cfg.validation.prompts or [discover(cfg.data.root)[0].caption]
+    prompts = prompts or cfg.validation.prompts or [scan(cfg.data.root)[0][0].caption]
     lora = out / "lora" if cfg.train.mode == "lora" else None
     pipe = load_pipeline(out / "export", lora)
     written = []

@@ -9,8 +9,9 @@ global batch on 1 process with batch 2 as on 2 processes with batch 1.
 from __future__ import annotations
 
 import json
-import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from tqdm.auto import tqdm
 from cogpipe import checkpoint, models
 from cogpipe.cache import CachedDataset, build_cache
 from cogpipe.config import Config, save_config, to_yaml
-from cogpipe.data import discover
 from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings
 
 
@@ -61,10 +61,33 @@ def _setup_tracking(cfg: Config):
     return None if cfg.report_to == "none" else cfg.report_to
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT arrived: a checkpoint was saved and the run stopped."""
+
+    def __init__(self, signum: int, saved: Path):
+        super().__init__(f"stopped by signal {signum} after saving {saved}")
+        self.signum, self.saved = signum, saved
+
+
+OOM_ADVICE = ("out of memory. Turn on memory switches: train.gradient_checkpointing=true, a smaller "
+              "train.batch_size with more train.grad_accum, train.mode=lora (or a lower lora.rank), "
+              "model.weight_dtype=bf16, fewer data.frames or a smaller data.height/width; "
+              "`cogpipe plan --config <recipe>` estimates what fits")
+
+
+def _trim_metrics(file: Path, step: int) -> None:
+    """Drop metric lines past the resumed step (they are about to be recomputed)."""
+    if file.exists():
+        keep = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        file.write_text("".join(line + "\n" for line in keep))
+
+
 def train(cfg: Config) -> Path:
     """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
+
+    from cogpipe.check import usable_samples
 
     out = Path(cfg.output_dir)
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
@@ -73,11 +96,12 @@ def train(cfg: Config) -> Path:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     log = accelerator.print
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
+
+    # 1. Check the data, encode every clip and prompt once (cached); the VAE and T5 leave memory after.
+    samples = usable_samples(cfg, log)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
-
-    # 1. Encode every clip and prompt once (cached on disk); the VAE and T5 leave memory after.
-    samples = discover(cfg.data.root)
+        checkpoint.remove_partial(out)
     entries = build_cache(cfg, samples, device, rank, world, accelerator.wait_for_everyone, log)
     dataset = CachedDataset(entries)
     global_batch = cfg.train.batch_size * world
@@ -107,7 +131,6 @@ def train(cfg: Config) -> Path:
                                  num_training_steps=cfg.train.max_steps)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
-    unwrapped = accelerator.unwrap_model(transformer)
 
     def save_hook(models_, weights, directory):
         if accelerator.is_main_process:
@@ -120,77 +143,117 @@ def train(cfg: Config) -> Path:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    step = micro = 0
+    state = {"step": 0, "micro_step": 0, "skipped_steps": 0}
     if resume is not None:
         accelerator.load_state(str(resume))
-        state = checkpoint.read_state(resume)
-        step, micro = state["step"], state["micro_step"]
-        log(f"resumed from {resume} at step {step}")
-    if accelerator.is_main_process and cfg.report_to != "none":
-        from omegaconf import OmegaConf
+        state.update(checkpoint.read_state(resume))
+        log(f"resumed from {resume} at step {state['step']}")
+    if accelerator.is_main_process:
+        _trim_metrics(out / "metrics.jsonl", state["step"])
+        if cfg.report_to != "none":
+            from omegaconf import OmegaConf
 
-        accelerator.init_trackers(cfg.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+            accelerator.init_trackers(cfg.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+    config_yaml = to_yaml(cfg)
+
+    def save():
+        return checkpoint.save(accelerator, out, state["step"], dict(state), config_yaml,
+                               cfg.train.checkpoints_total_limit)
+
+    # SIGTERM / SIGINT: finish the optimizer step in flight, save a checkpoint, stop.
+    stop = {"signum": 0}
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            handlers[signum] = signal.signal(signum, lambda n, _f: stop.update(signum=n))
 
     # 3. The loop: one optimizer step = grad_accum micro-batches on every process.
-    config_yaml = to_yaml(cfg)
     per_epoch = len(epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, 0, rank, world))
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not accelerator.is_local_main_process,
+    bar = tqdm(total=cfg.train.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                desc="train")
     transformer.train()
-    tic, steps_timed = time.perf_counter(), 0
-    loss_sum = 0.0
-    while step < cfg.train.max_steps:
-        epoch, pos = divmod(micro, per_epoch)
-        indices = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, epoch, rank, world)[pos]
-        batch = _collate([dataset[i] for i in indices])
-        x0, noise, t = training_batch(batch, cfg.train.seed, micro, rank, world, num_timesteps, device)
-        x0, noise = pad_for_patch_t(x0, tcfg.get("patch_size_t")), pad_for_patch_t(noise, tcfg.get("patch_size_t"))
-        noisy = add_noise(x0, noise, t, alphas_cumprod)  # (B, F, C, H, W)
-        rope = rotary_embeddings(tcfg, x0.shape[1], x0.shape[3], x0.shape[4], device)
-        embeds = batch["prompt_embeds"].to(device)
-        with accelerator.accumulate(transformer):
-            with accelerator.autocast():
-                v_pred = transformer(hidden_states=noisy.to(weight_dtype), encoder_hidden_states=embeds.to(weight_dtype),
-                                     timestep=t, image_rotary_emb=rope, return_dict=False)[0]
-            loss = diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro += 1
-        loss_sum += loss.detach().float().item()
-        if not accelerator.sync_gradients:
-            continue
-        lr_scheduler.step()
-        step += 1
-        steps_timed += 1
-        mean_loss = accelerator.reduce(torch.tensor(loss_sum / cfg.train.grad_accum, device=device), "mean").item()
-        loss_sum = 0.0
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} at step {step}")
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            rate = steps_timed / (time.perf_counter() - tic)
-            logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "steps_per_s": rate}
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{rate:.2f}")
-            accelerator.log(logs, step=step)
-            if accelerator.is_main_process:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
-        bar.update(1)
-        if step == cfg.train.max_steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-            checkpoint.save(accelerator, out, step, {"step": step, "micro_step": micro}, config_yaml,
-                            cfg.train.checkpoints_total_limit)
-    bar.close()
-    accelerator.end_training()
+    tic, steps_timed, loss_sum, bad_micro, bad_in_a_row = time.perf_counter(), 0, 0.0, False, 0
+    try:
+        while state["step"] < cfg.train.max_steps:
+            micro = state["micro_step"]
+            epoch, pos = divmod(micro, per_epoch)
+            indices = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, epoch, rank, world)[pos]
+            batch = _collate([dataset[i] for i in indices])
+            x0, noise, t = training_batch(batch, cfg.train.seed, micro, rank, world, num_timesteps, device)
+            patch_t = tcfg.get("patch_size_t")
+            x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
+            noisy = add_noise(x0, noise, t, alphas_cumprod)  # (B, F, C, H, W)
+            rope = rotary_embeddings(tcfg, x0.shape[1], x0.shape[3], x0.shape[4], device)
+            embeds = batch["prompt_embeds"].to(device, weight_dtype)
+            try:
+                with accelerator.accumulate(transformer):
+                    with accelerator.autocast():
+                        v_pred = transformer(hidden_states=noisy.to(weight_dtype), encoder_hidden_states=embeds,
+                                             timestep=t, image_rotary_emb=rope, return_dict=False)[0]
+                    loss = diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod)
+                    accelerator.backward(loss)
+                    bad_micro |= not bool(torch.isfinite(loss.detach()))
+                    if accelerator.sync_gradients:
+                        bad = accelerator.reduce(torch.tensor(float(bad_micro), device=device), "sum").item() > 0
+                        if not bad:
+                            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+            except torch.OutOfMemoryError as e:
+                raise MemoryError(f"step {state['step'] + 1}: {OOM_ADVICE}") from e
+            state["micro_step"] = micro + 1
+            loss_sum += loss.detach().float().item()
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            state["step"] += 1
+            steps_timed += 1
+            step = state["step"]
+            mean_loss = accelerator.reduce(torch.tensor(loss_sum / cfg.train.grad_accum, device=device), "mean").item()
+            loss_sum, bad_micro = 0.0, False
+            if bad:  # a non-finite loss: the update was skipped
+                state["skipped_steps"] += 1
+                bad_in_a_row += 1
+                log(f"step {step}: non-finite loss ({mean_loss}); update skipped "
+                    f"({bad_in_a_row} in a row, {state['skipped_steps']} in all)")
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    saved = save()
+                    raise FloatingPointError(
+                        f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps})"
+                        f" at step {step}; the last good weights are saved in {saved}. Lower train.lr, "
+                        f"check the data, or use train.mixed_precision=bf16 instead of fp16")
+            else:
+                bad_in_a_row = 0
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                rate = steps_timed / (time.perf_counter() - tic)
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if not bad else float("nan"), "steps_per_s": rate,
+                        "skipped_steps": state["skipped_steps"]}
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{rate:.2f}")
+                accelerator.log(logs, step=step)
+                if accelerator.is_main_process:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **logs}) + "\n")
+            bar.update(1)
+            if step == cfg.train.max_steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                save()
+            signum = int(accelerator.reduce(torch.tensor(stop["signum"], device=device), "max").item())
+            if signum and step < cfg.train.max_steps:
+                saved = save() if not (out / "checkpoints" / f"checkpoint-{step:06d}").exists() else None
+                raise Interrupted(signum, saved or checkpoint.checkpoints_dir(out) / f"checkpoint-{step:06d}")
+    finally:
+        bar.close()
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        accelerator.end_training()
 
     # 4. Export the final weights as a Diffusers pipeline (+ LoRA) and render the validation videos.
-    del transformer, optimizer, unwrapped
+    del transformer, optimizer
     if accelerator.is_main_process:
         from cogpipe.export import export, render_validation
 
         export(out)
-        render_validation(out, cfg, step)
+        render_validation(out, cfg, state["step"])
     accelerator.wait_for_everyone()
     return out
