@@ -85,6 +85,7 @@ def _trim_metrics(file: Path, step: int) -> None:
 def train(cfg: Config) -> Path:
     """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
     from cogpipe.check import usable_samples
@@ -96,6 +97,7 @@ def train(cfg: Config) -> Path:
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     log = accelerator.print
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
+    set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
 
     # 1. Check the data, encode every clip and prompt once (cached); the VAE and T5 leave memory after.
     samples = usable_samples(cfg, log)

@@ -1,0 +1,265 @@
+"""Nothing lost: bad inputs are reported by file and rule, faults while training keep the last good
+state, and a run killed at any moment resumes to the same weights as one never killed."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogpipe import checkpoint
+from cogpipe.config import load_config
+from cogpipe.data import DataError, scan
+from conftest import REPO, SPECS, make_clips, tiny_overrides
+
+RECIPE = REPO / "configs" / "tiny_lora.yaml"
+
+
+def _cfg(root, tmp_path, **extra):
+    return load_config(RECIPE, tiny_overrides(root, tmp_path / "out", tmp_path / "cache", **extra))
+
+
+def _problems(cfg):
+    from cogpipe.check import check_dataset
+
+    return check_dataset(cfg)
+
+
+# ---- bad inputs -------------------------------------------------------------------------------
+
+BAD_CASES = {
+    "zero-byte video": (lambda root: (root / "videos" / "00_purple_square_right.mp4").write_bytes(b""),
+                        "00_purple_square_right.mp4", "empty file"),
+    "corrupt video": (lambda root: (root / "videos" / "00_purple_square_right.mp4").write_bytes(os.urandom(3000)),
+                      "00_purple_square_right.mp4", "cannot decode"),
+    "missing video": (lambda root: (root / "videos" / "00_purple_square_right.mp4").unlink(),
+                      "00_purple_square_right.mp4", "video file not found"),
+    "empty caption": (lambda root: (root / "prompts.txt").write_text(
+        "a purple square moving right\n\na purple triangle moving left\na purple square moving down\n"),
+                      "01_purple_circle_up.mp4", "empty caption"),
+    "caption not UTF-8": (lambda root: (root / "prompts.txt").write_bytes(
+        b"a purple square moving right\na purple \xff\xfe circle\na purple triangle moving left\n"
+        b"a purple square moving down\n"), "prompts.txt:2", "not valid UTF-8"),
+    "path escaping the folder": (lambda root: (root / "videos.txt").write_text(
+        "videos/00_purple_square_right.mp4\n../../../etc/passwd\nvideos/02_purple_triangle_left.mp4\n"
+        "videos/03_purple_square_down.mp4\n"), "videos.txt:2", "escapes the dataset folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_is_named_with_its_rule(case, tmp_path):
+    root = make_clips(tmp_path / "d", SPECS)
+    damage, file_part, rule = BAD_CASES[case]
+    damage(root)
+    good, problems = _problems(_cfg(root, tmp_path))
+    assert len(problems) == 1, problems
+    assert file_part in problems[0].file and rule in problems[0].rule
+    assert len(good) == 3
+
+
+def test_short_and_small_clips(tmp_path):
+    root = make_clips(tmp_path / "d", SPECS[:2])
+    from cogpipe.video import write_mp4
+
+    write_mp4(np.full((9, 64, 64, 3), 128, np.uint8), root / "videos" / "00_purple_square_right.mp4")
+    write_mp4(np.full((17, 32, 32, 3), 128, np.uint8), root / "videos" / "01_purple_circle_up.mp4")
+    _, problems = _problems(_cfg(root, tmp_path))
+    rules = {os.path.basename(p.file): p.rule for p in problems}
+    assert "fewer than data.frames=17" in rules["00_purple_square_right.mp4"]
+    assert "smaller than data.height x data.width" in rules["01_purple_circle_up.mp4"]
+
+
+def test_mismatched_lists_and_missing_caption_file(tmp_path):
+    root = make_clips(tmp_path / "d", SPECS[:2])
+    (root / "prompts.txt").write_text("one caption only\n")
+    with pytest.raises(DataError, match="prompts.txt has 1 lines but .*videos.txt has 2"):
+        scan(root)
+    folder = make_clips(tmp_path / "f", SPECS[:2], layout="folder")
+    (folder / "01_purple_circle_up.txt").unlink()
+    good, problems = scan(folder)
+    assert len(good) == 1 and "no caption file 01_purple_circle_up.txt" in str(problems[0])
+
+
+def test_training_refuses_with_one_report_or_skips(tmp_path):
+    from cogpipe.training import train
+
+    root = make_clips(tmp_path / "d", SPECS + [("circle", "purple", "down")])
+    (root / "videos" / "00_purple_square_right.mp4").write_bytes(b"")
+    (root / "videos" / "02_purple_triangle_left.mp4").write_bytes(b"garbage" * 100)
+    with pytest.raises(DataError) as e:
+        train(_cfg(root, tmp_path))
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "00_purple_square_right.mp4: empty file" in msg
+    assert "02_purple_triangle_left.mp4: cannot decode" in msg and "data.skip_bad" in msg
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    out = train(_cfg(root, tmp_path, **{"data.skip_bad": True, "train.max_steps": 1}))
+    assert (out / "checkpoints" / "checkpoint-000001").is_dir()
+
+
+def test_no_usable_clip(tmp_path):
+    from cogpipe.check import usable_samples
+
+    root = make_clips(tmp_path / "d", SPECS[:1])
+    (root / "videos" / "00_purple_square_right.mp4").write_bytes(b"")
+    with pytest.raises(DataError, match="no usable clip"):
+        usable_samples(_cfg(root, tmp_path, **{"data.skip_bad": True}), log=lambda *_: None)
+
+
+def test_cogpipe_check_command(tmp_path, capsys):
+    from cogpipe.cli import main
+
+    root = make_clips(tmp_path / "d", SPECS)
+    args = ["check", "--config", str(RECIPE), f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}"]
+    assert main(args) == 0
+    (root / "videos" / "03_purple_square_down.mp4").write_bytes(os.urandom(5000))
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "03_purple_square_down.mp4: cannot decode" in out and "training would refuse" in out
+    assert main(args + ["data.skip_bad=true"]) == 0
+    assert main(["check", "--config", str(RECIPE), "model.latent_input=false"]) == 2
+
+
+# ---- faults while training --------------------------------------------------------------------
+
+def test_non_finite_losses_are_skipped_then_stop(clips, tmp_path, monkeypatch):
+    import cogpipe.training as training
+
+    real = training.diffusion_loss
+    calls = {"n": 0}
+
+    def flaky(*args):  # steps 2 and from 4 on give NaN
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 4 else loss
+
+    monkeypatch.setattr(training, "diffusion_loss", flaky)
+    cfg = _cfg(clips, tmp_path, **{"train.max_steps": 20, "train.checkpoint_every": 0, "train.max_bad_steps": 3})
+    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row") as e:
+        training.train(cfg)
+    assert "checkpoint-000006" in str(e.value)
+    state = checkpoint.read_state(tmp_path / "out" / "checkpoints" / "checkpoint-000006")
+    assert state["step"] == 6 and state["skipped_steps"] == 4
+    weights = load_file(str(tmp_path / "out" / "checkpoints" / "checkpoint-000006" / checkpoint.TRAINABLE))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_full_disk_keeps_the_previous_checkpoint(clips, tmp_path, monkeypatch):
+    import cogpipe.checkpoint as ckpt
+    from cogpipe.training import train
+
+    real = ckpt.save_trainable
+
+    def disk_full(model, directory):
+        if "000004" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(model, directory)
+
+    monkeypatch.setattr(ckpt, "save_trainable", disk_full)
+    with pytest.raises(OSError, match="previous checkpoint \\(checkpoint-000002\\) is intact"):
+        train(_cfg(clips, tmp_path))
+    root = tmp_path / "out" / "checkpoints"
+    assert (root / "latest").read_text() == "checkpoint-000002"
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-000002", "latest"]
+    assert checkpoint.read_state(root / "checkpoint-000002")["step"] == 2
+
+
+def test_out_of_memory_names_the_switches(clips, tmp_path, monkeypatch):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogpipe.training import train
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "forward", oom)
+    with pytest.raises(MemoryError) as e:
+        train(_cfg(clips, tmp_path))
+    assert "train.gradient_checkpointing=true" in str(e.value) and "cogpipe plan" in str(e.value)
+
+
+# ---- kill and resume --------------------------------------------------------------------------
+
+def _launch(clips, out, cache, env=None, **extra):
+    args = tiny_overrides(clips, out, cache, **{"train.max_steps": 6, "train.checkpoint_every": 1,
+                                                "train.resume_from": "latest", **extra})
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(RECIPE), *args], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _final(out):
+    return load_file(str(out / "checkpoints" / "checkpoint-000006" / checkpoint.TRAINABLE))
+
+
+def _wait_for_step(out, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    metrics = out / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and any(json.loads(x)["step"] >= step for x in metrics.read_text().splitlines() if x):
+            return
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def reference(clips, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ref")
+    proc = _launch(clips, base / "out", base / "cache")
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    return _final(base / "out"), base / "cache"
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigkill_between_steps_then_resume_is_bit_identical(clips, reference, tmp_path):
+    expected, cache = reference
+    out = tmp_path / "out"
+    kill_at = int(np.random.default_rng().integers(1, 5))
+    proc = _launch(clips, out, cache)
+    _wait_for_step(out, kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc = _launch(clips, out, cache)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert _same(_final(out), expected), f"killed after step {kill_at}"
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_then_resume_is_bit_identical(clips, reference, tmp_path):
+    expected, cache = reference
+    out = tmp_path / "out"
+    proc = _launch(clips, out, cache, env={"COGPIPE_FAILPOINT": "checkpoint-save:3"})
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "checkpoint-000002"  # never names the partial one
+    assert (root / ".tmp-checkpoint-000003").exists() and not (root / "checkpoint-000003").exists()
+    proc = _launch(clips, out, cache)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert not (root / ".tmp-checkpoint-000003").exists()
+    assert _same(_final(out), expected)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_exits(clips, reference, tmp_path):
+    expected, cache = reference
+    out = tmp_path / "out"
+    proc = _launch(clips, out, cache, **{"train.checkpoint_every": 0})
+    _wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    saved = (out / "checkpoints" / "latest").read_text()
+    step = checkpoint.read_state(out / "checkpoints" / saved)["step"]
+    assert 2 <= step < 6
+    proc = _launch(clips, out, cache, **{"train.checkpoint_every": 0})
+    assert proc.wait(timeout=300) == 0
+    assert _same(_final(out), expected)
