@@ -1,0 +1,62 @@
+"""`cogpipe convert SRC DST`: SAT <-> Diffusers, direction and model detected from the files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert CogVideoX checkpoints between SAT and Diffusers: a SAT transformer folder or .pt, a SAT "
+        "3d-vae.pt, a SAT LoRA, or a SAT folder with transformer/ and vae/ (-> full pipeline), and the reverse of "
+        "each. The version (2B, 5B, 5B-I2V, 1.5-5B, 1.5-5B-I2V) is detected from the tensors.")
+    parser.add_argument("src", help="source checkpoint (file or folder)")
+    parser.add_argument("dst", help="destination folder (or .safetensors file for a LoRA)")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
+    parser.add_argument("--lora-mode", choices=["extract", "merge"], default="extract",
+                        help="SAT transformer with LoRA layers: write base + dst/lora (extract) or fold it in")
+    parser.add_argument("--text-encoder", metavar="PATH", help="T5 encoder folder (or pipeline folder) to copy in")
+    parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder (default: found beside --text-encoder)")
+    parser.add_argument("--sat-lora-alpha", type=float, default=1.0,
+                        help="SAT LoraMixin lora_alpha; SAT scales LoRA by alpha/rank (default 1)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--set", action="append", default=[], metavar="PART.KEY=VALUE",
+                        help="override a detected config value, e.g. transformer.sample_height=60 or "
+                             "vae.scaling_factor=1.15258426 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+
+
+def _overrides(items: list[str]) -> dict[str, dict]:
+    out = {"transformer": {}, "vae": {}}
+    for item in items:
+        key, sep, value = item.partition("=")
+        part, _, name = key.partition(".")
+        if not sep or part not in out or not name:
+            raise SystemExit(f"--set {item!r}: expected transformer.KEY=VALUE or vae.KEY=VALUE")
+        try:
+            out[part][name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[part][name] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..weights import CheckpointError
+    from .core import convert
+    from .detect import ConversionError
+
+    sets = _overrides(args.set)
+    try:
+        summary = convert(args.src, args.dst, dtype=args.dtype, lora_mode=args.lora_mode,
+                          text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                          transformer_config=sets["transformer"], vae_config=sets["vae"],
+                          sat_lora_alpha=args.sat_lora_alpha, max_shard_size=args.max_shard_size,
+                          overwrite=args.overwrite)
+    except (ConversionError, CheckpointError) as e:
+        print(f"cogpipe convert: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary.to_dict()) if args.json else summary)
+    return 0

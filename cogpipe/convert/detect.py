@@ -1,0 +1,200 @@
+"""What a checkpoint is, from its files and tensor shapes alone (DESIGN.md §5 detection rules)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..weights import open_state_dict, read_safetensors
+from .mapping import SAT_PREFIX
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted; the message names the file, key or rule."""
+
+
+# --- what the source is ------------------------------------------------------------------------------------------
+
+
+def _is_lora_key(k: str) -> bool:
+    return ".matrix_A." in k or ".matrix_B." in k or ".lora_A." in k or ".lora_B." in k
+
+
+def _sat_dir(p: Path) -> bool:
+    return (p / "latest").is_file() or any(p.glob("*/mp_rank_00_model_states.pt"))
+
+
+def source_kind(src: Path) -> tuple[str, str]:
+    """-> (format, kind): format "sat" | "diffusers", kind "transformer" | "vae" | "lora" | "pipeline"."""
+    if not src.exists():
+        raise ConversionError(f"{src}: no such file or folder")
+    if src.is_dir():
+        if (src / "model_index.json").is_file():
+            return "diffusers", "pipeline"
+        if (src / "config.json").is_file():
+            cls = json.loads((src / "config.json").read_text()).get("_class_name")
+            kinds = {"CogVideoXTransformer3DModel": "transformer", "AutoencoderKLCogVideoX": "vae"}
+            if cls not in kinds:
+                raise ConversionError(f"{src / 'config.json'}: _class_name {cls!r} is not a CogVideoX "
+                                      f"transformer or VAE")
+            return "diffusers", kinds[cls]
+        if (src / "transformer").is_dir() or (src / "vae").is_dir():
+            return "sat", "pipeline"
+        if _sat_dir(src):
+            return "sat", sat_kind(open_state_dict(src, master_weights=False), src)
+        files = [f for f in src.iterdir() if f.suffix in (".safetensors", ".pt", ".pth", ".ckpt", ".bin")]
+        if len(files) == 1:
+            return source_kind(files[0])
+        raise ConversionError(f"{src}: not a SAT checkpoint folder (no `latest`), Diffusers folder (no config.json "
+                              f"or model_index.json) or single weights file")
+    if src.suffix == ".safetensors":
+        keys = read_safetensors(src)[0]
+        if keys and all(_is_lora_key(k) for k in keys):
+            return "diffusers", "lora"
+        raise ConversionError(f"{src}: a Diffusers weights file without its config.json: pass the folder holding "
+                              f"both (transformer/ or vae/)")
+    return "sat", sat_kind(open_state_dict(src, master_weights=False), src)
+
+
+def sat_kind(module: dict, src) -> str:
+    keys = list(module)
+    if any(k.startswith(SAT_PREFIX) or k.startswith(("transformer.layers.", "mixins.")) for k in keys):
+        body = [k for k in keys if k.startswith(SAT_PREFIX)] or keys
+        return "lora" if all(_is_lora_key(k) for k in body) else "transformer"
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
+        return "vae"
+    raise ConversionError(f"{src}: not a CogVideoX SAT checkpoint: no model.diffusion_model.* transformer keys and "
+                          f"no encoder.down.*/decoder.up.* VAE keys (first keys: {keys[:5]})")
+
+
+# Parts of a SAT engine save that are not the transformer: ignored by prefix, with the reason.
+SAT_EXTRAS = {
+    "conditioner.": "T5 text encoder of the SAT engine; the Diffusers pipeline takes it from --text-encoder",
+    "first_stage_model.": "VAE inside the SAT engine save; the VAE converts from vae/3d-vae.pt",
+}
+
+
+def split_sat(module: dict) -> tuple[dict, list[dict]]:
+    """SAT module -> ({transformer key without prefix: tensor}, ignored groups [{prefix, count, reason}])."""
+    if not any(k.startswith(SAT_PREFIX) for k in module):  # a bare transformer state dict
+        return dict(module), []
+    body, ignored = {}, {}
+    for k, v in module.items():
+        if k.startswith(SAT_PREFIX):
+            body[k[len(SAT_PREFIX):]] = v
+        else:
+            prefix = next((p for p in SAT_EXTRAS if k.startswith(p)), k.split(".")[0] + ".")
+            ignored[prefix] = ignored.get(prefix, 0) + 1
+    reasons = [{"prefix": p, "count": n, "reason": SAT_EXTRAS.get(p, "not under model.diffusion_model.; not part "
+                                                                    "of the transformer")} for p, n in ignored.items()]
+    return body, reasons
+
+
+# --- transformer config from SAT shapes ----------------------------------------------------------------------------
+
+
+def _need(shapes: dict, key: str, src) -> tuple:
+    if key not in shapes:
+        raise ConversionError(f"{src}: not a CogVideoX SAT transformer: {key} is missing")
+    return shapes[key]
+
+
+def transformer_config(shapes: dict[str, tuple], src="checkpoint") -> dict:
+    """Diffusers CogVideoXTransformer3DModel kwargs from SAT key -> shape (prefix removed, no LoRA keys)."""
+    proj = _need(shapes, "mixins.patch_embed.proj.weight", src)
+    v15 = len(proj) == 2  # 1.0: Conv2d [H, C, p, p]; 1.5: Linear [H, C * p_t * p * p]
+    hidden = proj[0]
+    patch, patch_t = (2, 2) if v15 else (proj[2], None)
+    in_ch = proj[1] // (patch * patch * patch_t) if v15 else proj[1]
+    out_ch = _need(shapes, "mixins.final_layer.linear.weight", src)[0] // (patch * patch * (patch_t or 1))
+    head_dim = _need(shapes, "mixins.adaln_layer.query_layernorm_list.0.weight", src)[0]
+    layers = 1 + max((int(m.group(1)) for k in shapes if (m := re.match(r"transformer\.layers\.(\d+)\.", k))),
+                     default=-1)
+    if layers == 0:
+        raise ConversionError(f"{src}: not a CogVideoX SAT transformer: no transformer.layers.N keys")
+    has_table = "mixins.pos_embed.pos_embedding" in shapes
+    # A sin-cos (2B) model always stores its table; RoPE models store freqs or SAT's unused position table.
+    rope = v15 or "mixins.pos_embed.freqs_sin" in shapes or any(
+        k.startswith("transformer.position_embeddings.") for k in shapes) or not has_table
+    ofs = shapes.get("ofs_embed.0.weight")
+    cfg = dict(
+        num_attention_heads=hidden // head_dim, attention_head_dim=head_dim, in_channels=in_ch,
+        out_channels=out_ch, time_embed_dim=_need(shapes, "time_embed.0.weight", src)[0],
+        ofs_embed_dim=ofs[1] if ofs else None,
+        text_embed_dim=_need(shapes, "mixins.patch_embed.text_proj.weight", src)[1], num_layers=layers,
+        patch_size=patch, patch_size_t=patch_t, max_text_seq_length=226,
+        use_rotary_positional_embeddings=rope, use_learned_positional_embeddings=bool(not v15 and rope and has_table),
+        attention_bias="transformer.layers.0.attention.query_key_value.bias" in shapes,
+        patch_bias=False if v15 else "mixins.patch_embed.proj.bias" in shapes,
+    )
+    cfg.update(dict(sample_height=300, sample_width=300, sample_frames=81) if v15
+               else dict(sample_height=60, sample_width=90, sample_frames=49))
+    return cfg
+
+
+def model_name(cfg: dict) -> str:
+    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    family = "CogVideoX1.5" if cfg.get("patch_size_t") else "CogVideoX"
+    size = {1920: "2B", 3072: "5B"}.get(hidden, f"custom(hidden={hidden}, layers={cfg['num_layers']})")
+    i2v = "-I2V" if cfg["in_channels"] == 2 * (cfg.get("out_channels") or cfg["in_channels"]) else ""
+    pos = "RoPE" if cfg.get("use_rotary_positional_embeddings") else "3D sin-cos"
+    if cfg.get("use_learned_positional_embeddings"):
+        pos += " + learned"
+    return f"{family}-{size}{i2v} ({pos})"
+
+
+def is_i2v(cfg: dict) -> bool:
+    return cfg["in_channels"] == 2 * (cfg.get("out_channels") or cfg["in_channels"])
+
+
+def family_values(cfg: dict) -> dict:
+    """Values not stored in the files: VAE scaling and schedule shift (1920 hidden = 2B)."""
+    is_2b = cfg["num_attention_heads"] * cfg["attention_head_dim"] == 1920
+    return dict(scaling_factor=1.15258426 if is_2b else 0.7, snr_shift_scale=3.0 if is_2b else 1.0,
+                invert_scale_latents=bool(cfg.get("patch_size_t")))
+
+
+def scheduler_config(cfg: dict) -> dict:
+    return dict(snr_shift_scale=family_values(cfg)["snr_shift_scale"], beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear", clip_sample=False, num_train_timesteps=1000,
+                prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
+                timestep_spacing="trailing", steps_offset=0)
+
+
+# --- VAE config from SAT shapes ------------------------------------------------------------------------------------
+
+
+def vae_config(shapes: dict[str, tuple], src="checkpoint") -> dict:
+    down = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    up = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.up\.(\d+)\.", k))})
+    if not down or len(up) != len(down):
+        raise ConversionError(f"{src}: not a CogVideoX SAT VAE: {len(down)} encoder.down blocks, "
+                              f"{len(up)} decoder.up blocks")
+    blocks = {int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    return dict(
+        in_channels=_need(shapes, "encoder.conv_in.conv.weight", src)[1],
+        out_channels=_need(shapes, "decoder.conv_out.conv.weight", src)[0],
+        down_block_types=["CogVideoXDownBlock3D"] * len(down), up_block_types=["CogVideoXUpBlock3D"] * len(up),
+        block_out_channels=[_need(shapes, f"encoder.down.{i}.block.0.conv1.conv.weight", src)[0] for i in down],
+        latent_channels=_need(shapes, "decoder.conv_in.conv.weight", src)[1], layers_per_block=len(blocks),
+    )
+
+
+# --- what the target needs: the real Diffusers classes, on the meta device -------------------------------------------
+
+
+def diffusers_model(cls_name: str, cfg: dict):
+    """Instantiate the Diffusers class on the meta device: its state dict gives every expected key and shape."""
+    import diffusers
+    import torch
+
+    cls = getattr(diffusers, cls_name)
+    with torch.device("meta"):
+        return cls.from_config(cfg)
+
+
+def expected_shapes(cls_name: str, cfg: dict) -> tuple[dict[str, tuple], str]:
+    """-> ({key: shape} the model needs, its config.json text)."""
+    model = diffusers_model(cls_name, cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.to_json_string()

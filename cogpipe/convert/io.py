@@ -1,0 +1,247 @@
+"""Streaming output: one tensor in memory at a time, written straight to safetensors shards or a torch zip.
+
+An `Out` says how to build one output tensor from pieces of lazily-read source tensors (see mapping.Piece);
+`produce(out)` reads exactly those bytes. Writers lay out the header from the planned shapes first, then fill
+it tensor by tensor, fsync, and the caller renames the finished folder into place (`atomic_dir`).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import math
+import os
+import pickle
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..weights import SAFETENSORS_DTYPE_NAMES, STORAGE_NAMES, LazyTensor, materialize, read_safetensors
+from .detect import ConversionError
+
+
+@dataclass
+class Out:
+    """Output tensor `name` = concatenation along dim 0 of `pieces` (source, index, count), cast to `dtype`,
+    plus sum(scale * B @ A) over `merge` (LoRA folded into the weight, computed in fp32)."""
+
+    name: str
+    pieces: list[tuple[Any, int, int]]
+    dtype: torch.dtype
+    merge: list[tuple[Any, Any, float]] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        src, _, count = self.pieces[0]
+        if len(self.pieces) == 1 and count == 1:
+            return tuple(src.shape)
+        return (sum(s.shape[0] // c for s, _, c in self.pieces), *src.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _runs(pieces):
+    """Coalesce consecutive pieces of one source (index k, k+1, ...) into single reads."""
+    run = None
+    for src, idx, count in pieces:
+        if run and run[0] is src and run[2] == count and run[1] + run[3] == idx:
+            run[3] += 1
+        else:
+            if run:
+                yield tuple(run)
+            run = [src, idx, count, 1]
+    if run:
+        yield tuple(run)
+
+
+def _read(src, idx: int, count: int, n: int) -> torch.Tensor:
+    if count == 1:
+        return materialize(src)
+    if src.shape[0] % count:
+        raise ConversionError(f"cannot cut a tensor of shape {tuple(src.shape)} into {count} parts along dim 0")
+    rows = src.shape[0] // count
+    if isinstance(src, LazyTensor) and src.is_contiguous():
+        return src.narrow0(idx * rows, n * rows).load()
+    return materialize(src)[idx * rows:(idx + n) * rows]
+
+
+def produce(out: Out) -> torch.Tensor:
+    parts = [_read(*run) for run in _runs(out.pieces)]
+    t = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if out.merge:
+        t = t.float()
+        for a, b, scale in out.merge:
+            t += scale * (materialize(b).float() @ materialize(a).float())
+    t = t.to(out.dtype)
+    if tuple(t.shape) != out.shape:
+        raise ConversionError(f"{out.name}: produced shape {tuple(t.shape)}, planned {out.shape}")
+    return t
+
+
+def _prefetch(out: Out) -> None:
+    for src, idx, count, n in _runs(out.pieces):
+        if isinstance(src, LazyTensor) and src.is_contiguous() and src.shape:
+            rows = src.shape[0] // count
+            (src.narrow0(idx * rows, n * rows) if count > 1 else src).prefetch()
+
+
+def _stream(outs: list[Out]):
+    """Yield (out, tensor) in order, asking the kernel to read the next tensor while this one is written."""
+    for k, out in enumerate(outs):
+        if k + 1 < len(outs):
+            _prefetch(outs[k + 1])
+        yield out, produce(out)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- safetensors ------------------------------------------------------------------------------------------------
+
+
+def parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    s = str(size).strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                       ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_size="5GB",
+                      metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write `outs` as `<prefix>.safetensors`, or shards `<prefix>-0000i-of-0000n.safetensors` + index json."""
+    limit = parse_size(max_shard_size)
+    shards, size = [[]], 0
+    for out in outs:
+        if shards[-1] and size + out.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(out)
+        size += out.nbytes
+    n = len(shards)
+    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    it = _stream(outs)
+    for name, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        for out in shard:
+            header[out.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[out.dtype], "shape": list(out.shape),
+                                "data_offsets": [offset, offset + out.nbytes]}
+            offset += out.nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with open(folder / name, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for out in shard:
+                _, t = next(it)
+                f.write(_bytes(t))
+            f.flush()
+            os.fsync(f.fileno())
+    if n > 1:
+        index = {"metadata": {"total_size": sum(o.nbytes for o in outs)},
+                 "weight_map": {o.name: name for name, shard in zip(names, shards) for o in shard}}
+        (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return [folder / name for name in names]
+
+
+def check_written(files: list[Path], outs: list[Out]) -> None:
+    """Re-read the headers just written: every planned tensor present with its shape and dtype, nothing else."""
+    seen = {}
+    for f in files:
+        seen.update(read_safetensors(f)[0])
+    planned = {o.name: (o.shape, o.dtype) for o in outs}
+    bad = [k for k, (s, d) in planned.items() if k not in seen or (seen[k].shape, seen[k].dtype) != (s, d)]
+    if bad or len(seen) != len(planned):
+        raise ConversionError(f"{files[0].parent}: written files do not match the plan: {bad[:5]} "
+                              f"({len(seen)} written, {len(planned)} planned)")
+
+
+# --- torch zip (what SAT loads) -------------------------------------------------------------------------------------
+
+
+class _StorageRef:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles exactly as torch.save pickles a contiguous tensor whose storage is record data/<key>."""
+
+    def __init__(self, key: str, out: Out):
+        self.storage = _StorageRef(key, out.dtype, math.prod(out.shape))
+        self.shape = out.shape
+
+    def __reduce__(self):
+        stride = [math.prod(self.shape[i + 1:]) for i in range(len(self.shape))]
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, tuple(self.shape), tuple(stride), False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", getattr(torch, STORAGE_NAMES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+def write_torch(path: Path, outs: list[Out], wrap: Callable[[dict], Any]) -> None:
+    """Write a torch.load-able zip whose object is wrap({name: tensor}), streaming one tensor at a time."""
+    import io
+
+    refs = collections.OrderedDict((o.name, _TensorRef(str(k), o)) for k, o in enumerate(outs))
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(wrap(refs))
+    writer = torch._C.PyTorchFileWriter(str(path))
+    writer.write_record("data.pkl", buf.getvalue(), len(buf.getvalue()))
+    writer.write_record("byteorder", b"little", 6)
+    for k, (out, t) in enumerate(_stream(outs)):
+        nbytes = t.numel() * t.element_size()
+        if not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
+            t = t.clone(memory_format=torch.contiguous_format)
+        writer.write_record(f"data/{k}", t.untyped_storage() if nbytes else b"", nbytes)
+    writer.write_end_of_file()
+    del writer
+    _fsync(path)
+
+
+# --- atomic outputs ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: Path, overwrite: bool = False):
+    """Yield a temporary sibling folder; on success it replaces `dst`, on error it is removed."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ConversionError(f"{dst}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
