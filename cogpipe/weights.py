@@ -423,19 +423,28 @@ def read_pickle(path) -> Any:
         raise CorruptCheckpointError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from None
 
 
-def _legacy_torch_load(path: str):
-    try:
-        import numpy as np
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch's pre-zip format
 
-        allow = [np.dtype, np.ndarray, np.core.multiarray._reconstruct] if hasattr(np, "core") else []
+
+def _legacy_torch_load(path: str):
+    with open(path, "rb") as f:
+        if f.read(len(_LEGACY_MAGIC)) != _LEGACY_MAGIC:
+            raise CorruptCheckpointError(f"{path}: not a torch checkpoint (neither zip nor legacy format) or corrupt")
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    allow = [np.dtype, np.ndarray, core.multiarray._reconstruct, core.multiarray.scalar,
+             *(getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType"))]
+    try:
         with torch.serialization.safe_globals(allow):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
-        if "Weights only load failed" in msg or "Unsupported global" in msg:
-            raise UnsafeCheckpointError(f"{path}: refused to load: torch.load(weights_only=True) rejects it: "
-                                        f"{msg.splitlines()[-1] if msg else ''}") from None
-        raise CorruptCheckpointError(f"{path}: corrupt or truncated checkpoint ({msg})") from None
+        if "Unsupported global" in msg or "GLOBAL" in msg:
+            raise UnsafeCheckpointError(f"{path}: refused to load: torch.load(weights_only=True) rejects a global "
+                                        f"that would run code ({msg.split(chr(10))[1] if chr(10) in msg else msg})"
+                                        ) from None
+        raise CorruptCheckpointError(f"{path}: corrupt or truncated checkpoint ({msg.splitlines()[0]})") from None
     except (EOFError, RuntimeError, ValueError, struct.error) as e:
         raise CorruptCheckpointError(f"{path}: corrupt or truncated checkpoint ({e})") from None
 
@@ -735,12 +744,11 @@ def diagnose(key: str, file_shape, model_shape) -> str:
                 f"positions, the model {mshape[1] if len(mshape) > 1 else mshape}: sample_height/sample_width/"
                 f"sample_frames or max_text_seq_length differ (CogVideoX-5B-I2V: 60x90x49, 226 text tokens). "
                 f"Fix: use the checkpoint's config.json values.")
-    sizes = {d for d in fs if d in _SIZE_NAMES} ^ {d for d in mshape if d in _SIZE_NAMES}
-    if len(sizes) == 2:
-        a, b = sorted(sizes, key=lambda d: d not in fs)
-        return (f"{head} Likely cause: wrong model size: the file is {_SIZE_NAMES[a]} (hidden {a}), the model is "
-                f"{_SIZE_NAMES[b]} (hidden {b}). Fix: build the model from the checkpoint's config.json or the "
-                f"matching preset.")
+    for a, b in zip(fs, mshape):
+        if a != b and (a in _SIZE_NAMES or b in _SIZE_NAMES):
+            return (f"{head} Likely cause: wrong model size: the file has hidden {a} ({_SIZE_NAMES.get(a, 'custom')}),"
+                    f" the model {b} ({_SIZE_NAMES.get(b, 'custom')}). Fix: build the model from the checkpoint's "
+                    f"config.json or the matching preset.")
     if key.endswith(("proj_out.weight", "proj_out.bias")):
         return (f"{head} Likely cause: out_channels or patch_size_t differ (1.5 predicts 2 frames per patch). "
                 f"Fix: use the checkpoint's config.json.")
