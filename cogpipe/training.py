@@ -244,11 +244,13 @@ def train(cfg: Config) -> Path:
             if signum and step < cfg.train.max_steps:
                 saved = save() if not (out / "checkpoints" / f"checkpoint-{step:06d}").exists() else None
                 raise Interrupted(signum, saved or checkpoint.checkpoints_dir(out) / f"checkpoint-{step:06d}")
+    except BaseException:
+        accelerator.end_training()
+        raise
     finally:
         bar.close()
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        accelerator.end_training()
 
     # 4. Export the final weights as a Diffusers pipeline (+ LoRA) and render the validation videos.
     del transformer, optimizer
@@ -258,4 +260,5 @@ def train(cfg: Config) -> Path:
         export(out)
         render_validation(out, cfg, state["step"])
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also ends the process group: no collective after this
     return out

@@ -12,22 +12,9 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint, models
 from cogpipe.config import load_config
-from cogpipe.training import train
-from conftest import REPO, tiny_overrides
+from conftest import REPO, run_tiny as _run
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
-
-
-def _run(clips, out, cache, **extra):
-    cfg = load_config(RECIPE, tiny_overrides(clips, out, cache, **extra))
-    return train(cfg), cfg
-
-
-@pytest.fixture(scope="session")
-def trained(clips, tmp_path_factory):
-    base = tmp_path_factory.mktemp("run")
-    out, cfg = _run(clips, base / "out", base / "cache")
-    return out, cfg, base / "cache"
 
 
 def test_run_leaves_checkpoints_export_lora_and_video(trained):
