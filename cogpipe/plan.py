@@ -1,0 +1,574 @@
+"""`cogpipe plan`: estimate a recipe's peak GPU memory and name the switches that make it fit.
+
+    cogpipe plan --config configs/cogvideox_5b_lora.yaml --gpu-memory 24 [key=value ...] [--json]
+
+Everything is computed from the transformer's config (built on the meta device: no weights, no GPU) and
+the clip shape; `estimate(cfg)` returns the numbers as a dict. Memory is what
+`torch.cuda.max_memory_allocated` counts (tensors), in GB = 1e9 bytes; the CUDA context and the
+allocator's slack come on top (`fits` allows for them). The VAE and T5 are not counted: training encodes
+every clip and prompt into the latent cache first and both leave the GPU before the transformer is built.
+
+The activation model follows what autograd really keeps for a CogVideoXBlock (diffusers) under CUDA
+autocast; the per-block formula is in `block_activations`. tests/test_plan.py checks it against the
+tensors autograd saves for a real block, and against bench/results/ where GPU measurements exist.
+The FLOP count (`forward_flops`, `train_flops`) is shared with bench/train_step.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+
+GB = 1e9
+# mixed precision -> bytes of an activation element
+_ACT_BYTES = {"bf16": 2, "fp16": 2, "no": 4}
+_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+# hub ids of the released models -> preset with the same shapes (used when the hub cannot be reached)
+KNOWN_HUB_IDS = {
+    "cogvideox-2b": "2b", "cogvideox-5b": "5b", "cogvideox-5b-i2v": "5b-i2v",
+    "cogvideox1.5-5b": "1.5-5b", "cogvideox1.5-5b-i2v": "1.5-5b-i2v",
+}
+# allowance on top of the allocated peak: CUDA context (~0.5 GB) and allocator fragmentation
+RESERVE_GB, RESERVE_FRACTION = 0.75, 0.05
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model: its config, parameter counts and token counts
+# ---------------------------------------------------------------------------------------------------------
+
+def resolve_transformer_config(model_cfg) -> tuple[dict, str | None]:
+    """(transformer config with defaults, note): from model.pretrained when it can be read, else the preset.
+
+    A hub id that cannot be reached (offline, no cache) falls back to `model.preset`, or to the preset of a
+    known CogVideoX hub id; the note says so.
+    """
+    from cogpipe.models import PRESETS, component_configs
+
+    if not model_cfg.pretrained:
+        return component_configs(model_cfg)[0], None
+    try:
+        return component_configs(model_cfg)[0], None
+    except Exception as e:  # offline hub, missing folder, ...: fall back to the preset's shapes
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__
+        preset = model_cfg.preset
+        known = KNOWN_HUB_IDS.get(str(model_cfg.pretrained).rstrip("/").split("/")[-1].lower())
+        if preset == "tiny" and known:
+            preset = known
+        if preset == "tiny" or preset not in PRESETS:
+            raise ValueError(f"model.pretrained: cannot read {model_cfg.pretrained!r} ({reason}); set model.preset "
+                             f"to its size ({', '.join(p for p in PRESETS if p != 'tiny')}) or pass "
+                             f"model.pretrained=null") from None
+        fallback = dataclasses.replace(model_cfg, pretrained=None, preset=preset)
+        return component_configs(fallback)[0], (f"model.pretrained {model_cfg.pretrained!r} could not be read "
+                                                f"({reason}); using the shapes of preset {preset!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def _model_stats(tcfg_json: str) -> dict:
+    """Parameter and buffer counts and every nn.Linear of the transformer, from a meta-device build."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+
+    with init_empty_weights():  # parameters on meta; buffers (position tables) are real but small
+        model = CogVideoXTransformer3DModel(**json.loads(tcfg_json))
+    linears = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    block = model.transformer_blocks[0]
+    return dict(params=sum(p.numel() for p in model.parameters()),
+                buffers=sum(b.numel() for b in model.buffers() if b.is_floating_point()),
+                block_params=sum(p.numel() for p in block.parameters()),
+                linears=linears)
+
+
+def model_stats(tcfg: dict) -> dict:
+    return _model_stats(json.dumps(tcfg, sort_keys=True, default=list))
+
+
+def lora_targets(linears, target_modules) -> list[tuple[str, int, int]]:
+    """The nn.Linear layers peft wraps: name equal to a target or ending in '.' + target."""
+    return [(n, i, o) for n, i, o in linears if any(n == t or n.endswith("." + t) for t in target_modules)]
+
+
+def token_shape(tcfg: dict, frames: int, height: int, width: int, batch: int = 1) -> dict:
+    """Latent and token counts of one training sample (DESIGN.md §4: 4x temporal, 8x spatial VAE)."""
+    p, p_t = tcfg["patch_size"], tcfg.get("patch_size_t")
+    latent_frames = (frames - 1) // 4 + 1
+    if p_t:  # CogVideoX 1.5 pads an odd latent frame count to a multiple of patch_t
+        latent_frames = math.ceil(latent_frames / p_t) * p_t
+    lh, lw = height // 8, width // 8
+    video = (latent_frames // (p_t or 1)) * (lh // p) * (lw // p)
+    text = tcfg["max_text_seq_length"]
+    return dict(batch=batch, frames=frames, height=height, width=width, latent_frames=latent_frames,
+                latent_height=lh, latent_width=lw, video_tokens=video, text_tokens=text, tokens=video + text)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs (shared with bench/train_step.py)
+# ---------------------------------------------------------------------------------------------------------
+
+def forward_flops(tcfg: dict, shape: dict, lora_rank: int = 0, target_modules=()) -> dict:
+    """Forward FLOPs of one step (all samples): 2*in*out per row of every Linear (and the patch conv),
+    plus attention 4*S^2*H per layer (QK^T and PV). Elementwise ops are not counted."""
+    B, S, Sv, St = shape["batch"], shape["tokens"], shape["video_tokens"], shape["text_tokens"]
+    H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    L = tcfg["num_layers"]
+    linear = 0
+    for name, i, o in model_stats(tcfg)["linears"]:
+        if name.startswith("transformer_blocks."):
+            rows = B if name.endswith("norm1.linear") or name.endswith("norm2.linear") else B * S
+        elif name == "patch_embed.text_proj":
+            rows = B * St
+        elif name in ("patch_embed.proj", "proj_out"):
+            rows = B * Sv
+        else:  # time/ofs embeddings, norm_out.linear: once per sample
+            rows = B
+        linear += 2 * i * o * rows
+    if tcfg.get("patch_size_t") is None:  # 1.0: patch embedding is a Conv2d (stride = kernel = patch)
+        p, c = tcfg["patch_size"], tcfg["in_channels"]
+        linear += 2 * c * p * p * H * B * Sv
+    attention = 4 * S * S * H * L * B
+    lora = 0
+    if lora_rank:
+        for name, i, o in lora_targets(model_stats(tcfg)["linears"], target_modules):
+            rows = B if name.endswith(("norm1.linear", "norm2.linear")) else B * S
+            lora += 2 * lora_rank * (i + o) * rows
+    return dict(linear=linear, attention=attention, lora=lora, total=linear + attention + lora)
+
+
+def train_flops(tcfg: dict, shape: dict, mode: str, lora_rank: int = 0, target_modules=()) -> int:
+    """Model FLOPs of one training step, without the recompute of gradient checkpointing.
+
+    full: 3x forward (backward = input gradients + weight gradients, each as costly as the forward).
+    lora: the frozen linears need only input gradients (1x), attention has no weights so its backward is
+    2x its forward either way, and the LoRA matrices get both gradients (2x)."""
+    f = forward_flops(tcfg, shape, lora_rank if mode == "lora" else 0, target_modules)
+    if mode == "full":
+        return 3 * f["total"]
+    return 2 * f["linear"] + 3 * f["attention"] + 3 * f["lora"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activations
+# ---------------------------------------------------------------------------------------------------------
+
+def precision_policy(mixed_precision: str, device: str = "cuda") -> dict:
+    """Bytes of the tensors autograd keeps, by kind.
+
+    act: activations in the autocast dtype (fp32 without mixed precision).
+    norm: LayerNorm inputs/outputs; CUDA autocast runs layer_norm in fp32 (CPU autocast does not).
+    sdpa_out_shared: to_out reads SDPA's output in place (flash/efficient kernels on CUDA return it in
+        (B, S, heads, d) layout); the CPU kernel's output needs a copy.
+    """
+    act = _ACT_BYTES[mixed_precision]
+    autocast = mixed_precision != "no"
+    return dict(act=act, norm=4 if (autocast and device == "cuda") else act, autocast=autocast,
+                sdpa_out_shared=device == "cuda")
+
+
+def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_rank: int = 0,
+                      target_modules=()) -> dict:
+    """Bytes autograd keeps for the backward of ONE CogVideoXBlock, itemised (S = video + text tokens).
+
+    Let X = B*S*H elements, a = activation bytes, n = LayerNorm bytes (4 under CUDA autocast).
+    Both modes:
+      LayerNorm inputs of norm1/norm2 (block input, residual after attention)     2 X n
+      q and k before their LayerNorm (norm_q, norm_k)                             2 X n
+      SDPA q, k, v and output (flash/efficient keep O(S), not S^2)                4 X a
+      GELU input (the MLP's 4H projection)                                        4 X a
+    Full fine-tune adds (every Linear keeps its input for its weight gradient):
+      norm1/norm2 normalized outputs (multiplied by a trained adaLN scale)        2 X n
+      input of to_q/to_k/to_v (one shared tensor) and of ff.net.0.proj            2 X a
+      input of to_out.0 (shared with the SDPA output on CUDA)                     0|1 X a
+      input of ff.net.2 (GELU output)                                             4 X a
+      attention and MLP outputs (multiplied by the trained adaLN gates)           2 X a
+    LoRA adds, per wrapped Linear: its own copy of the input (peft casts it to the fp32 adapter dtype,
+    autocast casts it back: no sharing between to_q, to_k, to_v) X*in/H*a, and the rank-r
+    intermediate B*S*r*a. Frozen Linears keep nothing (their input gradient needs only the weight).
+    Small terms (LayerNorm statistics, attention log-sum-exp: fp32 per row) are included.
+    """
+    B, S = shape["batch"], shape["tokens"]
+    heads, H = tcfg["num_attention_heads"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    X = B * S * H
+    F = 4 * X  # MLP inner width is 4H in CogVideoX (FeedForward default)
+    a, n = policy["act"], policy["norm"]
+    items = {
+        "norm inputs (norm1, norm2)": 2 * X * n,
+        "q, k before norm_q/norm_k": 2 * X * n,
+        "attention q, k, v, out": 4 * X * a,
+        "GELU input": F * a,
+        "row statistics (LayerNorm, log-sum-exp)": (2 * 2 * B * S + 2 * 2 * B * S * heads + B * S * heads) * 4,
+    }
+    if mode == "full":
+        items["normalized outputs (adaLN scale)"] = 2 * X * n
+        items["Linear inputs: to_q/k/v, ff.net.0.proj"] = 2 * X * a
+        items["Linear input: to_out.0"] = 0 if policy["sdpa_out_shared"] else X * a
+        items["Linear input: ff.net.2"] = F * a
+        items["gated outputs (adaLN gates)"] = 2 * X * a
+    elif lora_rank:
+        in_block = [(nm, i, o) for nm, i, o in lora_targets(model_stats(tcfg)["linears"], target_modules)
+                    if nm.startswith("transformer_blocks.0.") and not nm.endswith(("norm1.linear", "norm2.linear"))]
+        # without autocast, an fp32 input needs no cast: to_q/k/v share one tensor
+        copy = a if policy["autocast"] else 4
+        shared = not policy["autocast"] and a == 4
+        inputs = sum(B * S * i for _, i, _ in in_block)
+        if shared:
+            inputs = B * S * H * len({i for _, i, _ in in_block})  # one tensor per distinct input
+        items["LoRA inputs (a copy per wrapped Linear)"] = inputs * copy
+        items["LoRA rank-r intermediates"] = len(in_block) * B * S * lora_rank * a
+    return items
+
+
+def outside_activations(tcfg: dict, shape: dict, mode: str, policy: dict, loss: bool = True) -> int:
+    """Bytes kept outside the blocks: the LayerNorm inputs of norm_final and norm_out over the video
+    tokens; (full) norm_out's normalized output and proj_out's input; and (loss=True) ~3 fp32 tensors
+    of the latents' size in the loss."""
+    B, Sv = shape["batch"], shape["video_tokens"]
+    H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    a, n = policy["act"], policy["norm"]
+    Xv = B * Sv * H
+    kept = 2 * Xv * n + (Xv * n + Xv * a if mode == "full" else 0)
+    latents = B * shape["latent_frames"] * 16 * shape["latent_height"] * shape["latent_width"]
+    return kept + (3 * latents * 4 if loss else 0)
+
+
+def workspace(tcfg: dict, shape: dict, policy: dict) -> int:
+    """Transient peak inside one block's backward: the MLP's two B*S*4H gradient buffers plus an fp32
+    B*S*H cast (LoRA inputs, LayerNorm under autocast)."""
+    X = shape["batch"] * shape["tokens"] * tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    return 2 * 4 * X * policy["act"] + 4 * X
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------------------
+
+STRATEGIES = ("single", "ddp", "zero2", "zero3", "fsdp")
+
+
+def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: int = 1,
+             adam_bytes: int = 8, frozen_bytes: int | None = None, tcfg: dict | None = None) -> dict:
+    """Peak GPU memory (per GPU) of training `cfg`, with and without gradient checkpointing.
+
+    strategy: single | ddp | zero2 | zero3 | fsdp across `num_gpus`. adam_bytes: AdamW state per trainable
+    parameter (8: two fp32 moments; 2 with 8-bit AdamW). frozen_bytes: storage of a frozen weight
+    (default: model.weight_dtype; 1 for fp8). device: "cuda" (the CUDA autocast policy) or "cpu".
+    Returns the parts and totals in GB (1e9 bytes).
+
+    Memory over a step, as training.py runs it (P = transformer parameters, T = trainable ones):
+      kept all along   frozen weights (LoRA: P x weight dtype) or fp32 master weights (full: 4P),
+                       LoRA weights 4T, AdamW moments 8T (present from the first step on)
+      forward end      + autocast's half-precision copies of trained weights (full: 2P; freed when the
+                       autocast region exits, but the saved tensors of the backward keep them)
+                       + activations: every block's (no checkpointing) or only each block's inputs
+      backward         + gradients (4T) fill up while the activations are freed; with checkpointing one
+                       block is recomputed at a time, plus a workspace of its backward
+      optimizer step   + gradients 4T + AdamW's sqrt(v) buffer 4T (foreach implementation)
+    The peak is the largest of these phases. Sharding divides the kept and trainable parts by N
+    (ZeRO-2: gradients and AdamW state; ZeRO-3 and FSDP: weights too, plus one or two gathered blocks).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    note = None
+    if tcfg is None:
+        tcfg, note = resolve_transformer_config(cfg.model)
+    stats = model_stats(tcfg)
+    shape = token_shape(tcfg, cfg.data.frames, cfg.data.height, cfg.data.width, cfg.train.batch_size)
+    mode, mp = cfg.train.mode, cfg.train.mixed_precision
+    policy = precision_policy(mp, device)
+    N = max(1, num_gpus) if strategy != "single" else 1
+    P, L = stats["params"], tcfg["num_layers"]
+    H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+
+    rank = cfg.lora.rank if mode == "lora" else 0
+    targets = lora_targets(stats["linears"], cfg.lora.target_modules) if mode == "lora" else []
+    T = sum(rank * (i + o) for _, i, o in targets) if mode == "lora" else P
+    wdt = _DTYPE_BYTES[cfg.model.weight_dtype] if mode == "lora" else 4
+    frozen = P * (frozen_bytes or wdt) if mode == "lora" else 0
+    buffers = stats["buffers"] * wdt  # position tables (2B sincos, 5B-I2V learned), cast with the model
+    master, grads, adam = 4 * T, 4 * T, adam_bytes * T
+    half_module = 0  # DeepSpeed runs the module itself in half precision, the fp32 master in the optimizer
+    copies = P * policy["act"] if (mode == "full" and policy["autocast"]) else 0
+    gathered = 0
+    if strategy == "ddp" and N > 1:
+        grads += 4 * T  # DDP's gradient buckets (gradient_as_bucket_view is off)
+    elif strategy in ("zero2", "zero3"):
+        if mode == "full":
+            half_module, copies = 2 * P, 0
+        master, grads, adam = master / N, grads / N, adam / N
+        if strategy == "zero3":
+            frozen, half_module = frozen / N, half_module / N
+            gathered = 2 * stats["block_params"] * 2  # the running block and the prefetched one, 16-bit
+    elif strategy == "fsdp":  # full shard
+        frozen, master, grads, adam = frozen / N, master / N, grads / N, adam / N
+        gathered = 2 * stats["block_params"] * (4 if mode == "full" else wdt)
+        copies = copies / L  # only the gathered block's weights are cast at a time
+    step_buffer = 4 * T / (N if strategy in ("zero2", "zero3", "fsdp") else 1)
+
+    blk = block_activations(tcfg, shape, mode, policy, rank, cfg.lora.target_modules)
+    block = sum(blk.values())
+    outside = outside_activations(tcfg, shape, mode, policy)
+    work = workspace(tcfg, shape, policy)
+    ckpt_inputs = L * shape["batch"] * shape["tokens"] * H * policy["act"]  # hidden + text states per block
+
+    kept = frozen + buffers + master + half_module + adam + gathered
+    no_ckpt = kept + max(copies + L * block + outside + work, grads + step_buffer)
+    with_ckpt = kept + max(copies + ckpt_inputs + outside,
+                           max(ckpt_inputs + outside, grads) + block + work + copies / L,
+                           grads + step_buffer)
+    chosen = with_ckpt if cfg.train.gradient_checkpointing else no_ckpt
+    return dict(
+        model=dict(version="1.0" if tcfg.get("patch_size_t") is None else "1.5",
+                   i2v=tcfg["in_channels"] == 2 * (tcfg.get("out_channels") or 16),
+                   layers=L, hidden=H, heads=tcfg["num_attention_heads"], params=P, note=note),
+        shape=shape, mode=mode, lora_rank=rank or None, trainable_params=T,
+        weight_dtype=cfg.model.weight_dtype if mode == "lora" else "fp32", mixed_precision=mp,
+        gradient_checkpointing=cfg.train.gradient_checkpointing, strategy=strategy, num_gpus=N, device=device,
+        gb=dict(
+            weights=(frozen + buffers + half_module + (master if mode == "full" else 0)) / GB,
+            trainable_params=(master if mode == "lora" else 0) / GB,
+            grads=grads / GB, adam=adam / GB, optimizer_step_buffer=step_buffer / GB,
+            autocast_weight_copies=copies / GB, gathered_blocks=gathered / GB,
+            activations_one_block=block / GB, activations_all_blocks=L * block / GB,
+            checkpointed_inputs=ckpt_inputs / GB, outside_blocks=outside / GB, backward_workspace=work / GB,
+            activations_without_checkpointing=(L * block + outside + work) / GB,
+            activations_with_checkpointing=(ckpt_inputs + outside + block + work) / GB,
+            peak_without_checkpointing=no_ckpt / GB, peak_with_checkpointing=with_ckpt / GB, peak=chosen / GB,
+            vae_and_text_encoder=0.0),
+        block_items_gb={k: v / GB for k, v in blk.items()},
+        flops_per_step=train_flops(tcfg, shape, mode, rank, cfg.lora.target_modules),
+    )
+
+
+def needed_gb(peak_gb: float) -> float:
+    """GPU memory a run with this allocated peak needs: + CUDA context and allocator slack."""
+    return peak_gb * (1 + RESERVE_FRACTION) + RESERVE_GB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fit advice
+# ---------------------------------------------------------------------------------------------------------
+
+def _schema_switch(word: str):
+    """(section, key) of a bool config key whose name contains `word` (e.g. '8bit', 'fp8'), if the schema
+    has one; switches that do not exist yet are reported as unavailable instead of advised."""
+    from cogpipe import config as C
+
+    for section, cls in (("train", C.TrainConfig), ("model", C.ModelConfig)):
+        for f in dataclasses.fields(cls):
+            if word in f.name.lower() and f.type in (bool, "bool"):
+                return section, f.name
+    return None
+
+
+def _with(cfg, section: str, **changes):
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
+
+
+def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "cuda") -> dict:
+    """What makes `cfg` fit in `gpu_memory` GB: switches in order of cost, applied one after another until
+    it fits, and the fewest GPUs each sharding strategy needs for the recipe (with checkpointing).
+
+    Order of cost: gradient checkpointing (one extra forward, same result), 8-bit AdamW and fp8 frozen
+    weights (small numeric cost; advised only where the config has a key for them), LoRA instead of a full
+    fine-tune (trains less), a lower LoRA rank, fewer frames, a lower resolution (each changes what is
+    learned). Rank, frames and resolution are lowered only as far as needed, and only if that makes it fit.
+    """
+    from cogpipe.config import frame_rule
+
+    if tcfg is None:
+        tcfg, _ = resolve_transformer_config(cfg.model)
+    opts = dict(tcfg=tcfg, device=device, adam_bytes=8, frozen_bytes=None)
+
+    def needs(c):
+        return needed_gb(estimate(c, **opts)["gb"]["peak"])
+
+    start = needs(cfg)
+    steps, unavailable, cur = [], [], cfg
+
+    def add(switch, cost, new_cfg):
+        nonlocal cur
+        cur = new_cfg
+        n = needs(cur)
+        steps.append(dict(switch=switch, cost=cost, needs_gb=n, fits=n <= gpu_memory))
+        return n <= gpu_memory
+
+    def first_fit(candidates):  # the least change among candidates (ordered) that fits, else None
+        for c, label in candidates:
+            if needs(c) <= gpu_memory:
+                return c, label
+        return None
+
+    fits = start <= gpu_memory
+    if not fits and not cur.train.gradient_checkpointing:
+        fits = add("train.gradient_checkpointing=true", "one extra forward per step (~+30% step time), same "
+                   "result", _with(cur, "train", gradient_checkpointing=True))
+    if not fits:
+        key = _schema_switch("8bit")
+        if key:
+            opts["adam_bytes"] = 2
+            fits = add(f"{key[0]}.{key[1]}=true", "8-bit AdamW state, nearly the same result",
+                       _with(cur, key[0], **{key[1]: True}))
+        else:
+            unavailable.append(dict(switch="8-bit AdamW", saves_gb=estimate(cur, **opts)["gb"]["adam"] * 0.75,
+                                    why="no config key for it yet"))
+    if not fits and cur.train.mode == "lora":
+        key = _schema_switch("fp8")
+        if key:
+            opts["frozen_bytes"] = 1
+            fits = add(f"{key[0]}.{key[1]}=true", "fp8 storage of the frozen weights, small numeric cost",
+                       _with(cur, key[0], **{key[1]: True}))
+        else:
+            unavailable.append(dict(switch="fp8 frozen weights", saves_gb=estimate(cur, **opts)["gb"]["weights"] / 2,
+                                    why="no config key for it yet"))
+    if not fits and cur.train.mode == "full":
+        half = cur.train.mixed_precision if cur.train.mixed_precision != "no" else "bf16"
+        fits = add(f"train.mode=lora model.weight_dtype={half}", "trains a rank-r adapter instead of every weight",
+                   _with(_with(cur, "train", mode="lora"), "model", weight_dtype=half))
+    if not fits and cur.train.mode == "lora":
+        ranks = [r for r in (64, 32, 16, 8) if r < cur.lora.rank]
+        hit = first_fit([(_with(cur, "lora", rank=r, alpha=cur.lora.alpha * r / cur.lora.rank), f"lora.rank={r}")
+                         for r in ranks])
+        if hit:
+            fits = add(hit[1], "less adapter capacity (alpha scaled with it)", hit[0])
+    if not fits:
+        multiple, _ = frame_rule("1.0" if tcfg.get("patch_size_t") is None else "1.5")
+        frames = list(range(cur.data.frames - multiple, 0, -multiple))
+        hit = first_fit([(_with(cur, "data", frames=f), f"data.frames={f}") for f in frames])
+        if hit:
+            fits = add(hit[1], "shorter clips", hit[0])
+        elif frames:
+            fits = add(f"data.frames={frames[-1]}", "shorter clips", _with(cur, "data", frames=frames[-1]))
+    if not fits:
+        sizes = []
+        for s in (0.875, 0.75, 0.625, 0.5, 0.375, 0.25):
+            h, w = max(16, round(cfg.data.height * s / 16) * 16), max(16, round(cfg.data.width * s / 16) * 16)
+            sizes.append((_with(cur, "data", height=h, width=w), f"data.height={h} data.width={w}"))
+        hit = first_fit(sizes)
+        if hit:
+            fits = add(hit[1], "lower resolution", hit[0])
+
+    sharded = {}
+    base = cfg if cfg.train.gradient_checkpointing else _with(cfg, "train", gradient_checkpointing=True)
+    if needs(base) > gpu_memory:  # sharding is worth naming only where checkpointing alone is not enough
+        for strategy in ("zero2", "zero3", "fsdp"):
+            for n in (2, 4, 8, 16, 32, 64):
+                e = estimate(base, strategy=strategy, num_gpus=n, tcfg=tcfg, device=device)
+                if needed_gb(e["gb"]["peak"]) <= gpu_memory:
+                    sharded[strategy] = dict(num_gpus=n, needs_gb=needed_gb(e["gb"]["peak"]))
+                    break
+    return dict(gpu_memory_gb=gpu_memory, needs_gb=start, fits=start <= gpu_memory, steps=steps,
+                fits_after_steps=bool(steps) and steps[-1]["fits"], unavailable=unavailable, sharded=sharded)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                        help="memory of one GPU in GB (1e9 bytes); default: this machine's GPU, if any")
+    parser.add_argument("--json", action="store_true", help="print the estimate (and advice) as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train.py")
+
+
+def load(path, overrides=()):
+    """The recipe, validated against the model's shapes; a hub id that cannot be read uses the preset."""
+    from cogpipe.config import load_config, validate_against_model
+
+    cfg = load_config(path, overrides, validate_model=False)
+    tcfg, note = resolve_transformer_config(cfg.model)
+    checked = cfg
+    if note:  # validate the frame/size/channel rules against the preset that stands in for the hub model
+        preset = note.split("preset ")[-1].strip("'")
+        checked = _with(cfg, "model", pretrained=None, preset=preset)
+    validate_against_model(checked)
+    return cfg, tcfg, note
+
+
+def _fmt_table(e: dict, advice: dict | None) -> str:
+    g, m, s = e["gb"], e["model"], e["shape"]
+    lines = []
+    name = f"CogVideoX{'1.5' if m['version'] == '1.5' else ''} {m['layers']} layers x {m['hidden']} hidden " \
+           f"({m['params'] / 1e9:.2f} B parameters){', image-to-video' if m['i2v'] else ''}"
+    lines.append(f"model        {name}")
+    if m["note"]:
+        lines.append(f"             note: {m['note']}")
+    lines.append(f"clip         batch {s['batch']} x {s['frames']} frames x {s['height']}x{s['width']} -> latents "
+                 f"{s['latent_frames']}x{s['latent_height']}x{s['latent_width']} -> {s['video_tokens']:,} video + "
+                 f"{s['text_tokens']} text tokens")
+    train = (f"LoRA rank {e['lora_rank']} ({e['trainable_params'] / 1e6:.1f} M trainable), frozen weights "
+             f"{e['weight_dtype']}" if e["mode"] == "lora" else f"full fine-tune ({e['trainable_params'] / 1e9:.2f} B "
+             f"trainable, fp32 master weights)")
+    lines.append(f"training     {train}, mixed precision {e['mixed_precision']}, gradient checkpointing "
+                 f"{'on' if e['gradient_checkpointing'] else 'off'}")
+    lines.append("")
+    lines.append(f"{'GB (1e9 bytes), per GPU':46s} {'checkpointing':>13s} {'none':>9s}")
+    rows = [
+        ("weights (frozen, or fp32 master for full)", g["weights"], g["weights"]),
+        ("trainable params (fp32)", g["trainable_params"], g["trainable_params"]),
+        ("gradients (fp32)", g["grads"], g["grads"]),
+        ("AdamW moments (fp32)", g["adam"], g["adam"]),
+        ("autocast half-precision weight copies", g["autocast_weight_copies"], g["autocast_weight_copies"]),
+        ("activations", g["activations_with_checkpointing"], g["activations_without_checkpointing"]),
+        ("  checkpointed block inputs", g["checkpointed_inputs"], 0.0),
+        ("  blocks kept for backward", g["activations_one_block"], g["activations_all_blocks"]),
+        ("  outside the blocks", g["outside_blocks"], g["outside_blocks"]),
+        ("  backward workspace", g["backward_workspace"], g["backward_workspace"]),
+        ("VAE + T5 (cached away before training)", 0.0, 0.0),
+        ("peak allocated (phases do not all overlap)", g["peak_with_checkpointing"], g["peak_without_checkpointing"]),
+        ("needs (+ CUDA context and allocator slack)", needed_gb(g["peak_with_checkpointing"]),
+         needed_gb(g["peak_without_checkpointing"])),
+    ]
+    for label, a, b in rows:
+        lines.append(f"{label:46s} {a:13.2f} {b:9.2f}")
+    lines.append(f"model FLOPs per step: {e['flops_per_step'] / 1e12:.1f} TFLOP (no recompute counted)")
+    if advice:
+        lines.append("")
+        mem = advice["gpu_memory_gb"]
+        if advice["fits"]:
+            lines.append(f"fits in {mem:g} GB as configured (needs ~{advice['needs_gb']:.1f} GB with the CUDA context)")
+        else:
+            lines.append(f"does not fit in {mem:g} GB as configured (needs ~{advice['needs_gb']:.1f} GB); "
+                         f"switches, cheapest first, applied one after another:")
+            for st in advice["steps"]:
+                mark = "fits" if st["fits"] else "    "
+                lines.append(f"  {mark}  {st['switch']:40s} -> {st['needs_gb']:6.1f} GB   ({st['cost']})")
+            if not advice["fits_after_steps"]:
+                lines.append("  no single-GPU combination of these fits")
+            for u in advice["unavailable"]:
+                lines.append(f"  (n/a)  {u['switch']} would save ~{u['saves_gb']:.1f} GB ({u['why']})")
+        for strategy, s in advice["sharded"].items():
+            cfgfile = f"configs/accelerate/{strategy}.yaml"
+            lines.append(f"  or, the recipe{' + checkpointing' if not e['gradient_checkpointing'] else ''} on "
+                         f"{s['num_gpus']} GPUs with {strategy} -> {s['needs_gb']:.1f} GB per GPU "
+                         f"(accelerate launch --config_file {cfgfile} ...)")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from cogpipe.config import ConfigError
+
+    try:
+        cfg, tcfg, _ = load(args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"cogpipe plan: {e}", file=sys.stderr)
+        return 2
+    gpu = args.gpu_memory
+    if gpu is None:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_properties(0).total_memory / GB
+    e = estimate(cfg, tcfg=tcfg)
+    advice = fit_advice(cfg, gpu, tcfg=tcfg) if gpu else None
+    if args.json:
+        print(json.dumps(dict(config=str(args.config), estimate=e, advice=advice)))
+    else:
+        print(f"cogpipe plan: {args.config}")
+        print(_fmt_table(e, advice))
+    return 0
