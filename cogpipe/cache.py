@@ -78,23 +78,29 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
 
 
 class Cache:
-    def __init__(self, root, model_cfg, data_cfg, max_text_len: int, dtype: str = "fp32"):
+    def __init__(self, root, model_cfg, data_cfg, max_text_len: int, dtype: str = "fp32", i2v: bool = False):
         self.root = Path(root).expanduser()
         self.model_cfg, self.data_cfg, self.max_text_len, self.dtype = model_cfg, data_cfg, max_text_len, dtype
+        self.i2v = i2v
         self._vae_id = encoder_identity(model_cfg, "vae")
         self._text_id = _digest([encoder_identity(model_cfg, "text_encoder"),
                                  encoder_identity(model_cfg, "tokenizer")])
 
     @classmethod
     def for_config(cls, cfg) -> "Cache":
-        tcfg, _ = models.component_configs(cfg.model)
+        tcfg, vcfg = models.component_configs(cfg.model)
         return cls(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data,
-                   tcfg["max_text_seq_length"], cfg.model.weight_dtype)
+                   tcfg["max_text_seq_length"], cfg.model.weight_dtype, models.model_facts(tcfg, vcfg)["i2v"])
 
-    def video_path(self, video: Path) -> Path:
+    def video_path(self, sample) -> Path:
+        """The entry of a Sample (its clip, and for image-to-video its first-frame image)."""
         d = self.data_cfg
-        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(video), vae=self._vae_id, frames=d.frames,
-                           height=d.height, width=d.width, dtype=self.dtype))
+        image = None
+        if self.i2v:
+            image = dict(image=file_digest(sample.image) if sample.image else "first-frame",
+                         variants=d.image_noise_variants)
+        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(sample.video), vae=self._vae_id, frames=d.frames,
+                           height=d.height, width=d.width, dtype=self.dtype, image=image))
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def prompt_path(self, caption: str) -> Path:
@@ -113,6 +119,26 @@ def encode_video(vae, frames: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
+def encode_first_frame(vae, image: torch.Tensor, variants: int, seed: int) -> torch.Tensor:
+    """Image-to-video conditioning: `variants` encodings of the first frame [3,H,W], each with a little
+    pixel noise (sigma = exp(N(-3, 0.5))) as CogVideoX I2V training does: [K, C, 1, H', W'].
+
+    Scaled as the diffusers image-to-video pipeline scales image latents: x scaling_factor, or
+    / scaling_factor where the VAE has `invert_scale_latents` (CogVideoX 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    s = vae.config.scaling_factor
+    out = []
+    for _ in range(variants):
+        sigma = torch.exp(torch.normal(-3.0, 0.5, (1,), generator=g))
+        noisy = image + torch.randn(image.shape, generator=g) * sigma
+        x = noisy.to(vae.device, vae.dtype)[None, :, None]  # (1, 3, 1, H, W)
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
+        out.append((z[0] / s if vae.config.invert_scale_latents else z[0] * s).float())
+    return torch.stack(out)
+
+
+@torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, captions: list[str], max_len: int) -> torch.Tensor:
     """T5 embeddings [B, max_len, D], padded and truncated as the CogVideoX pipelines do."""
     ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True,
@@ -127,26 +153,36 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
     Each process encodes its share (every `world`-th missing item); the encoders are loaded only if
     something is missing and are freed before returning.
     """
-    from cogpipe.data import load_clip
+    from cogpipe.data import load_clip, load_image
 
     cache = Cache.for_config(cfg)
     max_len = cache.max_text_len
     dtype = models.DTYPES[cfg.model.weight_dtype]
-    entries = [Entry(cache.video_path(s.video), cache.prompt_path(s.caption), s.caption) for s in samples]
+    entries = [Entry(cache.video_path(s), cache.prompt_path(s.caption), s.caption) for s in samples]
 
     todo_videos = [(s, e) for s, e in zip(samples, entries) if not e.latents.exists()]
-    todo_prompts = {e.caption: e.prompt for e in entries if not e.prompt.exists()}
+    prompts = {e.caption: e.prompt for e in entries}
+    if cfg.train.caption_dropout > 0:
+        prompts[""] = cache.prompt_path("")  # the unconditional embedding, as the pipelines encode it
+    todo_prompts = {c: p for c, p in prompts.items() if not p.exists()}
     mine_v = todo_videos[rank::world]
     mine_p = sorted(todo_prompts.items())[rank::world]
     log(f"cache {cache.root}: {len(samples) - len(todo_videos)}/{len(samples)} clips and "
-        f"{len(set(e.caption for e in entries)) - len(todo_prompts)}/{len(set(e.caption for e in entries))} "
-        f"prompts already encoded")
+        f"{len(prompts) - len(todo_prompts)}/{len(prompts)} prompts already encoded")
     if mine_v:
         vae = models.build_vae(cfg.model, dtype).to(device).eval()
+        if cfg.model.vae_slicing:
+            vae.enable_slicing()
+        if cfg.model.vae_tiling:
+            vae.enable_tiling()
         for s, e in mine_v:
             frames = load_clip(s.video, cfg.data.frames, cfg.data.height, cfg.data.width)
-            _atomic_save(encode_video(vae, frames), e.latents,
-                         {"video": str(s.video), "frames": str(cfg.data.frames)})
+            tensors = encode_video(vae, frames)
+            if cache.i2v:
+                image = load_image(s.image, cfg.data.height, cfg.data.width) if s.image else frames[0]
+                seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run
+                tensors["image_latents"] = encode_first_frame(vae, image, cfg.data.image_noise_variants, seed)
+            _atomic_save(tensors, e.latents, {"video": str(s.video), "frames": str(cfg.data.frames)})
         del vae
     if mine_p:
         tokenizer = models.build_tokenizer(cfg.model)
@@ -160,6 +196,10 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
         torch.cuda.empty_cache()
     barrier()
     return entries
+
+
+def empty_prompt_path(cfg) -> Path:
+    return Cache.for_config(cfg).prompt_path("")
 
 
 class CachedDataset(torch.utils.data.Dataset):

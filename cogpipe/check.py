@@ -11,7 +11,7 @@ opened again.
 from __future__ import annotations
 
 from cogpipe.cache import Cache
-from cogpipe.data import DataError, Problem, Sample, open_clip, report, scan
+from cogpipe.data import DataError, Problem, Sample, load_image, open_clip, report, scan
 
 
 def check_dataset(cfg) -> tuple[list[Sample], list[Problem]]:
@@ -20,9 +20,11 @@ def check_dataset(cfg) -> tuple[list[Sample], list[Problem]]:
     cache = Cache.for_config(cfg)
     good = []
     for s in samples:
-        if not cache.video_path(s.video).exists():
+        if not cache.video_path(s).exists():
             try:
                 open_clip(s.video, cfg.data.frames, cfg.data.height, cfg.data.width)
+                if s.image is not None:
+                    load_image(s.image, cfg.data.height, cfg.data.width)
             except DataError as e:
                 problems.append(e.problem or Problem(str(s.video), str(e)))
                 continue

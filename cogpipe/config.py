@@ -37,6 +37,8 @@ class ModelConfig:
     latent_input: bool = True  # the transformer trains on VAE latents, never on RGB frames
     init_seed: int = 0  # seed of a preset's random initialisation
     weight_dtype: str = "fp32"  # storage dtype of frozen weights: fp32 | fp16 | bf16
+    vae_slicing: bool = False  # encode/decode one clip of a batch at a time
+    vae_tiling: bool = False  # encode/decode in spatial tiles (large resolutions)
 
     def __post_init__(self):
         _check(
@@ -61,9 +63,11 @@ class DataConfig:
     width: int = 64
     cache_dir: Optional[str] = None  # latent/embedding cache; default <data.root>/.cogpipe_cache
     skip_bad: bool = False  # false: refuse to train on a dataset with bad clips; true: warn, skip, count
+    image_noise_variants: int = 4  # image-to-video: cached noisy encodings of each first frame
 
     def __post_init__(self):
         _check(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
+        _check(self.image_noise_variants >= 1, "data.image_noise_variants", "must be >= 1")
         for key in ("height", "width"):
             value = getattr(self, key)
             _check(value > 0 and value % 16 == 0, f"data.{key}",
@@ -104,6 +108,7 @@ class TrainConfig:
     resume_from: Optional[str] = None  # latest | PATH to a checkpoint folder
     log_every: int = 1
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each such step is skipped)
+    caption_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
 
     def __post_init__(self):
         _one_of(self.mode, {"lora", "full"}, "train.mode")
@@ -111,6 +116,7 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        _check(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "must be in [0, 1)")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
@@ -123,6 +129,7 @@ class TrainConfig:
 @dataclass
 class ValidationConfig:
     prompts: list[str] = field(default_factory=list)  # generated at the end (and every `every` steps)
+    images: list[str] = field(default_factory=list)  # image-to-video first frames; default: a dataset clip's
     every: int = 0  # optimizer steps between validations; 0 = only after training
     steps: int = 50
     guidance: float = 6.0

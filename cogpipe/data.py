@@ -23,6 +23,7 @@ import torch.nn.functional as F
 VIDEO_EXTS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v"}
 VIDEO_COLUMNS = ("video", "file_name", "path", "video_path")
 CAPTION_COLUMNS = ("caption", "prompt", "text")
+IMAGE_COLUMNS = ("image", "image_path", "first_frame")
 
 
 class DataError(ValueError):
@@ -42,6 +43,7 @@ def _bad(path, rule: str) -> DataError:
 class Sample:
     video: Path
     caption: str
+    image: Optional[Path] = None  # first frame for image-to-video; None: the clip's own first frame
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ def _pick(row: dict, names, file, what: str) -> str:
     raise DataError(f"{file}: no {what} column; expected one of {list(names)}, found {sorted(row)}")
 
 
-def _rows(root: Path, problems: list[Problem]) -> list[tuple[str, str, str]]:
-    """(video path as written, caption, where) for each entry of the dataset's layout."""
+def _rows(root: Path, problems: list[Problem]) -> list[tuple]:
+    """(video path as written, caption, where, image path or None) for each entry of the dataset."""
     prompts, videos = root / "prompts.txt", root / "videos.txt"
     if prompts.exists() or videos.exists():
         if not (prompts.exists() and videos.exists()):
@@ -92,7 +94,12 @@ def _rows(root: Path, problems: list[Problem]) -> list[tuple[str, str, str]]:
         if len(caps) != len(vids):
             raise DataError(f"{prompts} has {len(caps)} lines but {videos} has {len(vids)}: "
                             "each video needs exactly one caption line")
-        return [(v, c, f"{videos}:{i + 1}") for i, (v, c) in enumerate(zip(vids, caps))]
+        images = root / "images.txt"
+        imgs = _read_lines(images, problems) if images.exists() else [None] * len(vids)
+        if len(imgs) != len(vids):
+            raise DataError(f"{images} has {len(imgs)} lines but {videos} has {len(vids)}: "
+                            "each video needs exactly one first-frame image line")
+        return [(v, c, f"{videos}:{i + 1}", im) for i, (v, c, im) in enumerate(zip(vids, caps, imgs))]
     for name in ("metadata.jsonl", "metadata.csv"):
         meta = root / name
         if not meta.exists():
@@ -113,7 +120,7 @@ def _rows(root: Path, problems: list[Problem]) -> list[tuple[str, str, str]]:
             except UnicodeDecodeError as e:
                 raise DataError(f"{meta}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
         return [(_pick(r, VIDEO_COLUMNS, meta, "video"), (_pick(r, CAPTION_COLUMNS, meta, "caption") or "").strip(),
-                 f"{meta}:{i + 1}") for r, i in rows]
+                 f"{meta}:{i + 1}", next((str(r[c]) for c in IMAGE_COLUMNS if r.get(c)), None)) for r, i in rows]
     out = []
     for video in sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_EXTS):
         caption_file = video.with_suffix(".txt")
@@ -121,7 +128,7 @@ def _rows(root: Path, problems: list[Problem]) -> list[tuple[str, str, str]]:
             problems.append(Problem(str(video), f"no caption file {caption_file.name} beside it"))
             continue
         lines = _read_lines(caption_file, problems)
-        out.append((video.name, None if None in lines else " ".join(lines), str(caption_file)))
+        out.append((video.name, None if None in lines else " ".join(lines), str(caption_file), None))
     return out
 
 
@@ -138,12 +145,15 @@ def scan(root) -> tuple[list[Sample], list[Problem]]:
         raise DataError(f"{root}: no dataset found; expected prompts.txt + videos.txt, metadata.jsonl, "
                         f"metadata.csv, or videos with same-name .txt captions")
     samples = []
-    for rel, caption, where in rows:
+    for rel, caption, where, image in rows:
         if rel is None:
             continue  # the line naming the video is not UTF-8: already reported
         path = (root / rel.strip()).resolve()
+        image_path = (root / image.strip()).resolve() if image else None
         if not path.is_relative_to(root.resolve()):
             problems.append(Problem(where, f"path {rel!r} escapes the dataset folder {root}"))
+        elif image_path is not None and not image_path.is_relative_to(root.resolve()):
+            problems.append(Problem(where, f"image path {image!r} escapes the dataset folder {root}"))
         elif not path.is_file():
             problems.append(Problem(str(path), "video file not found"))
         elif caption is None:
@@ -151,7 +161,7 @@ def scan(root) -> tuple[list[Sample], list[Problem]]:
         elif not caption:
             problems.append(Problem(str(path), f"empty caption ({where})"))
         else:
-            samples.append(Sample(path, caption))
+            samples.append(Sample(path, caption, image_path))
     return samples, problems
 
 
@@ -207,6 +217,23 @@ def load_clip(path, num_frames: int, height: int, width: int) -> torch.Tensor:
     frames = torch.from_numpy(reader.get_batch(frame_indices(len(reader), num_frames).tolist()).asnumpy())
     frames = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, h, w) in [-1, 1]
     return resize_crop(frames, height, width).clamp(-1.0, 1.0).contiguous()
+
+
+def load_image(path, height: int, width: int) -> torch.Tensor:
+    """A first-frame image, resized and center-cropped like the clips: float [3, H, W] in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise _bad(path, f"cannot read first-frame image ({type(e).__name__}: {str(e)[:200]})") from None
+    if pixels.shape[0] < height or pixels.shape[1] < width:
+        raise _bad(path, f"image is {pixels.shape[0]}x{pixels.shape[1]}, smaller than data.height x data.width = "
+                         f"{height}x{width}")
+    x = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+    return resize_crop(x, height, width)[0].clamp(-1.0, 1.0).contiguous()
 
 
 class VideoDataset(torch.utils.data.Dataset):

@@ -49,23 +49,43 @@ def export(output_dir, from_checkpoint=None) -> Path:
     return out / "export"
 
 
+def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
+    """(prompt, first-frame PIL image or None) pairs; defaults from the dataset's first clip."""
+    from cogpipe.data import load_clip, scan
+
+    samples = scan(cfg.data.root)[0]
+    prompts = prompts or cfg.validation.prompts or [samples[0].caption]
+    tcfg, vcfg = models.component_configs(cfg.model)
+    if not models.model_facts(tcfg, vcfg)["i2v"]:
+        return [(p, None) for p in prompts]
+    from PIL import Image
+
+    if cfg.validation.images:
+        images = [Image.open(path).convert("RGB") for path in cfg.validation.images]
+    else:  # the first frame of the first clip, as training sees it
+        frame = load_clip(samples[0].video, cfg.data.frames, cfg.data.height, cfg.data.width)[0]
+        images = [Image.fromarray(((frame.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())]
+    return [(p, images[i % len(images)]) for i, p in enumerate(prompts)]
+
+
 def render_validation(output_dir, cfg, step: int, prompts=None) -> list[Path]:
-    """Generate the validation prompts (default: the dataset's first caption) from the exported
+    """Generate the validation prompts (and first frames, for image-to-video) from the exported
     pipeline + LoRA, as a user would load them; write mp4s under <output_dir>/validation/."""
-    from cogpipe.data import scan
     from cogpipe.inference import generate, load_pipeline
     from cogpipe.video import write_mp4
 
     out = Path(output_dir)
-    prompts = prompts or cfg.validation.prompts or [scan(cfg.data.root)[0][0].caption]
     lora = out / "lora" if cfg.train.mode == "lora" else None
     pipe = load_pipeline(out / "export", lora)
     written = []
-    for i, prompt in enumerate(prompts):
+    for i, (prompt, image) in enumerate(validation_inputs(cfg, prompts)):
         frames = generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width, cfg.validation.steps,
-                          cfg.validation.guidance, cfg.validation.seed)
-        written.append(write_mp4(frames, out / "validation" / f"step-{step:06d}-{i}.mp4", fps=cfg.validation.fps))
-        (out / "validation" / f"step-{step:06d}-{i}.txt").write_text(prompt + "\n")
+                          cfg.validation.guidance, cfg.validation.seed, image=image)
+        stem = out / "validation" / f"step-{step:06d}-{i}"
+        written.append(write_mp4(frames, stem.with_suffix(".mp4"), fps=cfg.validation.fps))
+        stem.with_suffix(".txt").write_text(prompt + "\n")
+        if image is not None:
+            image.save(stem.with_suffix(".png"))
     return written
 
 

@@ -9,6 +9,7 @@ hub id instead, the layout `save_pretrained` writes.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,19 +22,21 @@ _T5_TINY = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative
 _T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
                feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new")
 
+_TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=32, text_embed_dim=32,
+             sample_height=8, sample_width=8, sample_frames=17, max_text_seq_length=48,
+             use_rotary_positional_embeddings=True)
+_VAE_TINY = dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
+                 sample_height=64, sample_width=64, scaling_factor=0.7)
 _VAE_FULL = dict(block_out_channels=(128, 256, 256, 512), layers_per_block=3, latent_channels=16)
 _5B = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
 _15 = dict(_5B, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
 
 # preset -> transformer kwargs, VAE kwargs, T5 kwargs, scheduler snr_shift_scale
 PRESETS = {
-    "tiny": dict(
-        transformer=dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=32,
-                         text_embed_dim=32, sample_height=8, sample_width=8, sample_frames=17,
-                         max_text_seq_length=48, use_rotary_positional_embeddings=True),
-        vae=dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
-                 sample_height=64, sample_width=64, scaling_factor=0.7),
-        text_encoder=_T5_TINY, snr_shift_scale=1.0),
+    "tiny": dict(transformer=_TINY, vae=_VAE_TINY, text_encoder=_T5_TINY, snr_shift_scale=1.0),
+    # image-to-video: 16 noisy + 16 first-frame latent channels in
+    "tiny-i2v": dict(transformer=dict(_TINY, in_channels=32), vae=_VAE_TINY, text_encoder=_T5_TINY,
+                     snr_shift_scale=1.0),
     "2b": dict(transformer=dict(num_attention_heads=30, num_layers=30),
                vae=dict(_VAE_FULL, scaling_factor=1.15258426), text_encoder=_T5_XXL, snr_shift_scale=3.0),
     "5b": dict(transformer=_5B, vae=dict(_VAE_FULL, scaling_factor=0.7), text_encoder=_T5_XXL,
@@ -60,22 +63,35 @@ def _is_local(path: str) -> bool:
 
 
 def _read_component_config(pretrained: str, subfolder: str) -> dict:
-    from diffusers import ConfigMixin
-
     if _is_local(pretrained):
         file = Path(pretrained).expanduser() / subfolder / "config.json"
         if not file.is_file():
             raise FileNotFoundError(f"model.pretrained: {file} not found; expected a Diffusers pipeline folder "
                                     f"(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
         return json.loads(file.read_text())
-    return dict(ConfigMixin.load_config(pretrained, subfolder=subfolder))
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(pretrained, "config.json", subfolder=subfolder)).read_text())
 
 
 def component_configs(model_cfg) -> tuple[dict, dict]:
-    """Full transformer and VAE configs (constructor defaults filled in) of the configured model."""
+    """Full transformer and VAE configs (constructor defaults filled in) of the configured model.
+
+    A hub id that cannot be reached (offline, not cached) falls back to `model.preset`'s shapes, with
+    a warning, so a recipe can be checked and planned anywhere; loading its weights still needs the hub."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
-    if model_cfg.pretrained:
+    if model_cfg.pretrained and not _is_local(model_cfg.pretrained):
+        try:
+            t = _read_component_config(model_cfg.pretrained, "transformer")
+            v = _read_component_config(model_cfg.pretrained, "vae")
+        except Exception as e:  # huggingface_hub raises several kinds when offline or not found
+            if model_cfg.preset not in PRESETS:
+                raise FileNotFoundError(f"model.pretrained: cannot read {model_cfg.pretrained} ({e})") from None
+            warnings.warn(f"model.pretrained: {model_cfg.pretrained} not reachable ({type(e).__name__}); "
+                          f"using the shapes of model.preset={model_cfg.preset}")
+            t, v = PRESETS[model_cfg.preset]["transformer"], PRESETS[model_cfg.preset]["vae"]
+    elif model_cfg.pretrained:
         t = _read_component_config(model_cfg.pretrained, "transformer")
         v = _read_component_config(model_cfg.pretrained, "vae")
     else:

@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cogpipe import checkpoint, models
-from cogpipe.cache import CachedDataset, build_cache
+from cogpipe.cache import CachedDataset, build_cache, empty_prompt_path
 from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings
 
@@ -35,18 +36,31 @@ def example_generator(seed: int, micro_step: int, slot: int, device) -> torch.Ge
     return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + slot) % 2**62)
 
 
-def training_batch(batch: dict, seed: int, micro_step: int, rank: int, world: int, num_timesteps: int, device):
-    """Sample latents, noise and timesteps for a batch: each example from its own seeded generator."""
-    x0, noise, t = [], [], []
+def training_batch(batch: dict, seed: int, micro_step: int, rank: int, world: int, num_timesteps: int, device,
+                   caption_dropout: float = 0.0, empty_embeds=None):
+    """Per-example randomness for a batch, each example from its own seeded generator: the latent
+    sample, noise, timestep, caption dropout and which cached first-frame encoding (image-to-video).
+
+    Returns x0 and noise (B, F, C, H, W), timesteps (B,), prompt embeddings (B, L, D) and the image
+    latents padded with zeros over time (B, F, C, H, W), or None for text-to-video."""
+    x0, noise, t, embeds, images = [], [], [], [], []
     for j in range(batch["mean"].shape[0]):
         g = example_generator(seed, micro_step, j * world + rank, device)
         mean, std = batch["mean"][j].to(device), batch["std"][j].to(device)
         x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
         noise.append(torch.randn(mean.shape, generator=g, device=device))
         t.append(torch.randint(0, num_timesteps, (1,), generator=g, device=device))
-    x0 = torch.stack(x0).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
-    noise = torch.stack(noise).permute(0, 2, 1, 3, 4)
-    return x0, noise, torch.cat(t)
+        drop = caption_dropout > 0 and torch.rand((), generator=g, device=device).item() < caption_dropout
+        embeds.append(empty_embeds if drop else batch["prompt_embeds"][j])
+        if "image_latents" in batch:
+            variants = batch["image_latents"][j]  # (K, C, 1, H, W)
+            k = torch.randint(0, variants.shape[0], (1,), generator=g, device=device).item()
+            image = torch.zeros_like(mean)  # (C, F, H, W): the first frame's latent, then zeros
+            image[:, :1] = variants[k].to(device)
+            images.append(image)
+    to_bfchw = lambda xs: torch.stack(xs).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
+    return (to_bfchw(x0), to_bfchw(noise), torch.cat(t), torch.stack(embeds).to(device),
+            to_bfchw(images) if images else None)
 
 
 def _collate(items: list[dict]) -> dict:
@@ -106,6 +120,9 @@ def train(cfg: Config) -> Path:
         checkpoint.remove_partial(out)
     entries = build_cache(cfg, samples, device, rank, world, accelerator.wait_for_everyone, log)
     dataset = CachedDataset(entries)
+    empty_embeds = None
+    if cfg.train.caption_dropout > 0:
+        empty_embeds = load_file(str(empty_prompt_path(cfg)))["prompt_embeds"]
     global_batch = cfg.train.batch_size * world
     if len(dataset) < global_batch:
         raise ValueError(f"data.root: {len(dataset)} clips, fewer than one global batch "
@@ -182,17 +199,20 @@ def train(cfg: Config) -> Path:
             epoch, pos = divmod(micro, per_epoch)
             indices = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, epoch, rank, world)[pos]
             batch = _collate([dataset[i] for i in indices])
-            x0, noise, t = training_batch(batch, cfg.train.seed, micro, rank, world, num_timesteps, device)
+            x0, noise, t, embeds, image = training_batch(batch, cfg.train.seed, micro, rank, world, num_timesteps,
+                                                         device, cfg.train.caption_dropout, empty_embeds)
             patch_t = tcfg.get("patch_size_t")
             x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
             noisy = add_noise(x0, noise, t, alphas_cumprod)  # (B, F, C, H, W)
+            model_input = noisy if image is None else torch.cat([noisy, pad_for_patch_t(image, patch_t)], dim=2)
             rope = rotary_embeddings(tcfg, x0.shape[1], x0.shape[3], x0.shape[4], device)
-            embeds = batch["prompt_embeds"].to(device, weight_dtype)
+            ofs = torch.full((x0.shape[0],), 2.0, device=device) if tcfg.get("ofs_embed_dim") else None
             try:
                 with accelerator.accumulate(transformer):
                     with accelerator.autocast():
-                        v_pred = transformer(hidden_states=noisy.to(weight_dtype), encoder_hidden_states=embeds,
-                                             timestep=t, image_rotary_emb=rope, return_dict=False)[0]
+                        v_pred = transformer(hidden_states=model_input.to(weight_dtype),
+                                             encoder_hidden_states=embeds.to(weight_dtype), timestep=t, ofs=ofs,
+                                             image_rotary_emb=rope, return_dict=False)[0]
                     loss = diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod)
                     accelerator.backward(loss)
                     bad_micro |= not bool(torch.isfinite(loss.detach()))
