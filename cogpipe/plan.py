@@ -39,31 +39,48 @@ RESERVE_GB, RESERVE_FRACTION = 0.75, 0.05
 # The model: its config, parameter counts and token counts
 # ---------------------------------------------------------------------------------------------------------
 
-def resolve_transformer_config(model_cfg) -> tuple[dict, str | None]:
-    """(transformer config with defaults, note): from model.pretrained when it can be read, else the preset.
+def resolve_model(model_cfg) -> tuple[dict, str | None]:
+    """(transformer config with defaults, stand-in preset or None).
 
-    A hub id that cannot be reached (offline, no cache) falls back to `model.preset`, or to the preset of a
-    known CogVideoX hub id; the note says so.
+    From model.pretrained when it can be read. A hub id that cannot be read (offline, not cached) stands
+    in with the shapes of `model.preset`, or, where the recipe left the preset at tiny, of the released
+    model the id names (KNOWN_HUB_IDS). Planning an unreadable model with the tiny shapes would be
+    meaningless: that is an error that says what to set.
     """
+    import warnings
+
     from cogpipe.models import PRESETS, component_configs
 
     if not model_cfg.pretrained:
         return component_configs(model_cfg)[0], None
-    try:
-        return component_configs(model_cfg)[0], None
-    except Exception as e:  # offline hub, missing folder, ...: fall back to the preset's shapes
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}" if str(e) else type(e).__name__
-        preset = model_cfg.preset
-        known = KNOWN_HUB_IDS.get(str(model_cfg.pretrained).rstrip("/").split("/")[-1].lower())
-        if preset == "tiny" and known:
-            preset = known
-        if preset == "tiny" or preset not in PRESETS:
-            raise ValueError(f"model.pretrained: cannot read {model_cfg.pretrained!r} ({reason}); set model.preset "
-                             f"to its size ({', '.join(p for p in PRESETS if p != 'tiny')}) or pass "
-                             f"model.pretrained=null") from None
-        fallback = dataclasses.replace(model_cfg, pretrained=None, preset=preset)
-        return component_configs(fallback)[0], (f"model.pretrained {model_cfg.pretrained!r} could not be read "
-                                                f"({reason}); using the shapes of preset {preset!r}")
+    with warnings.catch_warnings(record=True) as caught:  # models.py warns when it falls back to the preset
+        warnings.simplefilter("always")
+        try:
+            tcfg, error = component_configs(model_cfg)[0], None
+        except Exception as e:  # a missing local folder, a hub error models.py does not catch, ...
+            tcfg, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    if error is None and not any(str(model_cfg.pretrained) in str(w.message) for w in caught):
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return tcfg, None
+    known = KNOWN_HUB_IDS.get(str(model_cfg.pretrained).rstrip("/").split("/")[-1].lower())
+    preset = model_cfg.preset if model_cfg.preset != "tiny" else known
+    if preset not in PRESETS:
+        raise ValueError(f"model.pretrained: cannot read {model_cfg.pretrained!r}{f' ({error})' if error else ''}; "
+                         f"set model.preset to its size ({', '.join(p for p in PRESETS if p != 'tiny')}) or "
+                         f"pass model.pretrained=null")
+    return component_configs(dataclasses.replace(model_cfg, pretrained=None, preset=preset))[0], preset
+
+
+def _stand_in_note(model_cfg, preset) -> str | None:
+    return None if preset is None else (f"model.pretrained {model_cfg.pretrained!r} could not be read here; "
+                                        f"planned with the shapes of preset {preset!r}")
+
+
+def resolve_transformer_config(model_cfg) -> tuple[dict, str | None]:
+    """(transformer config, note): `resolve_model` with a sentence saying which preset stood in, if any."""
+    tcfg, preset = resolve_model(model_cfg)
+    return tcfg, _stand_in_note(model_cfg, preset)
 
 
 @functools.lru_cache(maxsize=16)
@@ -224,13 +241,15 @@ def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_ran
 
 def outside_activations(tcfg: dict, shape: dict, mode: str, policy: dict, loss: bool = True) -> int:
     """Bytes kept outside the blocks: the LayerNorm inputs of norm_final and norm_out over the video
-    tokens; (full) norm_out's normalized output and proj_out's input; and (loss=True) ~3 fp32 tensors
-    of the latents' size in the loss."""
+    tokens; (full) norm_out's normalized output and proj_out's input; the fp32 RoPE cos/sin tables
+    (shared by all blocks); and (loss=True) ~3 fp32 tensors of the latents' size in the loss."""
     B, Sv = shape["batch"], shape["video_tokens"]
     H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     a, n = policy["act"], policy["norm"]
     Xv = B * Sv * H
     kept = 2 * Xv * n + (Xv * n + Xv * a if mode == "full" else 0)
+    if tcfg.get("use_rotary_positional_embeddings"):
+        kept += 2 * Sv * tcfg["attention_head_dim"] * 4
     latents = B * shape["latent_frames"] * 16 * shape["latent_height"] * shape["latent_width"]
     return kept + (3 * latents * 4 if loss else 0)
 
@@ -477,17 +496,14 @@ def add_arguments(parser) -> None:
 
 
 def load(path, overrides=()):
-    """The recipe, validated against the model's shapes; a hub id that cannot be read uses the preset."""
+    """(config, transformer config, note): the recipe, validated against the model's shapes (frames, size,
+    channels); a hub id that cannot be read is checked and planned with its stand-in preset."""
     from cogpipe.config import load_config, validate_against_model
 
     cfg = load_config(path, overrides, validate_model=False)
-    tcfg, note = resolve_transformer_config(cfg.model)
-    checked = cfg
-    if note:  # validate the frame/size/channel rules against the preset that stands in for the hub model
-        preset = note.split("preset ")[-1].strip("'")
-        checked = _with(cfg, "model", pretrained=None, preset=preset)
-    validate_against_model(checked)
-    return cfg, tcfg, note
+    tcfg, preset = resolve_model(cfg.model)
+    validate_against_model(cfg if preset is None else _with(cfg, "model", pretrained=None, preset=preset))
+    return cfg, tcfg, _stand_in_note(cfg.model, preset)
 
 
 def _fmt_table(e: dict, advice: dict | None) -> str:
@@ -554,7 +570,7 @@ def run(args) -> int:
     from cogpipe.config import ConfigError
 
     try:
-        cfg, tcfg, _ = load(args.config, args.overrides)
+        cfg, tcfg, note = load(args.config, args.overrides)
     except (ConfigError, ValueError) as e:
         print(f"cogpipe plan: {e}", file=sys.stderr)
         return 2
@@ -565,6 +581,7 @@ def run(args) -> int:
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_properties(0).total_memory / GB
     e = estimate(cfg, tcfg=tcfg)
+    e["model"]["note"] = note
     advice = fit_advice(cfg, gpu, tcfg=tcfg) if gpu else None
     if args.json:
         print(json.dumps(dict(config=str(args.config), estimate=e, advice=advice)))

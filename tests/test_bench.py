@@ -1,0 +1,94 @@
+"""bench/train_step.py runs at tiny size on CPU and prints one JSON line; its FLOP count is what torch counts."""
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogpipe import plan
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def test_tiny_cpu_run_prints_one_json_line(tmp_path):
+    out = tmp_path / "result.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--size", "tiny", "--steps", "3",
+                        "--warmup", "1", "--gradient-checkpointing", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert json.loads(out.read_text()) == r
+    assert (r["size"], r["mode"], r["dtype"], r["device"]) == ("tiny", "lora", "bf16", "cpu")
+    assert (r["frames"], r["height"], r["width"], r["batch"], r["gradient_checkpointing"]) == (17, 64, 64, 1, True)
+    assert r["latent_shape"] == [1, 5, 16, 8, 8] and r["tokens"] == {"video": 80, "text": 48, "total": 128}
+    assert len(r["step_times_s"]) == 3 and min(r["step_times_s"]) > 0
+    assert r["step_time_s_median"] == pytest.approx(statistics.median(r["step_times_s"][1:]))  # after warm-up
+    assert r["samples_per_s"] == pytest.approx(1 / r["step_time_s_median"])
+    assert 0.05 < r["peak_memory_gb"] < 20 and r["peak_memory_kind"].startswith("peak RSS")
+    assert r["mfu"] is None and r["peak_flops"] is None  # no peak to compare with on CPU
+    assert r["flops_per_step"] > 0 and r["tflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"] / 1e12)
+    assert r["trainable_params"] < r["params"] and r["lora_rank"] == 8
+    assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
+    assert r["torch"] == torch.__version__ and r["diffusers"] and r["python"]
+
+
+def _tiny_config(**extra):
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogpipe.models import _with_defaults
+
+    return _with_defaults(CogVideoXTransformer3DModel, dict(
+        num_attention_heads=2, attention_head_dim=32, num_layers=3, time_embed_dim=64, text_embed_dim=48,
+        sample_height=16, sample_width=16, sample_frames=17, max_text_seq_length=24,
+        use_rotary_positional_embeddings=True, **extra))
+
+
+@pytest.mark.parametrize("variant", ["1.0", "1.5-i2v"])
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_flop_count_matches_torch_flop_counter(variant, mode):
+    """Forward FLOPs equal torch's FlopCounterMode exactly (math SDPA, so attention is counted as matmuls).
+    A training step counts the convention (3x forward; LoRA: 2x frozen linears + 3x attention + 3x adapters),
+    which includes input gradients the first layers never compute (their inputs need none): a few percent
+    more than torch counts at this tiny size, and less than 1% at real sizes."""
+    from diffusers import CogVideoXTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cogpipe.config import LoraConfig
+    from cogpipe.diffusion import rotary_embeddings
+    from cogpipe.lora import add_lora
+
+    extra = dict(patch_size_t=2, patch_bias=False, in_channels=32, ofs_embed_dim=64) if variant == "1.5-i2v" else {}
+    tcfg = _tiny_config(**extra)
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(**tcfg)
+    if mode == "lora":
+        add_lora(model, LoraConfig(rank=4, alpha=4))
+    else:
+        model.requires_grad_(True)
+    B = 2
+    shape = plan.token_shape(tcfg, 17, 128, 128, B)
+    F = shape["latent_frames"]
+    kwargs = dict(hidden_states=torch.randn(B, F, tcfg["in_channels"], 16, 16),
+                  encoder_hidden_states=torch.randn(B, 24, 48), timestep=torch.tensor([3, 700]),
+                  ofs=torch.full((B,), 2.0) if tcfg["ofs_embed_dim"] else None,
+                  image_rotary_emb=rotary_embeddings(tcfg, F, 16, 16, "cpu"), return_dict=False)
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as forward:
+            model(**kwargs)
+        with FlopCounterMode(display=False) as step:
+            model(**kwargs)[0].float().square().mean().backward()
+    rank = 4 if mode == "lora" else 0
+    assert forward.get_total_flops() == plan.forward_flops(tcfg, shape, rank, TARGETS)["total"]
+    formula = plan.train_flops(tcfg, shape, mode, rank, TARGETS)
+    assert step.get_total_flops() <= formula <= step.get_total_flops() * 1.06
