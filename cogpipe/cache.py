@@ -92,15 +92,30 @@ class Cache:
         return cls(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data,
                    tcfg["max_text_seq_length"], cfg.model.weight_dtype, models.model_facts(tcfg, vcfg)["i2v"])
 
+    def probe(self, sample) -> tuple[int, int, int]:
+        """(frames, height, width) of a sample's clip, remembered by content in the cache."""
+        from cogpipe.data import probe_clip
+
+        path = self.root / "probe" / f"{file_digest(sample.video)}.json"
+        if path.exists():
+            return tuple(json.loads(path.read_text()))
+        shape = probe_clip(sample.video)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(shape))
+        os.replace(tmp, path)
+        return shape
+
     def video_path(self, sample) -> Path:
-        """The entry of a Sample (its clip, and for image-to-video its first-frame image)."""
+        """The entry of a Sample (its clip at its bucket's shape, and its first-frame image for I2V)."""
         d = self.data_cfg
+        frames, height, width = sample.shape or (d.frames, d.height, d.width)
         image = None
         if self.i2v:
             image = dict(image=file_digest(sample.image) if sample.image else "first-frame",
                          variants=d.image_noise_variants)
-        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(sample.video), vae=self._vae_id, frames=d.frames,
-                           height=d.height, width=d.width, dtype=self.dtype, image=image))
+        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(sample.video), vae=self._vae_id, frames=frames,
+                           height=height, width=width, dtype=self.dtype, image=image))
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def prompt_path(self, caption: str) -> Path:
@@ -176,13 +191,14 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
         if cfg.model.vae_tiling:
             vae.enable_tiling()
         for s, e in mine_v:
-            frames = load_clip(s.video, cfg.data.frames, cfg.data.height, cfg.data.width)
+            num_frames, height, width = s.shape or (cfg.data.frames, cfg.data.height, cfg.data.width)
+            frames = load_clip(s.video, num_frames, height, width)
             tensors = encode_video(vae, frames)
             if cache.i2v:
-                image = load_image(s.image, cfg.data.height, cfg.data.width) if s.image else frames[0]
+                image = load_image(s.image, height, width) if s.image else frames[0]
                 seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run
                 tensors["image_latents"] = encode_first_frame(vae, image, cfg.data.image_noise_variants, seed)
-            _atomic_save(tensors, e.latents, {"video": str(s.video), "frames": str(cfg.data.frames)})
+            _atomic_save(tensors, e.latents, {"video": str(s.video), "shape": json.dumps([num_frames, height, width])})
         del vae
     if mine_p:
         tokenizer = models.build_tokenizer(cfg.model)

@@ -11,30 +11,62 @@ opened again.
 from __future__ import annotations
 
 from cogpipe.cache import Cache
-from cogpipe.data import DataError, Problem, Sample, load_image, open_clip, report, scan
+from dataclasses import replace
+
+from cogpipe.data import DataError, Problem, Sample, choose_bucket, load_image, report, scan, shape_problem
 
 
-def check_dataset(cfg) -> tuple[list[Sample], list[Problem]]:
-    """The usable samples and the problems of the rest."""
+def buckets(cfg) -> list[tuple[int, int, int]]:
+    """The (frames, height, width) shapes trained on: `data.buckets`, or the single configured shape."""
+    return [tuple(b) for b in cfg.data.buckets] or [(cfg.data.frames, cfg.data.height, cfg.data.width)]
+
+
+def check_dataset(cfg, log=lambda *_: None) -> tuple[list[Sample], list[Problem]]:
+    """The usable samples, each with the shape of its bucket, and the problems of the rest.
+
+    With one shape, a clip too short or too small is a problem. With several buckets, a clip that
+    fits none is skipped and counted instead (reported in the log)."""
     samples, problems = scan(cfg.data.root)
     cache = Cache.for_config(cfg)
-    good = []
+    shapes = buckets(cfg)
+    good, unfit = [], {}
     for s in samples:
-        if not cache.video_path(s).exists():
+        try:
+            available = cache.probe(s)
+        except DataError as e:
+            problems.append(e.problem or Problem(str(s.video), str(e)))
+            continue
+        shape = choose_bucket(available, shapes)
+        if shape is None:
+            rule = shape_problem(available, min(shapes, key=lambda b: b[0] * b[1] * b[2]))
+            if len(shapes) == 1:
+                problems.append(Problem(str(s.video), rule))
+            else:
+                kind = "too short" if "frames" in rule else "too small"
+                unfit[kind] = unfit.get(kind, 0) + 1
+            continue
+        s = replace(s, shape=shape)
+        if s.image is not None and not cache.video_path(s).exists():
             try:
-                open_clip(s.video, cfg.data.frames, cfg.data.height, cfg.data.width)
-                if s.image is not None:
-                    load_image(s.image, cfg.data.height, cfg.data.width)
+                load_image(s.image, shape[1], shape[2])
             except DataError as e:
-                problems.append(e.problem or Problem(str(s.video), str(e)))
+                problems.append(e.problem)
                 continue
         good.append(s)
+    if unfit:
+        log(f"buckets: skipped {sum(unfit.values())} clip(s) that fit no bucket of data.buckets ("
+            + ", ".join(f"{n} {k}" for k, n in sorted(unfit.items())) + ")")
+    if len(shapes) > 1 and good:
+        counts = {}
+        for s in good:
+            counts[s.shape] = counts.get(s.shape, 0) + 1
+        log("buckets: " + ", ".join(f"{f}x{h}x{w}: {n}" for (f, h, w), n in sorted(counts.items())))
     return good, problems
 
 
 def usable_samples(cfg, log=print) -> list[Sample]:
     """What training trains on: refuses (DataError with the full report) unless `data.skip_bad`."""
-    good, problems = check_dataset(cfg)
+    good, problems = check_dataset(cfg, log)
     if problems and not cfg.data.skip_bad:
         raise DataError(report(problems, cfg.data.root) + "\nfix them, or set data.skip_bad=true to skip these clips")
     if problems:
@@ -55,7 +87,7 @@ def run(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        good, problems = check_dataset(cfg)
+        good, problems = check_dataset(cfg, print)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2

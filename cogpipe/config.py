@@ -64,10 +64,15 @@ class DataConfig:
     cache_dir: Optional[str] = None  # latent/embedding cache; default <data.root>/.cogpipe_cache
     skip_bad: bool = False  # false: refuse to train on a dataset with bad clips; true: warn, skip, count
     image_noise_variants: int = 4  # image-to-video: cached noisy encodings of each first frame
+    buckets: list[list[int]] = field(default_factory=list)  # [[frames, height, width], ...]; [] = the one above
 
     def __post_init__(self):
         _check(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
         _check(self.image_noise_variants >= 1, "data.image_noise_variants", "must be >= 1")
+        for i, b in enumerate(self.buckets):
+            _check(len(b) == 3 and b[0] >= 1, f"data.buckets[{i}]", f"must be [frames, height, width], got {list(b)}")
+            _check(b[1] % 16 == 0 and b[2] % 16 == 0 and min(b[1:]) > 0, f"data.buckets[{i}]",
+                   f"height and width must be positive multiples of 16, got {list(b)}")
         for key in ("height", "width"):
             value = getattr(self, key)
             _check(value > 0 and value % 16 == 0, f"data.{key}",
@@ -207,12 +212,12 @@ def validate_against_model(cfg: Config) -> None:
            f"the transformer's in_channels ({tcfg['in_channels']}) must equal the VAE's latent_channels "
            f"({latent}){' x 2 for image-to-video' if facts['i2v'] else ''} = {want}")
     multiple, most = frame_rule(facts["version"])
-    frames = cfg.data.frames
-    _check((frames - 1) % multiple == 0 and frames <= most, "data.frames",
-           f"CogVideoX {facts['version']} needs {multiple}N+1 frames, at most {most}; got {frames} "
-           f"(nearest valid: {max(1, (frames - 1) // multiple * multiple + 1)})")
-    if facts["version"] == "1.5" and facts["i2v"]:
-        _check(min(cfg.data.height, cfg.data.width) >= 768, "data.height/width",
-               "CogVideoX1.5-I2V needs the shorter side >= 768")
-        _check(max(cfg.data.height, cfg.data.width) <= 1360, "data.height/width",
-               f"CogVideoX1.5-I2V needs the longer side <= 1360, got {cfg.data.height}x{cfg.data.width}")
+    shapes = [("data.frames", "data.height/width", (cfg.data.frames, cfg.data.height, cfg.data.width))]
+    shapes += [(f"data.buckets[{i}]", f"data.buckets[{i}]", tuple(b)) for i, b in enumerate(cfg.data.buckets)]
+    for frames_key, size_key, (frames, height, width) in shapes:
+        _check((frames - 1) % multiple == 0 and frames <= most, frames_key,
+               f"CogVideoX {facts['version']} needs {multiple}N+1 frames, at most {most}; got {frames} "
+               f"(nearest valid: {max(1, (frames - 1) // multiple * multiple + 1)})")
+        if facts["version"] == "1.5" and facts["i2v"]:
+            _check(min(height, width) >= 768 and max(height, width) <= 1360, size_key,
+                   f"CogVideoX1.5-I2V needs the shorter side >= 768 and the longer <= 1360, got {height}x{width}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -44,6 +45,7 @@ class Sample:
     video: Path
     caption: str
     image: Optional[Path] = None  # first frame for image-to-video; None: the clip's own first frame
+    shape: Optional[tuple] = None  # (frames, height, width) trained on: its bucket, set by the dataset check
 
 
 @dataclass(frozen=True)
@@ -189,25 +191,55 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return frames[..., top:top + height, left:left + width]
 
 
-def open_clip(path, num_frames: int, height: int, width: int):
-    """Open a clip with decord and check it against the configured shape; DataError names the rule."""
+def _reader(path: Path):
     import decord
 
-    path = Path(path)
     if not path.is_file():
         raise _bad(path, "video file not found")
     if path.stat().st_size == 0:
         raise _bad(path, "empty file (0 bytes)")
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-        available = len(reader)
-        h, w = reader[0].shape[:2]
+        reader[0]
+        return reader
     except Exception as e:  # decord raises its own DECORDError or RuntimeError
         raise _bad(path, f"cannot decode video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if available < num_frames:
-        raise _bad(path, f"has {available} frames, fewer than data.frames={num_frames}")
+
+
+def probe_clip(path) -> tuple[int, int, int]:
+    """(frames, height, width) of a clip that decodes; DataError names the file and the rule."""
+    reader = _reader(Path(path))
+    h, w = reader[0].shape[:2]
+    return len(reader), h, w
+
+
+def shape_problem(available: tuple[int, int, int], wanted: tuple[int, int, int]) -> Optional[str]:
+    """Why a clip of shape `available` cannot give `wanted` (frames, height, width); None if it can."""
+    (n, h, w), (frames, height, width) = available, wanted
+    if n < frames:
+        return f"has {n} frames, fewer than data.frames={frames}"
     if h < height or w < width:
-        raise _bad(path, f"is {h}x{w}, smaller than data.height x data.width = {height}x{width}")
+        return f"is {h}x{w}, smaller than data.height x data.width = {height}x{width}"
+    return None
+
+
+def choose_bucket(available: tuple[int, int, int], buckets) -> Optional[tuple]:
+    """The nearest bucket a clip can fill without upsampling or repeating frames: closest aspect
+    ratio, then the largest area, then the most frames. None when no bucket fits."""
+    n, h, w = available
+    fits = [tuple(b) for b in buckets if shape_problem(available, tuple(b)) is None]
+    if not fits:
+        return None
+    return min(fits, key=lambda b: (abs(math.log((h / w) / (b[1] / b[2]))), -b[1] * b[2], -b[0]))
+
+
+def open_clip(path, num_frames: int, height: int, width: int):
+    """Open a clip with decord and check it against the configured shape; DataError names the rule."""
+    path = Path(path)
+    reader = _reader(path)
+    problem = shape_problem((len(reader), *reader[0].shape[:2]), (num_frames, height, width))
+    if problem:
+        raise _bad(path, problem)
     return reader
 
 

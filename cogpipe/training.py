@@ -25,11 +25,19 @@ from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This process's batches of one epoch: a seeded permutation, split across processes."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-    shard = perm[rank::world][: n // world]
-    return [shard[i:i + batch_size] for i in range(0, len(shard) - batch_size + 1, batch_size)]
+def epoch_batches(shapes: list, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batches of one epoch. Examples are grouped by bucket `shapes[i]`, shuffled with
+    a seeded generator and cut into global batches of batch_size x world from one bucket; process r
+    takes every world-th example of each global batch, so the global batch is the same for any
+    number of processes."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    size = batch_size * world
+    chunks = []
+    for shape in sorted(set(shapes)):
+        members = [i for i, s in enumerate(shapes) if s == shape]
+        members = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+        chunks += [members[i:i + size] for i in range(0, len(members) - size + 1, size)]
+    return [chunks[i][rank::world] for i in torch.randperm(len(chunks), generator=g).tolist()]
 
 
 def example_generator(seed: int, micro_step: int, slot: int, device) -> torch.Generator:
@@ -123,10 +131,11 @@ def train(cfg: Config) -> Path:
     empty_embeds = None
     if cfg.train.caption_dropout > 0:
         empty_embeds = load_file(str(empty_prompt_path(cfg)))["prompt_embeds"]
-    global_batch = cfg.train.batch_size * world
-    if len(dataset) < global_batch:
-        raise ValueError(f"data.root: {len(dataset)} clips, fewer than one global batch "
-                         f"(train.batch_size {cfg.train.batch_size} x {world} processes)")
+    shapes = [s.shape for s in samples]
+    per_epoch = len(epoch_batches(shapes, cfg.train.batch_size, cfg.train.seed, 0, rank, world))
+    if per_epoch == 0:
+        raise ValueError(f"data.root: no bucket holds one global batch of train.batch_size "
+                         f"{cfg.train.batch_size} x {world} processes ({len(dataset)} clips)")
 
     # 2. The transformer: frozen with a LoRA adapter, or fully trainable.
     weight_dtype = models.DTYPES[cfg.model.weight_dtype]
@@ -188,7 +197,6 @@ def train(cfg: Config) -> Path:
             handlers[signum] = signal.signal(signum, lambda n, _f: stop.update(signum=n))
 
     # 3. The loop: one optimizer step = grad_accum micro-batches on every process.
-    per_epoch = len(epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, 0, rank, world))
     bar = tqdm(total=cfg.train.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
                desc="train")
     transformer.train()
@@ -197,7 +205,7 @@ def train(cfg: Config) -> Path:
         while state["step"] < cfg.train.max_steps:
             micro = state["micro_step"]
             epoch, pos = divmod(micro, per_epoch)
-            indices = epoch_batches(len(dataset), cfg.train.batch_size, cfg.train.seed, epoch, rank, world)[pos]
+            indices = epoch_batches(shapes, cfg.train.batch_size, cfg.train.seed, epoch, rank, world)[pos]
             batch = _collate([dataset[i] for i in indices])
             x0, noise, t, embeds, image = training_batch(batch, cfg.train.seed, micro, rank, world, num_timesteps,
                                                          device, cfg.train.caption_dropout, empty_embeds)
