@@ -123,6 +123,14 @@ def token_shape(tcfg: dict, frames: int, height: int, width: int, batch: int = 1
                 latent_height=lh, latent_width=lw, video_tokens=video, text_tokens=text, tokens=video + text)
 
 
+def largest_shape(cfg, tcfg: dict) -> dict:
+    """The training shape with the most tokens: data.frames x height x width, or a larger bucket
+    (data.buckets, where the schema has them): the peak is set by the largest batch."""
+    shapes = [(cfg.data.frames, cfg.data.height, cfg.data.width)]
+    shapes += [tuple(b) for b in getattr(cfg.data, "buckets", None) or []]
+    return max((token_shape(tcfg, f, h, w, cfg.train.batch_size) for f, h, w in shapes), key=lambda s: s["tokens"])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # FLOPs (shared with bench/train_step.py)
 # ---------------------------------------------------------------------------------------------------------
@@ -295,7 +303,7 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     if tcfg is None:
         tcfg, note = resolve_transformer_config(cfg.model)
     stats = model_stats(tcfg)
-    shape = token_shape(tcfg, cfg.data.frames, cfg.data.height, cfg.data.width, cfg.train.batch_size)
+    shape = largest_shape(cfg, tcfg)
     mode, mp = cfg.train.mode, cfg.train.mixed_precision
     policy = precision_policy(mp, device)
     N = max(1, num_gpus) if strategy != "single" else 1
@@ -453,7 +461,14 @@ def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "
                          for r in ranks])
         if hit:
             fits = add(hit[1], "less adapter capacity (alpha scaled with it)", hit[0])
-    if not fits:
+    bucketed = bool(getattr(cur.data, "buckets", None))  # then the largest bucket, not data.frames, sets it
+    learned = tcfg.get("use_learned_positional_embeddings")  # 5B-I2V: a position table for 49 x 480 x 720 only
+    i2v_15 = tcfg.get("patch_size_t") and tcfg["in_channels"] == 2 * (tcfg.get("out_channels") or 16)
+    if not fits and (bucketed or learned):
+        unavailable.append(dict(switch="fewer frames / lower resolution", saves_gb=None,
+                                why="the largest data.buckets entry sets the peak: lower its frames or size"
+                                if bucketed else "the learned position table is for 49 frames at 480x720 only"))
+    if not fits and not (bucketed or learned):
         multiple, _ = frame_rule("1.0" if tcfg.get("patch_size_t") is None else "1.5")
         frames = list(range(cur.data.frames - multiple, 0, -multiple))
         hit = first_fit([(_with(cur, "data", frames=f), f"data.frames={f}") for f in frames])
@@ -461,18 +476,24 @@ def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "
             fits = add(hit[1], "shorter clips", hit[0])
         elif frames:
             fits = add(f"data.frames={frames[-1]}", "shorter clips", _with(cur, "data", frames=frames[-1]))
-    if not fits:
+    if not fits and not (bucketed or learned):
         sizes = []
         for s in (0.875, 0.75, 0.625, 0.5, 0.375, 0.25):
             h, w = max(16, round(cfg.data.height * s / 16) * 16), max(16, round(cfg.data.width * s / 16) * 16)
-            sizes.append((_with(cur, "data", height=h, width=w), f"data.height={h} data.width={w}"))
+            if i2v_15:  # CogVideoX1.5-I2V: the shorter side stays 768, only the longer one may shrink
+                short = min(cfg.data.height, cfg.data.width)
+                h, w = (short, max(short, w)) if cfg.data.height <= cfg.data.width else (max(short, h), short)
+            if (h, w) != (cur.data.height, cur.data.width) and all((h, w) != (c.data.height, c.data.width)
+                                                                    for c, _ in sizes):
+                sizes.append((_with(cur, "data", height=h, width=w), f"data.height={h} data.width={w}"))
         hit = first_fit(sizes)
         if hit:
             fits = add(hit[1], "lower resolution", hit[0])
 
     sharded = {}
     base = cfg if cfg.train.gradient_checkpointing else _with(cfg, "train", gradient_checkpointing=True)
-    if needs(base) > gpu_memory:  # sharding is worth naming only where checkpointing alone is not enough
+    if needed_gb(estimate(base, tcfg=tcfg, device=device)["gb"]["peak"]) > gpu_memory:
+        # sharding is worth naming only where checkpointing alone is not enough
         for strategy in ("zero2", "zero3", "fsdp"):
             for n in (2, 4, 8, 16, 32, 64):
                 e = estimate(base, strategy=strategy, num_gpus=n, tcfg=tcfg, device=device)
@@ -557,7 +578,8 @@ def _fmt_table(e: dict, advice: dict | None) -> str:
             if not advice["fits_after_steps"]:
                 lines.append("  no single-GPU combination of these fits")
             for u in advice["unavailable"]:
-                lines.append(f"  (n/a)  {u['switch']} would save ~{u['saves_gb']:.1f} GB ({u['why']})")
+                saves = f" would save ~{u['saves_gb']:.1f} GB" if u["saves_gb"] is not None else ""
+                lines.append(f"  (n/a)  {u['switch']}{saves} ({u['why']})")
         for strategy, s in advice["sharded"].items():
             cfgfile = f"configs/accelerate/{strategy}.yaml"
             lines.append(f"  or, the recipe{' + checkpointing' if not e['gradient_checkpointing'] else ''} on "

@@ -53,8 +53,7 @@ def _tiny_config(**extra):
         use_rotary_positional_embeddings=True, **extra))
 
 
-@pytest.mark.parametrize("variant", ["1.0", "1.5-i2v"])
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("variant,mode", [("1.0", "full"), ("1.5-i2v", "lora")])
 def test_flop_count_matches_torch_flop_counter(variant, mode):
     """Forward FLOPs equal torch's FlopCounterMode exactly (math SDPA, so attention is counted as matmuls).
     A training step counts the convention (3x forward; LoRA: 2x frozen linears + 3x attention + 3x adapters),

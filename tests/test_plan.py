@@ -133,6 +133,17 @@ def test_estimates_are_positive_and_ordered():
     assert z3 < z2 < full5["peak"]
 
 
+def test_the_largest_bucket_sets_the_shape():
+    from types import SimpleNamespace
+
+    _, tcfg = recipe("cogvideox1.5_5b_lora")
+    cfg = SimpleNamespace(data=SimpleNamespace(frames=49, height=480, width=848, buckets=[[81, 768, 1360], [33, 480, 848]]),
+                          train=SimpleNamespace(batch_size=2))
+    shape = plan.largest_shape(cfg, tcfg)
+    assert (shape["frames"], shape["height"], shape["width"], shape["batch"]) == (81, 768, 1360, 2)
+    assert shape["video_tokens"] == 11 * 48 * 85  # 21 latent frames padded to 22, / patch_t 2; 96/2 x 170/2
+
+
 def test_lora_parameter_count_is_what_peft_adds():
     from diffusers import CogVideoXTransformer3DModel
 

@@ -86,6 +86,7 @@ def test_recipe_loads_and_builds_on_meta(name):
         if i2v:
             assert min(h, w) == 768 and max(h, w) <= 1360
     assert cfg.train.mode == mode and cfg.train.gradient_checkpointing
+    assert cfg.model.vae_slicing and cfg.model.vae_tiling  # the official enable_slicing / enable_tiling
     assert cfg.train.mixed_precision == precision and cfg.train.batch_size == 1
     if mode == "lora":
         assert (cfg.lora.rank, cfg.lora.alpha) == (128, 64)
