@@ -162,7 +162,7 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], max_len: int) -
 
 
 def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barrier=lambda: None,
-                log=print) -> list[Entry]:
+                log=print, extra_prompts=()) -> list[Entry]:
     """Make sure every sample has cached latents and prompt embeddings; return the entries.
 
     Each process encodes its share (every `world`-th missing item); the encoders are loaded only if
@@ -177,8 +177,8 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
 
     todo_videos = [(s, e) for s, e in zip(samples, entries) if not e.latents.exists()]
     prompts = {e.caption: e.prompt for e in entries}
-    if cfg.train.caption_dropout > 0:
-        prompts[""] = cache.prompt_path("")  # the unconditional embedding, as the pipelines encode it
+    for text in extra_prompts:  # e.g. validation prompts and "" (the unconditional embedding)
+        prompts[text] = cache.prompt_path(text)
     todo_prompts = {c: p for c, p in prompts.items() if not p.exists()}
     mine_v = todo_videos[rank::world]
     mine_p = sorted(todo_prompts.items())[rank::world]
@@ -214,8 +214,10 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
     return entries
 
 
-def empty_prompt_path(cfg) -> Path:
-    return Cache.for_config(cfg).prompt_path("")
+def load_prompt_embeds(cfg, texts) -> dict[str, torch.Tensor]:
+    """Cached embeddings {text: [L, D]} of prompts that build_cache encoded."""
+    cache = Cache.for_config(cfg)
+    return {t: load_file(str(cache.prompt_path(t)))["prompt_embeds"] for t in texts}
 
 
 class CachedDataset(torch.utils.data.Dataset):

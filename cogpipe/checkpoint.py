@@ -90,7 +90,20 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None) -> Path:
+EMA = "ema.safetensors"
+
+
+def load_ema(directory, like: dict) -> dict:
+    file = Path(directory) / EMA
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: train.ema_decay is on but this checkpoint has no EMA weights")
+    ema = load_file(str(file))
+    if set(ema) != set(like):
+        raise KeyError(f"{file}: EMA weights do not match the model's trainable parameters")
+    return ema
+
+
+def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None, ema=None) -> Path:
     """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it.
 
     Rotation keeps the newest `total_limit` complete checkpoints, never the one just written. A failed
@@ -108,6 +121,8 @@ def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, tota
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / "config.yaml").write_text(config_yaml)
+            if ema is not None:
+                save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / EMA))
             _failpoint(f"checkpoint-save:{step}")
             (tmp / STATE).write_text(json.dumps(state, indent=1))
     except OSError as e:

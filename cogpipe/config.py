@@ -39,6 +39,7 @@ class ModelConfig:
     weight_dtype: str = "fp32"  # storage dtype of frozen weights: fp32 | fp16 | bf16
     vae_slicing: bool = False  # encode/decode one clip of a batch at a time
     vae_tiling: bool = False  # encode/decode in spatial tiles (large resolutions)
+    fp8_frozen: bool = False  # store frozen transformer weights in fp8 (e4m3), compute in weight_dtype
 
     def __post_init__(self):
         _check(
@@ -49,6 +50,8 @@ class ModelConfig:
             "cache), so there is no RGB-input mode.",
         )
         _one_of(self.weight_dtype, {"fp32", "fp16", "bf16"}, "model.weight_dtype")
+        _check(not (self.fp8_frozen and self.weight_dtype == "fp32"), "model.fp8_frozen",
+               "computes in model.weight_dtype: set model.weight_dtype=bf16 (or fp16) with it")
         if self.pretrained is None:
             from cogpipe.models import PRESETS
 
@@ -114,6 +117,8 @@ class TrainConfig:
     log_every: int = 1
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each such step is skipped)
     caption_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
+    ema_decay: float = 0.0  # > 0 keeps an EMA of the trained weights, saved and exported instead of them
 
     def __post_init__(self):
         _one_of(self.mode, {"lora", "full"}, "train.mode")
@@ -122,6 +127,8 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         _check(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "must be in [0, 1)")
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1); 0 turns the EMA off")
+        _one_of(self.optimizer, {"adamw", "adamw8bit"}, "train.optimizer")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
@@ -180,6 +187,8 @@ def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
         raise ConfigError(f"{key or 'config'}: {e.msg if hasattr(e, 'msg') else e}{source}") from None
     if validate_model:
         validate_against_model(config)
+    _check(not (config.model.fp8_frozen and config.train.mode != "lora"), "model.fp8_frozen",
+           "stores frozen weights in fp8: it needs train.mode=lora (full fine-tuning trains every weight)")
     return config
 
 

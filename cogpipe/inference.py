@@ -35,11 +35,17 @@ def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.fl
 
 
 def generate(pipe, prompt: str, num_frames: int = 17, height: int = 64, width: int = 64, steps: int = 50,
-             guidance: float = 6.0, seed: int = 0, image=None) -> np.ndarray:
-    """Frames uint8 [F, H, W, 3]. Same seed, same video."""
-    kwargs = dict(prompt=prompt, num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
+             guidance: float = 6.0, seed: int = 0, image=None, prompt_embeds=None,
+             negative_prompt_embeds=None) -> np.ndarray:
+    """Frames uint8 [F, H, W, 3]. Same seed, same video. With `prompt_embeds` (and the negative
+    ones, for guidance) the pipeline needs no text encoder."""
+    kwargs = dict(num_frames=num_frames, height=height, width=width, num_inference_steps=steps,
                   guidance_scale=guidance, max_sequence_length=pipe.transformer.config.max_text_seq_length,
                   generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+    if prompt_embeds is None:
+        kwargs["prompt"] = prompt
+    else:
+        kwargs.update(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
     if image is not None:
         kwargs["image"] = image
     frames = pipe(**kwargs).frames[0]  # (F, H, W, 3) floats in [0, 1]

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from cogpipe import checkpoint, models
-from cogpipe.cache import CachedDataset, build_cache, empty_prompt_path
-from cogpipe.config import Config, save_config, to_yaml
+from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
+from cogpipe.config import Config, ConfigError, save_config, to_yaml
 from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings
 
 
@@ -83,6 +83,41 @@ def _setup_tracking(cfg: Config):
     return None if cfg.report_to == "none" else cfg.report_to
 
 
+def make_optimizer(train_cfg, params):
+    kwargs = dict(lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
+                  weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    except Exception as e:  # not installed, or no build for this device
+        raise ConfigError(f"train.optimizer: adamw8bit needs bitsandbytes with support for this device "
+                          f"(pip install bitsandbytes; a CUDA GPU): {type(e).__name__}: {e}. "
+                          f"Use train.optimizer=adamw instead") from None
+
+
+@torch.no_grad()
+def update_ema(ema: dict, model, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every trained parameter."""
+    for name, p in model.named_parameters():
+        if name in ema:
+            ema[name].lerp_(p.detach().float(), 1.0 - decay)
+
+
+def log_videos(accelerator, cfg, out: Path, step: int) -> None:
+    """Send this step's validation mp4s to wandb (no-op for other trackers)."""
+    if cfg.report_to != "wandb":
+        return
+    import wandb
+
+    videos = sorted((out / "validation").glob(f"step-{step:06d}-*.mp4"))
+    if videos:
+        accelerator.log({"validation": [wandb.Video(str(v), caption=v.with_suffix(".txt").read_text().strip(),
+                                                    format="mp4") for v in videos]}, step=step)
+
+
 class Interrupted(Exception):
     """SIGTERM or SIGINT arrived: a checkpoint was saved and the run stopped."""
 
@@ -126,11 +161,15 @@ def train(cfg: Config) -> Path:
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
         checkpoint.remove_partial(out)
-    entries = build_cache(cfg, samples, device, rank, world, accelerator.wait_for_everyone, log)
+    from cogpipe.validation import validation_inputs, validate_in_training
+
+    val_prompts = [p for p, _ in validation_inputs(cfg)] if cfg.validation.every else []
+    need_empty = cfg.train.caption_dropout > 0 or bool(val_prompts)
+    extra = val_prompts + ([""] if need_empty else [])
+    entries = build_cache(cfg, samples, device, rank, world, accelerator.wait_for_everyone, log, extra)
     dataset = CachedDataset(entries)
-    empty_embeds = None
-    if cfg.train.caption_dropout > 0:
-        empty_embeds = load_file(str(empty_prompt_path(cfg)))["prompt_embeds"]
+    extra_embeds = load_prompt_embeds(cfg, extra)
+    empty_embeds = extra_embeds.get("")
     shapes = [s.shape for s in samples]
     per_epoch = len(epoch_batches(shapes, cfg.train.batch_size, cfg.train.seed, 0, rank, world))
     if per_epoch == 0:
@@ -140,6 +179,8 @@ def train(cfg: Config) -> Path:
     # 2. The transformer: frozen with a LoRA adapter, or fully trainable.
     weight_dtype = models.DTYPES[cfg.model.weight_dtype]
     transformer = models.build_transformer(cfg.model, weight_dtype if cfg.train.mode == "lora" else torch.float32)
+    if cfg.model.fp8_frozen:  # before the adapter: only the frozen base layers are stored in fp8
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     if cfg.train.mode == "lora":
         from cogpipe.lora import add_lora
 
@@ -153,8 +194,9 @@ def train(cfg: Config) -> Path:
     num_timesteps = len(alphas_cumprod)
 
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                                  eps=cfg.train.adam_eps, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg.train, params)
+    ema = {n: p.detach().clone().float() for n, p in transformer.named_parameters() if p.requires_grad} \
+        if cfg.train.ema_decay > 0 else None
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                  num_training_steps=cfg.train.max_steps)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
@@ -175,6 +217,8 @@ def train(cfg: Config) -> Path:
     if resume is not None:
         accelerator.load_state(str(resume))
         state.update(checkpoint.read_state(resume))
+        if ema is not None:
+            ema = checkpoint.load_ema(resume, ema)
         log(f"resumed from {resume} at step {state['step']}")
     if accelerator.is_main_process:
         _trim_metrics(out / "metrics.jsonl", state["step"])
@@ -187,7 +231,7 @@ def train(cfg: Config) -> Path:
 
     def save():
         return checkpoint.save(accelerator, out, state["step"], dict(state), config_yaml,
-                               cfg.train.checkpoints_total_limit)
+                               cfg.train.checkpoints_total_limit, ema)
 
     # SIGTERM / SIGINT: finish the optimizer step in flight, save a checkpoint, stop.
     stop = {"signum": 0}
@@ -229,6 +273,8 @@ def train(cfg: Config) -> Path:
                         if not bad:
                             grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
                             optimizer.step()
+                            if ema is not None:
+                                update_ema(ema, accelerator.unwrap_model(transformer), cfg.train.ema_decay)
                         optimizer.zero_grad(set_to_none=True)
             except torch.OutOfMemoryError as e:
                 raise MemoryError(f"step {state['step'] + 1}: {OOM_ADVICE}") from e
@@ -268,6 +314,12 @@ def train(cfg: Config) -> Path:
             bar.update(1)
             if step == cfg.train.max_steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 save()
+            if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
+                validate_in_training(cfg, accelerator.unwrap_model(transformer), step, rank, world, device,
+                                     extra_embeds)
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    log_videos(accelerator, cfg, out, step)
             signum = int(accelerator.reduce(torch.tensor(stop["signum"], device=device), "max").item())
             if signum and step < cfg.train.max_steps:
                 saved = save() if not (out / "checkpoints" / f"checkpoint-{step:06d}").exists() else None
@@ -283,10 +335,12 @@ def train(cfg: Config) -> Path:
     # 4. Export the final weights as a Diffusers pipeline (+ LoRA) and render the validation videos.
     del transformer, optimizer
     if accelerator.is_main_process:
-        from cogpipe.export import export, render_validation
+        from cogpipe.export import export
+        from cogpipe.validation import render_validation
 
         export(out)
         render_validation(out, cfg, state["step"])
+        log_videos(accelerator, cfg, out, state["step"])
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also ends the process group: no collective after this
     return out

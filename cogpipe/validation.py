@@ -1,0 +1,96 @@
+"""Validation videos: during training (every `validation.every` steps, with the weights being
+trained) and after it (from the exported pipeline + LoRA, as a user loads them).
+
+During training every process renders its share of the prompts with the model in memory, from
+cached prompt embeddings (T5 stays out of memory) and a VAE loaded only for decoding (sliced, and
+tiled with `model.vae_tiling`), so validation stays under the training step's peak; the processes then meet at a
+barrier, each having done about the same work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cogpipe import models
+
+
+def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
+    """(prompt, first-frame PIL image or None) pairs; defaults from the dataset's first clip."""
+    from cogpipe.data import load_clip, scan
+
+    samples = scan(cfg.data.root)[0]
+    prompts = prompts or cfg.validation.prompts or [samples[0].caption]
+    tcfg, vcfg = models.component_configs(cfg.model)
+    if not models.model_facts(tcfg, vcfg)["i2v"]:
+        return [(p, None) for p in prompts]
+    from PIL import Image
+
+    if cfg.validation.images:
+        images = [Image.open(path).convert("RGB") for path in cfg.validation.images]
+    else:  # the first frame of the first clip, as training sees it
+        frame = load_clip(samples[0].video, cfg.data.frames, cfg.data.height, cfg.data.width)[0]
+        images = [Image.fromarray(((frame.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())]
+    return [(p, images[i % len(images)]) for i, p in enumerate(prompts)]
+
+
+def _write(out: Path, step: int, i: int, frames, prompt: str, image, fps: int) -> Path:
+    from cogpipe.video import write_mp4
+
+    stem = out / "validation" / f"step-{step:06d}-{i}"
+    path = write_mp4(frames, stem.with_suffix(".mp4"), fps=fps)
+    stem.with_suffix(".txt").write_text(prompt + "\n")
+    if image is not None:
+        image.save(stem.with_suffix(".png"))
+    return path
+
+
+@torch.no_grad()
+def validate_in_training(cfg, transformer, step: int, rank: int, world: int, device, embeds: dict) -> list[Path]:
+    """Render this process's share of the validation prompts with `transformer` (unwrapped, LoRA
+    active) and `embeds` {prompt: prompt_embeds [L, D]} from the cache (with "" for the negative)."""
+    from cogpipe.inference import generate
+
+    mine = list(enumerate(validation_inputs(cfg)))[rank::world]
+    if not mine:
+        return []
+    dtype = models.DTYPES[cfg.model.weight_dtype] if cfg.train.mode == "lora" else torch.float32
+    vae = models.build_vae(cfg.model, dtype).to(device)
+    vae.enable_slicing()
+    if cfg.model.vae_tiling:
+        vae.enable_tiling()
+    cls = models.pipeline_class(dict(transformer.config))
+    pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+               scheduler=models.build_scheduler(cfg.model))
+    pipe.set_progress_bar_config(disable=True)
+    was_training = transformer.training
+    transformer.eval()
+    written = []
+    try:
+        for i, (prompt, image) in mine:
+            frames = generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width, cfg.validation.steps,
+                              cfg.validation.guidance, cfg.validation.seed, image=image,
+                              prompt_embeds=embeds[prompt][None].to(device, dtype),
+                              negative_prompt_embeds=embeds[""][None].to(device, dtype))
+            written.append(_write(Path(cfg.output_dir), step, i, frames, prompt, image, cfg.validation.fps))
+    finally:
+        transformer.train(was_training)
+        del pipe, vae
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return written
+
+
+def render_validation(output_dir, cfg, step: int, prompts=None) -> list[Path]:
+    """Generate the validation prompts (and first frames, for image-to-video) from the exported
+    pipeline + LoRA, as a user would load them; write mp4s under <output_dir>/validation/."""
+    from cogpipe.inference import generate, load_pipeline
+
+    out = Path(output_dir)
+    lora = out / "lora" if cfg.train.mode == "lora" else None
+    pipe = load_pipeline(out / "export", lora)
+    return [_write(out, step, i, generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width,
+                                          cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed,
+                                          image=image), prompt, image, cfg.validation.fps)
+            for i, (prompt, image) in enumerate(validation_inputs(cfg, prompts))]
