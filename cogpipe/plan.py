@@ -277,12 +277,13 @@ STRATEGIES = ("single", "ddp", "zero2", "zero3", "fsdp")
 
 
 def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: int = 1,
-             adam_bytes: int = 8, frozen_bytes: int | None = None, tcfg: dict | None = None) -> dict:
+             adam_bytes: int | None = None, frozen_bytes: int | None = None, tcfg: dict | None = None) -> dict:
     """Peak GPU memory (per GPU) of training `cfg`, with and without gradient checkpointing.
 
     strategy: single | ddp | zero2 | zero3 | fsdp across `num_gpus`. adam_bytes: AdamW state per trainable
-    parameter (8: two fp32 moments; 2 with 8-bit AdamW). frozen_bytes: storage of a frozen weight
-    (default: model.weight_dtype; 1 for fp8). device: "cuda" (the CUDA autocast policy) or "cpu".
+    parameter (default from the config: 8, two fp32 moments; 2 with an 8-bit AdamW switch). frozen_bytes:
+    storage of a frozen weight (default: model.weight_dtype, 1 with an fp8 switch). device: "cuda" (the
+    CUDA autocast policy) or "cpu".
     Returns the parts and totals in GB (1e9 bytes).
 
     Memory over a step, as training.py runs it (P = transformer parameters, T = trainable ones):
@@ -310,6 +311,9 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     P, L = stats["params"], tcfg["num_layers"]
     H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
 
+    switched_adam, switched_frozen = memory_switches(cfg)
+    adam_bytes = adam_bytes or switched_adam
+    frozen_bytes = frozen_bytes or switched_frozen
     rank = cfg.lora.rank if mode == "lora" else 0
     targets = lora_targets(stats["linears"], cfg.lora.target_modules) if mode == "lora" else []
     T = sum(rank * (i + o) for _, i, o in targets) if mode == "lora" else P
@@ -379,15 +383,39 @@ def needed_gb(peak_gb: float) -> float:
 # Fit advice
 # ---------------------------------------------------------------------------------------------------------
 
-def _schema_switch(word: str):
-    """(section, key) of a bool config key whose name contains `word` (e.g. '8bit', 'fp8'), if the schema
-    has one; switches that do not exist yet are reported as unavailable instead of advised."""
-    from cogpipe import config as C
+def memory_switches(cfg) -> tuple[int, int | None]:
+    """(AdamW bytes per trainable parameter, frozen-weight bytes or None) as the config's switches set them:
+    a bool key naming 8bit or a train.optimizer value naming 8bit -> 2 (bitsandbytes: two 1-byte moments);
+    a bool key naming fp8, on a LoRA run -> 1. Keys are found by name, so the plan follows the schema."""
+    adam, frozen = 8, None
+    for section in ("train", "model"):
+        part = getattr(cfg, section)
+        for f in dataclasses.fields(part):
+            value, name = getattr(part, f.name), f.name.lower()
+            if ("8bit" in name and value is True) or (name == "optimizer" and "8bit" in str(value).lower()):
+                adam = 2
+            if "fp8" in name and value is True and cfg.train.mode == "lora":
+                frozen = 1
+    return adam, frozen
 
-    for section, cls in (("train", C.TrainConfig), ("model", C.ModelConfig)):
-        for f in dataclasses.fields(cls):
-            if word in f.name.lower() and f.type in (bool, "bool"):
-                return section, f.name
+
+def _switch_on(cfg, word: str):
+    """(label, config) with the schema's switch for `word` ('8bit', 'fp8') turned on, or None if the schema
+    has none (or the config refuses it): switches that do not exist are reported, not advised."""
+    for section in ("train", "model"):
+        part = getattr(cfg, section)
+        for f in dataclasses.fields(part):
+            name = f.name.lower()
+            if word in name and isinstance(getattr(part, f.name), bool):
+                change = {f.name: True}
+            elif word == "8bit" and name == "optimizer" and isinstance(getattr(part, f.name), str):
+                change = {f.name: "adamw8bit"}
+            else:
+                continue
+            try:
+                return f"{section}.{f.name}={str(next(iter(change.values()))).lower()}", _with(cfg, section, **change)
+            except ValueError:  # ConfigError: this value is not one the schema accepts
+                return None
     return None
 
 
@@ -408,7 +436,7 @@ def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "
 
     if tcfg is None:
         tcfg, _ = resolve_transformer_config(cfg.model)
-    opts = dict(tcfg=tcfg, device=device, adam_bytes=8, frozen_bytes=None)
+    opts = dict(tcfg=tcfg, device=device)
 
     def needs(c):
         return needed_gb(estimate(c, **opts)["gb"]["peak"])
@@ -433,21 +461,17 @@ def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "
     if not fits and not cur.train.gradient_checkpointing:
         fits = add("train.gradient_checkpointing=true", "one extra forward per step (~+30% step time), same "
                    "result", _with(cur, "train", gradient_checkpointing=True))
-    if not fits:
-        key = _schema_switch("8bit")
-        if key:
-            opts["adam_bytes"] = 2
-            fits = add(f"{key[0]}.{key[1]}=true", "8-bit AdamW state, nearly the same result",
-                       _with(cur, key[0], **{key[1]: True}))
+    if not fits and memory_switches(cur)[0] != 2:
+        switch = _switch_on(cur, "8bit")
+        if switch:
+            fits = add(switch[0], "8-bit AdamW state, nearly the same result", switch[1])
         else:
             unavailable.append(dict(switch="8-bit AdamW", saves_gb=estimate(cur, **opts)["gb"]["adam"] * 0.75,
                                     why="no config key for it yet"))
-    if not fits and cur.train.mode == "lora":
-        key = _schema_switch("fp8")
-        if key:
-            opts["frozen_bytes"] = 1
-            fits = add(f"{key[0]}.{key[1]}=true", "fp8 storage of the frozen weights, small numeric cost",
-                       _with(cur, key[0], **{key[1]: True}))
+    if not fits and cur.train.mode == "lora" and memory_switches(cur)[1] is None:
+        switch = _switch_on(cur, "fp8")
+        if switch:
+            fits = add(switch[0], "fp8 storage of the frozen weights, small numeric cost", switch[1])
         else:
             unavailable.append(dict(switch="fp8 frozen weights", saves_gb=estimate(cur, **opts)["gb"]["weights"] / 2,
                                     why="no config key for it yet"))

@@ -185,8 +185,11 @@ def test_advice_for_a_full_fine_tune_that_does_not_fit():
     cfg, tcfg = recipe("cogvideox_5b_full")
     advice = plan.fit_advice(cfg, 80, tcfg=tcfg)
     assert not advice["fits"]
-    assert advice["steps"][0]["switch"].startswith("train.mode=lora") and advice["steps"][0]["fits"]
-    assert "8-bit AdamW" in [u["switch"] for u in advice["unavailable"]]  # no config key for it yet
+    lora = [st for st in advice["steps"] if st["switch"].startswith("train.mode=lora")]
+    assert lora == [advice["steps"][-1]] and lora[0]["fits"]  # 5B full does not fit 80 GB, its LoRA does
+    # 8-bit AdamW comes first where the schema has a key for it, else it is reported as unavailable
+    eight = [st["switch"] for st in advice["steps"] if "8bit" in st["switch"]]
+    assert eight or "8-bit AdamW" in [u["switch"] for u in advice["unavailable"]]
     for strategy in ("zero2", "zero3", "fsdp"):
         assert 2 <= advice["sharded"][strategy]["num_gpus"] <= 64
         assert advice["sharded"][strategy]["needs_gb"] <= 80
@@ -195,13 +198,44 @@ def test_advice_for_a_full_fine_tune_that_does_not_fit():
 
 def test_advice_lowers_frames_only_as_far_as_needed():
     cfg, tcfg = recipe("cogvideox1.5_5b_lora")
-    advice = plan.fit_advice(cfg, 32, tcfg=tcfg)
-    frames = [s for s in advice["steps"] if s["switch"].startswith("data.frames=")]
-    assert len(frames) == 1 and frames[0]["fits"]
-    chosen = int(frames[0]["switch"].split("=")[1])
-    assert (chosen - 1) % 16 == 0  # CogVideoX 1.5 rule
-    bigger = plan.estimate(plan._with(cfg, "data", frames=chosen + 16), tcfg=tcfg)["gb"]["peak"]
-    assert plan.needed_gb(bigger) > 32
+    advice = plan.fit_advice(cfg, 24, tcfg=tcfg)
+    labels = [s["switch"] for s in advice["steps"]]
+    frames = [i for i, label in enumerate(labels) if label.startswith("data.frames=")]
+    assert len(frames) == 1 and advice["steps"][frames[0]]["fits"]
+    chosen = int(labels[frames[0]].split("=")[1])
+    assert (chosen - 1) % 16 == 0 and chosen < 81  # CogVideoX 1.5 rule
+    # the advice is a list of overrides: with the earlier ones, 16 more frames would not fit
+    earlier = [kv for label in labels[:frames[0]] for kv in label.split()]
+    before, _ = recipe("cogvideox1.5_5b_lora", *earlier, f"data.frames={chosen + 16}")
+    assert plan.needed_gb(plan.estimate(before, tcfg=tcfg)["gb"]["peak"]) > 24
+    after, _ = recipe("cogvideox1.5_5b_lora", *earlier, f"data.frames={chosen}")
+    assert plan.needed_gb(plan.estimate(after, tcfg=tcfg)["gb"]["peak"]) <= 24
+
+
+def test_switches_are_found_by_name_in_the_schema():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Train:
+        mode: str = "lora"
+        optimizer: str = "adamw"
+
+    @dataclass
+    class Model:
+        fp8_frozen: bool = False
+
+    @dataclass
+    class Cfg:
+        train: Train
+        model: Model
+
+    cfg = Cfg(Train(), Model())
+    assert plan.memory_switches(cfg) == (8, None)
+    label, on = plan._switch_on(cfg, "fp8")
+    assert label == "model.fp8_frozen=true" and plan.memory_switches(on) == (8, 1)
+    label, on = plan._switch_on(on, "8bit")
+    assert label == "train.optimizer=adamw8bit" and plan.memory_switches(on) == (2, 1)
+    assert plan.memory_switches(Cfg(Train(mode="full"), Model(fp8_frozen=True))) == (8, None)  # LoRA only
 
 
 # --- command line ----------------------------------------------------------------------------------------------
