@@ -56,8 +56,12 @@ def trainable_state(model) -> dict:
     return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_trainable(model, directory) -> None:
-    save_file({k: v.cpu() for k, v in trainable_state(model).items()}, str(Path(directory) / TRAINABLE))
+def save_trainable(state_dict: dict, names, directory) -> None:
+    """Save the trainable entries `names` of a full (gathered) state dict as trainable.safetensors."""
+    missing = set(names) - set(state_dict)
+    if missing:
+        raise KeyError(f"state dict lacks trainable parameters {sorted(missing)[:5]}")
+    save_file({k: state_dict[k].detach().contiguous().cpu() for k in sorted(names)}, str(Path(directory) / TRAINABLE))
 
 
 def load_trainable(model, directory) -> None:

@@ -142,7 +142,7 @@ def _trim_metrics(file: Path, step: int) -> None:
 def train(cfg: Config) -> Path:
     """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedType, set_seed
     from diffusers.optimization import get_scheduler
 
     from cogpipe.check import usable_samples
@@ -202,13 +202,20 @@ def train(cfg: Config) -> Path:
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
 
+    trainable_names = [n for n, p in accelerator.unwrap_model(transformer).named_parameters() if p.requires_grad]
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+
     def save_hook(models_, weights, directory):
+        # trainable.safetensors holds full weights for export and resume under any launcher:
+        # get_state_dict gathers ZeRO-3 / FSDP shards (a collective: every process calls it).
+        state_dict = accelerator.get_state_dict(models_[0])
         if accelerator.is_main_process:
-            checkpoint.save_trainable(accelerator.unwrap_model(models_[0]), directory)
+            checkpoint.save_trainable(state_dict, trainable_names, directory)
         weights.clear()  # only the trainable weights are saved, not the frozen base
 
     def load_hook(models_, directory):
-        checkpoint.load_trainable(accelerator.unwrap_model(models_.pop()), directory)
+        if not deepspeed:  # DeepSpeed restores its (sharded) weights from its own checkpoint files
+            checkpoint.load_trainable(accelerator.unwrap_model(models_.pop()), directory)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

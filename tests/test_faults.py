@@ -156,10 +156,10 @@ def test_full_disk_keeps_the_previous_checkpoint(clips, tmp_path, monkeypatch):
 
     real = ckpt.save_trainable
 
-    def disk_full(model, directory):
+    def disk_full(state_dict, names, directory):
         if "000004" in str(directory):
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(model, directory)
+        real(state_dict, names, directory)
 
     monkeypatch.setattr(ckpt, "save_trainable", disk_full)
     with pytest.raises(OSError, match="previous checkpoint \\(checkpoint-000002\\) is intact"):
