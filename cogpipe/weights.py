@@ -122,10 +122,12 @@ class LazyTensor:
             return 0
         return 1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride))
 
-    def load(self) -> torch.Tensor:
-        """Read exactly this tensor's bytes into a fresh (writable, contiguous) CPU tensor."""
+    def load(self, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Read exactly this tensor's bytes into a fresh CPU tensor, or into the start of `into` (a uint8 buffer
+        reused across calls: the result is a view of it, valid until the buffer is read into again)."""
         isz = self.dtype.itemsize
-        buf = torch.empty(self._span() * isz, dtype=torch.uint8)
+        n = self._span() * isz
+        buf = into[:n] if into is not None and into.numel() >= n else torch.empty(n, dtype=torch.uint8)
         start = self.offset + self.elem_offset * isz
         _pread_into(self.path, start, buf)
         flat = buf.view(self.dtype) if buf.numel() else torch.empty(0, dtype=self.dtype)
@@ -141,17 +143,6 @@ class LazyTensor:
         shape = (length, *self.shape[1:])
         return LazyTensor(self.path, self.offset, self.dtype, shape, _contiguous_stride(shape),
                           self.elem_offset + start * row)
-
-    def prefetch(self) -> None:
-        """Ask the kernel to start reading these bytes in the background (no-op where unsupported)."""
-        if hasattr(os, "posix_fadvise") and self.numel:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                isz = self.dtype.itemsize
-                os.posix_fadvise(fd, self.offset + self.elem_offset * isz, self._span() * isz,
-                                 os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
 
 
 def _pread_into(path: str, offset: int, buf: torch.Tensor) -> None:
@@ -173,7 +164,8 @@ def _pread_into(path: str, offset: int, buf: torch.Tensor) -> None:
 
 
 def materialize(t, device="cpu", dtype=None) -> torch.Tensor:
-    out = t.load() if isinstance(t, (LazyTensor, LazyCat)) else t
+    """A tensor from a LazyTensor/LazyCat (or anything with .load()), or the tensor itself."""
+    out = t if isinstance(t, torch.Tensor) else t.load()
     if dtype is not None and out.is_floating_point():
         out = out.to(dtype)
     return out.to(device) if str(device) != "cpu" else out

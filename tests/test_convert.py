@@ -25,6 +25,12 @@ from cogpipe.weights import CorruptCheckpointError, load_state_dict  # noqa: E40
 P = F.PREFIX
 
 
+@pytest.fixture(autouse=True)
+def _own_convert_cache(tmp_path, monkeypatch):
+    """Each test computes expected shapes from diffusers itself (no memo from earlier runs)."""
+    monkeypatch.setenv("COGPIPE_CONVERT_CACHE", str(tmp_path / "convert-cache"))
+
+
 def diffusers_weights(folder: Path) -> dict:
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -150,6 +156,24 @@ def test_mapping_names_round_trip_on_every_key():
         assert not unknown
         again = [n for s in slots for kind, res in [TRANSFORMER.to_diffusers(s, cfg)] for n, _ in res]
         assert sorted(again) == sorted(names)
+
+
+def test_expected_shapes_are_memoised_per_config(monkeypatch):
+    from cogpipe.convert import detect
+
+    cfg = transformer_config(F.sat_transformer_shapes("5b", **F.TINY))
+    first = expected_shapes("CogVideoXTransformer3DModel", cfg)
+
+    def no_diffusers(*a):
+        raise AssertionError("diffusers consulted although the answer is memoised")
+
+    monkeypatch.setattr(detect, "diffusers_model", no_diffusers)
+    assert expected_shapes("CogVideoXTransformer3DModel", cfg) == first
+    with pytest.raises(AssertionError, match="memoised"):  # another config is another key
+        expected_shapes("CogVideoXTransformer3DModel", {**cfg, "num_layers": 3})
+    monkeypatch.setenv("COGPIPE_CONVERT_CACHE", "off")
+    with pytest.raises(AssertionError, match="memoised"):
+        expected_shapes("CogVideoXTransformer3DModel", cfg)
 
 
 def test_vae_both_ways(tmp_path):

@@ -1,8 +1,9 @@
 """SAT <-> Diffusers conversions of the transformer, VAE, LoRA and whole pipelines.
 
 Each conversion: read the source lazily, detect the model from its tensors, plan every output tensor from the
-mapping (mapping.py), stream the tensors into a temporary folder, validate against the real Diffusers class
-instantiated on the meta device, then rename the folder into place and return a Summary.
+mapping (mapping.py), validate the plan against the real Diffusers class instantiated on the meta device,
+stream the tensors into a temporary folder, check what was written, rename the folder into place and return
+a Summary.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,27 +110,6 @@ def convert(src, dst, *, dtype: str | torch.dtype | None = None, lora_mode: str 
 # --- planning and validation -----------------------------------------------------------------------------------------
 
 
-class _Background(threading.Thread):
-    """Runs fn(*args) beside the streaming (importing diffusers alone takes seconds on a small CPU)."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args, self.result, self.error = fn, args, None, None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as e:  # re-raised in get()
-            self.error = e
-
-    def get(self):
-        self.join()
-        if self.error:
-            raise self.error
-        return self.result
-
-
 def _file_pos(t):
     return (t.path, t.offset + t.elem_offset * t.dtype.itemsize) if isinstance(t, LazyTensor) else ("", 0)
 
@@ -196,8 +175,9 @@ def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = No
     lora_keys = {k: v for k, v in body.items() if _is_lora_key(k)}
     base = {k.replace(".original.", "."): v for k, v in body.items() if not _is_lora_key(k)}
     cfg = {**transformer_config({k: tuple(v.shape) for k, v in base.items()}, src), **o.transformer_config}
-    need = _Background(expected_shapes, "CogVideoXTransformer3DModel", cfg)
     outs, dropped = plan_to_diffusers(TRANSFORMER, base, cfg, o.dtype, src)
+    expected, config_json = expected_shapes("CogVideoXTransformer3DModel", cfg)
+    validate({out.name: out.shape for out in outs}, expected, f"CogVideoXTransformer3DModel({cfg})", src)
     notes = []
     lora = lora_to_diffusers(lora_keys, o, src) if lora_keys else None
     if lora and o.lora_mode == "merge":
@@ -208,8 +188,6 @@ def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = No
                      f"with SAT's scale {o.sat_lora_alpha:g}/rank")
     with atomic_dir(dst, o.overwrite) as tmp:
         files = write_safetensors(tmp, outs, prefix="diffusion_pytorch_model", max_shard_size=o.max_shard_size)
-        expected, config_json = need.get()
-        validate({out.name: out.shape for out in outs}, expected, f"CogVideoXTransformer3DModel({cfg})", src)
         check_written(files, outs)
         (tmp / "config.json").write_text(config_json)
         if lora and o.lora_mode == "extract":
@@ -286,12 +264,11 @@ def sat_vae(src: Path, dst: Path, o: Options, family: dict | None = None) -> Sum
                      "for 2B set vae.scaling_factor=1.15258426, for 1.5 also vae.invert_scale_latents=true "
                      "(converting the whole SAT folder sets both from the transformer)")
     cfg = {**vae_config({k: tuple(v.shape) for k, v in sd.items()}, src), **family, **o.vae_config}
-    need = _Background(expected_shapes, "AutoencoderKLCogVideoX", cfg)
     outs, dropped = plan_to_diffusers(VAE, sd, {"n_up": len(cfg["up_block_types"])}, o.dtype, src)
+    expected, config_json = expected_shapes("AutoencoderKLCogVideoX", cfg)
+    validate({out.name: out.shape for out in outs}, expected, f"AutoencoderKLCogVideoX({cfg})", src)
     with atomic_dir(dst, o.overwrite) as tmp:
         files = write_safetensors(tmp, outs, prefix="diffusion_pytorch_model", max_shard_size=o.max_shard_size)
-        expected, config_json = need.get()
-        validate({out.name: out.shape for out in outs}, expected, f"AutoencoderKLCogVideoX({cfg})", src)
         check_written(files, outs)
         (tmp / "config.json").write_text(config_json)
     return _summary("sat->diffusers", "vae", "CogVideoX VAE", src, dst, outs, config=json.loads(config_json),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -194,7 +195,39 @@ def diffusers_model(cls_name: str, cfg: dict):
         return cls.from_config(cfg)
 
 
+def _cache_file(cls_name: str, cfg: dict) -> Path | None:
+    """Where the expected shapes of (class, config, diffusers version) are memoised; None when disabled."""
+    import hashlib
+    import importlib.metadata
+
+    root = os.environ.get("COGPIPE_CONVERT_CACHE", str(Path.home() / ".cache" / "cogpipe" / "convert"))
+    if root.lower() in ("", "0", "off"):
+        return None
+    key = json.dumps([cls_name, importlib.metadata.version("diffusers"), cfg], sort_keys=True, default=str)
+    return Path(root) / f"{cls_name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
 def expected_shapes(cls_name: str, cfg: dict) -> tuple[dict[str, tuple], str]:
-    """-> ({key: shape} the model needs, its config.json text)."""
+    """-> ({key: shape} the Diffusers class needs for `cfg`, its config.json text).
+
+    Computed by instantiating the real class on the meta device. Importing diffusers costs ~7 s of CPU on a
+    small machine, so the answer is memoised per (class, config, diffusers version) in $COGPIPE_CONVERT_CACHE
+    (default ~/.cache/cogpipe/convert; "off" disables)."""
+    cache = _cache_file(cls_name, cfg)
+    if cache is not None and cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+            return {k: tuple(v) for k, v in data["shapes"].items()}, data["config"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable memo: recompute
     model = diffusers_model(cls_name, cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.to_json_string()
+    shapes, config = {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.to_json_string()
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"shapes": shapes, "config": config}))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only home only costs the recomputation next time
+    return shapes, config

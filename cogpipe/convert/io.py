@@ -61,19 +61,18 @@ def _runs(pieces):
         yield tuple(run)
 
 
-def _read(src, idx: int, count: int, n: int) -> torch.Tensor:
-    if count == 1:
-        return materialize(src)
-    if src.shape[0] % count:
-        raise ConversionError(f"cannot cut a tensor of shape {tuple(src.shape)} into {count} parts along dim 0")
-    rows = src.shape[0] // count
-    if isinstance(src, LazyTensor) and src.is_contiguous():
-        return src.narrow0(idx * rows, n * rows).load()
-    return materialize(src)[idx * rows:(idx + n) * rows]
-
-
-def produce(out: Out) -> torch.Tensor:
-    parts = [_read(*run) for run in _runs(out.pieces)]
+def produce(out: Out, load: Callable = materialize) -> torch.Tensor:
+    """Build one output tensor; `load(source)` returns a whole source tensor."""
+    parts = []
+    for src, idx, count, n in _runs(out.pieces):
+        full = load(src)
+        if count == 1:
+            parts.append(full)
+            continue
+        if full.shape[0] % count:
+            raise ConversionError(f"{out.name}: cannot cut {tuple(full.shape)} into {count} parts along dim 0")
+        rows = full.shape[0] // count
+        parts.append(full[idx * rows:(idx + n) * rows])
     t = parts[0] if len(parts) == 1 else torch.cat(parts)
     if out.merge:
         t = t.float()
@@ -85,19 +84,30 @@ def produce(out: Out) -> torch.Tensor:
     return t
 
 
-def _prefetch(out: Out) -> None:
-    for src, idx, count, n in _runs(out.pieces):
-        if isinstance(src, LazyTensor) and src.is_contiguous() and src.shape:
-            rows = src.shape[0] // count
-            (src.narrow0(idx * rows, n * rows) if count > 1 else src).prefetch()
-
-
 def _stream(outs: list[Out]):
-    """Yield (out, tensor) in order, asking the kernel to read the next tensor while this one is written."""
-    for k, out in enumerate(outs):
-        if k + 1 < len(outs):
-            _prefetch(outs[k + 1])
-        yield out, produce(out)
+    """Yield (out, tensor) in order, one source tensor in memory at a time.
+
+    Outputs are planned in source order, so the outputs cut from one source (q, k, v from qkv; norm1 and norm2
+    from the adaLN modulation) follow each other: the source is read once, sequentially, into a buffer reused
+    for the whole conversion (fresh allocations per tensor cost page faults: ~40% more system time on 5B).
+    Each yielded tensor is only valid until the next one is requested."""
+    scratch = torch.empty(0, dtype=torch.uint8)
+    last = (None, None)
+
+    def load(src):
+        nonlocal scratch, last
+        if last[0] is not src:
+            if isinstance(src, LazyTensor) and src.is_contiguous():
+                if scratch.numel() < src.nbytes:
+                    scratch = torch.empty(src.nbytes, dtype=torch.uint8)
+                last = (src, src.load(into=scratch))
+            else:
+                last = (src, materialize(src))
+        return last[1]
+
+    for out in outs:
+        single = len({id(src) for src, _, _ in out.pieces}) == 1
+        yield out, produce(out, load if single else materialize)
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -153,8 +163,8 @@ def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_s
             for out in shard:
                 _, t = next(it)
                 f.write(_bytes(t))
-            f.flush()
-            os.fsync(f.fileno())
+    for name in names:  # once at the end: an fsync per shard would stall reading while a shard drains
+        _fsync(folder / name)
     if n > 1:
         index = {"metadata": {"total_size": sum(o.nbytes for o in outs)},
                  "weight_map": {o.name: name for name, shard in zip(names, shards) for o in shard}}
