@@ -119,6 +119,7 @@ class TrainConfig:
     caption_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     ema_decay: float = 0.0  # > 0 keeps an EMA of the trained weights, saved and exported instead of them
+    collective_timeout_min: int = 120  # how long a process waits at a barrier (caching, validation, saves)
 
     def __post_init__(self):
         _one_of(self.mode, {"lora", "full"}, "train.mode")

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -142,15 +143,16 @@ def _trim_metrics(file: Path, step: int) -> None:
 def train(cfg: Config) -> Path:
     """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
     from diffusers.optimization import get_scheduler
 
     from cogpipe.check import usable_samples
 
     out = Path(cfg.output_dir)
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_min))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=_setup_tracking(cfg), project_dir=str(out))
+                              log_with=_setup_tracking(cfg), project_dir=str(out), kwargs_handlers=[timeout])
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     log = accelerator.print
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
