@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import glob
 import hashlib
 import json
 import math
@@ -42,7 +41,6 @@ __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "ChecksumError", "WeightsMismatchError",
     "LazyTensor", "LoadResult", "open_state_dict", "load_state_dict", "read_pickle", "read_safetensors",
     "safetensors_metadata", "verify_sha256", "load_into", "diagnose", "expand_patch_embed_for_i2v",
-    "resolve_sat_file",
 ]
 
 
@@ -297,6 +295,12 @@ class _Storage:
     numel: int
 
 
+def _encode_bytes(s: str, encoding: str = "latin1") -> bytes:
+    if encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise UnsafeCheckpointError(f"refused _codecs.encode with codec {encoding!r}")
+    return codecs.encode(s, encoding)
+
+
 _TENSOR_TYPES = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("torch.nn.parameter", "Buffer")}
 
 
@@ -313,7 +317,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ("collections", "OrderedDict"): collections.OrderedDict,
             ("torch", "Size"): torch.Size,
             ("torch", "device"): torch.device,
-            ("_codecs", "encode"): lambda s, enc="utf-8", *a: codecs.encode(s, enc),
+            ("_codecs", "encode"): _encode_bytes,  # how protocol 2 stores bytes
             ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
             ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
         }
@@ -348,7 +352,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise CorruptCheckpointError(f"{self.path}: storage record data/{storage.key} is missing")
         offset, nbytes = self.records[storage.key]
         t = LazyTensor(self.path, offset, storage.dtype, tuple(size), tuple(stride), int(storage_offset))
-        if (t.elem_offset + t._span()) * t.dtype.itemsize > nbytes:
+        if min((*t.shape, *t.stride, t.elem_offset), default=0) < 0 or \
+                (t.elem_offset + t._span()) * t.dtype.itemsize > nbytes:
             raise CorruptCheckpointError(
                 f"{self.path}: tensor of shape {t.shape} reaches past its storage record data/{storage.key}")
         return t
@@ -488,18 +493,6 @@ def verify_sha256(path, digest: str | None = None) -> str:
 
 def _natural(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def resolve_sat_file(path) -> Path:
-    """A SAT/DeepSpeed checkpoint folder (`latest` + `<tag>/mp_rank_00_model_states.pt`) or tag folder -> file."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    tag_dir = _tag_dir(p)
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag_dir / name).is_file():
-            return tag_dir / name
-    raise CheckpointError(f"{tag_dir}: no mp_rank_00_model_states.pt in this checkpoint folder")
 
 
 def _tag_dir(p: Path) -> Path:
