@@ -9,8 +9,10 @@ allocator's slack come on top (`fits` allows for them). The VAE and T5 are not c
 every clip and prompt into the latent cache first and both leave the GPU before the transformer is built.
 
 The activation model follows what autograd really keeps for a CogVideoXBlock (diffusers) under CUDA
-autocast; the per-block formula is in `block_activations`. tests/test_plan.py checks it against the
-tensors autograd saves for a real block, and against bench/results/ where GPU measurements exist.
+autocast; the per-block formula is in `block_activations`, the phases of a step in `estimate`.
+tests/test_plan.py checks the formula against the tensors autograd saves for real blocks and the whole
+estimate against every tensor's bytes over two training steps (both with the CPU autocast policy, which
+keeps LayerNorm in bf16), and against bench/results/ where GPU measurements exist.
 The FLOP count (`forward_flops`, `train_flops`) is shared with bench/train_step.py.
 """
 
@@ -236,13 +238,19 @@ def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_ran
     elif lora_rank:
         in_block = [(nm, i, o) for nm, i, o in lora_targets(model_stats(tcfg)["linears"], target_modules)
                     if nm.startswith("transformer_blocks.0.") and not nm.endswith(("norm1.linear", "norm2.linear"))]
-        # without autocast, an fp32 input needs no cast: to_q/k/v share one tensor
-        copy = a if policy["autocast"] else 4
-        shared = not policy["autocast"] and a == 4
-        inputs = sum(B * S * i for _, i, _ in in_block)
-        if shared:
-            inputs = B * S * H * len({i for _, i, _ in in_block})  # one tensor per distinct input
-        items["LoRA inputs (a copy per wrapped Linear)"] = inputs * copy
+        if policy["autocast"] or a != 4:
+            # peft casts the input to the fp32 adapter dtype and autocast casts it back (or, without autocast,
+            # a half-precision input is cast up): every wrapped Linear keeps its own copy
+            inputs = sum(B * S * i * (a if policy["autocast"] else 4) for _, i, _ in in_block)
+        else:  # fp32 throughout: no casts; to_q/k/v share their input, to_out.0 may read SDPA's output in place
+            groups = {}
+            for nm, i, _ in in_block:
+                if nm.endswith(("to_q", "to_k", "to_v")):
+                    groups["qkv"] = i
+                elif not (nm.endswith("to_out.0") and policy["sdpa_out_shared"]):
+                    groups[nm] = i
+            inputs = sum(B * S * i * 4 for i in groups.values())
+        items["LoRA inputs (a copy per wrapped Linear)"] = inputs
         items["LoRA rank-r intermediates"] = len(in_block) * B * S * lora_rank * a
     return items
 

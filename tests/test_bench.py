@@ -17,9 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_tiny_cpu_run_prints_one_json_line(tmp_path):
     out = tmp_path / "result.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), "--size", "tiny", "--steps", "3",
                         "--warmup", "1", "--gradient-checkpointing", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

@@ -2,10 +2,13 @@
 fit advice, the command line, public numbers, and measured GPU peaks where bench/results/ has them."""
 
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from cogpipe import plan
 from cogpipe.cli import main as cli_main
@@ -13,6 +16,15 @@ from cogpipe.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def recipe(name, *overrides):
@@ -28,21 +40,21 @@ def gb(name, *overrides, **kw):
 
 # --- the per-block activation formula against autograd's saved tensors --------------------------------------
 
-def _small_transformer_config(frames_latent, h, w, text):
+def _small_transformer_config(frames_latent, h, w, text, heads=4, layers=3):
     from diffusers import CogVideoXTransformer3DModel
 
     from cogpipe.models import _with_defaults
 
     return _with_defaults(CogVideoXTransformer3DModel, dict(
-        num_attention_heads=4, attention_head_dim=64, num_layers=3, time_embed_dim=64, text_embed_dim=64,
+        num_attention_heads=heads, attention_head_dim=64, num_layers=layers, time_embed_dim=64, text_embed_dim=64,
         sample_height=h, sample_width=w, sample_frames=(frames_latent - 1) * 4 + 1, max_text_seq_length=text,
         use_rotary_positional_embeddings=True))
 
 
-def saved_bytes(tcfg, mode, checkpointing=False):
+def saved_bytes(tcfg, mode, checkpointing=False, precision="bf16"):
     """Bytes of the tensors autograd saves for backward, per block (and outside the blocks), under CPU bf16
-    autocast; weights and their autocast copies (parameter-shaped) are left out: the formula counts them
-    apart."""
+    autocast (or in fp32 with precision "no"); weights and their autocast copies (parameter-shaped) are
+    left out: the formula counts them apart."""
     from diffusers import CogVideoXTransformer3DModel
 
     from cogpipe.config import LoraConfig
@@ -51,8 +63,10 @@ def saved_bytes(tcfg, mode, checkpointing=False):
 
     torch.manual_seed(0)
     model = CogVideoXTransformer3DModel(**tcfg)
+    half = precision == "bf16"
     if mode == "lora":
-        model.to(torch.bfloat16)
+        if half:
+            model.to(torch.bfloat16)
         add_lora(model, LoraConfig(rank=8, alpha=8))
     else:
         model.requires_grad_(True)
@@ -71,10 +85,11 @@ def saved_bytes(tcfg, mode, checkpointing=False):
         return t
 
     F, h, w = (tcfg["sample_frames"] - 1) // 4 + 1, tcfg["sample_height"], tcfg["sample_width"]
-    dtype = torch.bfloat16 if mode == "lora" else torch.float32
+    dtype = torch.bfloat16 if (mode == "lora" and half) else torch.float32
     x = torch.randn(1, F, 16, h, w, dtype=dtype)
     text = torch.randn(1, tcfg["max_text_seq_length"], tcfg["text_embed_dim"], dtype=dtype)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", torch.bfloat16, enabled=half):
         model(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
               image_rotary_emb=rotary_embeddings(tcfg, F, h, w, "cpu"), return_dict=False)
     per = {}
@@ -84,13 +99,14 @@ def saved_bytes(tcfg, mode, checkpointing=False):
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("precision", ["bf16", "no"])
 @pytest.mark.parametrize("grid", [(5, 16, 16, 32), (9, 16, 24, 64)])
-def test_block_activation_formula_matches_autograd(mode, grid):
+def test_block_activation_formula_matches_autograd(mode, precision, grid):
     tcfg = _small_transformer_config(*grid)
     shape = plan.token_shape(tcfg, tcfg["sample_frames"], tcfg["sample_height"] * 8, tcfg["sample_width"] * 8)
-    policy = plan.precision_policy("bf16", device="cpu")  # CPU autocast keeps LayerNorm in bf16
+    policy = plan.precision_policy(precision, device="cpu")  # CPU autocast keeps LayerNorm in bf16
     formula = sum(plan.block_activations(tcfg, shape, mode, policy, 8, TARGETS).values())
-    measured = saved_bytes(tcfg, mode)
+    measured = saved_bytes(tcfg, mode, precision=precision)
     for block in (1, 2):  # block 0 also holds what all blocks share (the RoPE tables): counted outside
         assert measured[block] == pytest.approx(formula, rel=0.03), (block, measured[block], formula)
     total = sum(measured.values())
@@ -108,6 +124,83 @@ def test_checkpointing_keeps_only_each_blocks_inputs():
     H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
     # bf16 hidden + text states per block (+ the tiny time embedding)
     assert inputs == pytest.approx(tcfg["num_layers"] * shape["tokens"] * H * 2, rel=0.01)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages, sampled after every op; a storage leaves when it is freed."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.seen, self.current = set(), 0
+        for t in existing:
+            self._add(t)
+        self.peak = self.current
+
+    def _free(self, key, nbytes):
+        self.seen.discard(key)
+        self.current -= nbytes
+
+    def _add(self, t):
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()  # one Python object per live storage: finalized when it is freed
+            if id(storage) not in self.seen:
+                self.seen.add(id(storage))
+                self.current += storage.nbytes()
+                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            self._add(t)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_peak_estimate_matches_a_measured_training_step(mode, checkpointing):
+    """Two steps as training.py runs them (autocast, loss, backward, clipping, AdamW), every tensor's bytes
+    tracked: the estimate (CPU autocast policy) is within 10% of the measured peak."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogpipe.config import LoraConfig
+    from cogpipe.diffusion import add_noise, diffusion_loss, rotary_embeddings
+    from cogpipe.lora import add_lora
+
+    tcfg = _small_transformer_config(5, 16, 16, 32, heads=2, layers=3)
+    torch.manual_seed(0)
+    model = CogVideoXTransformer3DModel(**tcfg)
+    if mode == "lora":
+        model.to(torch.bfloat16)
+        add_lora(model, LoraConfig(rank=8, alpha=8))
+    else:
+        model.requires_grad_(True)
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    dtype = torch.bfloat16 if mode == "lora" else torch.float32
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    rope = rotary_embeddings(tcfg, 5, 16, 16, "cpu")
+    with LiveBytes(list(model.parameters()) + list(model.buffers())) as live:
+        for _ in range(2):  # the second step has the AdamW state
+            x0, t = torch.randn(1, 5, 16, 16, 16), torch.tensor([500])
+            noisy = add_noise(x0, torch.randn_like(x0), t, alphas)
+            with torch.autocast("cpu", torch.bfloat16):
+                v = model(hidden_states=noisy.to(dtype), timestep=t, image_rotary_emb=rope, return_dict=False,
+                          encoder_hidden_states=torch.randn(1, 32, 64, dtype=dtype))[0]
+            diffusion_loss(v, x0, noisy, t, alphas).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del v
+    cfg = load_config(None, ["output_dir=x", "data.root=x", f"train.mode={mode}", "data.frames=17", "data.height=128",
+                             "data.width=128", f"train.gradient_checkpointing={str(checkpointing).lower()}",
+                             "lora.rank=8", "train.mixed_precision=bf16",
+                             f"model.weight_dtype={'bf16' if mode == 'lora' else 'fp32'}"], validate_model=False)
+    estimated = plan.estimate(cfg, tcfg=tcfg, device="cpu")["gb"]["peak"] * plan.GB
+    assert estimated == pytest.approx(live.peak, rel=0.10), (estimated, live.peak)
 
 
 # --- estimates ------------------------------------------------------------------------------------------------

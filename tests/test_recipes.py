@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cogpipe.config import ConfigError, load_config
@@ -22,6 +23,15 @@ RECIPES = {
     "cogvideox1.5_5b_i2v": ("1.5-5b-i2v", "THUDM/CogVideoX1.5-5B-I2V", "1.5", True, "bf16"),
 }
 FILES = [f"{name}_{mode}" for name in RECIPES for mode in ("lora", "full")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The position tables of the meta builds are computed fastest on one thread here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # Transformer parameters as diffusers' CogVideoXTransformer3DModel reports them on the meta device.
 # 2B and 5B equal the SAT counts after the drops (DESIGN.md §5): the 2B sincos position table and the 5B-I2V
