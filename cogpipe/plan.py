@@ -35,6 +35,8 @@ KNOWN_HUB_IDS = {
 }
 # allowance on top of the allocated peak: CUDA context (~0.5 GB) and allocator fragmentation
 RESERVE_GB, RESERVE_FRACTION = 0.75, 0.05
+# DeepSpeed's reduce and all-gather buckets at their defaults (5e8 elements each, 16-bit)
+DEEPSPEED_BUCKETS = 2 * 5e8 * 2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,7 +210,9 @@ def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_ran
       GELU input (the MLP's 4H projection)                                        4 X a
     Full fine-tune adds (every Linear keeps its input for its weight gradient):
       norm1/norm2 normalized outputs (multiplied by a trained adaLN scale)        2 X n
-      input of to_q/to_k/to_v (one shared tensor) and of ff.net.0.proj            2 X a
+      input of to_q/to_k/to_v and of ff.net.0.proj: one shared half-precision    2 X a
+        tensor for q/k/v, but under CUDA autocast the normalized input is fp32 and
+        each of to_q/to_k/to_v casts (and keeps) its own copy                    (4 X a)
       input of to_out.0 (shared with the SDPA output on CUDA)                     0|1 X a
       input of ff.net.2 (GELU output)                                             4 X a
       attention and MLP outputs (multiplied by the trained adaLN gates)           2 X a
@@ -231,7 +235,8 @@ def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_ran
     }
     if mode == "full":
         items["normalized outputs (adaLN scale)"] = 2 * X * n
-        items["Linear inputs: to_q/k/v, ff.net.0.proj"] = 2 * X * a
+        qkv = 3 if (policy["autocast"] and n == 4) else 1  # fp32 LayerNorm output: a cast per Linear
+        items["Linear inputs: to_q/k/v, ff.net.0.proj"] = (qkv + 1) * X * a
         items["Linear input: to_out.0"] = 0 if policy["sdpa_out_shared"] else X * a
         items["Linear input: ff.net.2"] = F * a
         items["gated outputs (adaLN gates)"] = 2 * X * a
@@ -304,7 +309,8 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
                        block is recomputed at a time, plus a workspace of its backward
       optimizer step   + gradients 4T + AdamW's sqrt(v) buffer 4T (foreach implementation)
     The peak is the largest of these phases. Sharding divides the kept and trainable parts by N
-    (ZeRO-2: gradients and AdamW state; ZeRO-3 and FSDP: weights too, plus one or two gathered blocks).
+    (ZeRO-2: gradients and AdamW state; ZeRO-3 and FSDP: weights too, plus one or two gathered blocks;
+    DeepSpeed also keeps its communication buckets and runs the module itself in 16-bit).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -338,9 +344,10 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         if mode == "full":
             half_module, copies = 2 * P, 0
         master, grads, adam = master / N, grads / N, adam / N
+        gathered = DEEPSPEED_BUCKETS
         if strategy == "zero3":
             frozen, half_module = frozen / N, half_module / N
-            gathered = 2 * stats["block_params"] * 2  # the running block and the prefetched one, 16-bit
+            gathered += 2 * stats["block_params"] * 2  # the running block and the prefetched one, 16-bit
     elif strategy == "fsdp":  # full shard
         frozen, master, grads, adam = frozen / N, master / N, grads / N, adam / N
         gathered = 2 * stats["block_params"] * (4 if mode == "full" else wdt)
