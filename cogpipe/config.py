@@ -122,6 +122,8 @@ class TrainConfig:
     collective_timeout_min: int = 120  # how long a process waits at a barrier (caching, validation, saves)
 
     def __post_init__(self):
+        if self.mixed_precision in ("False", "false"):  # `train.mixed_precision=no` reads as YAML false
+            self.mixed_precision = "no"
         _one_of(self.mode, {"lora", "full"}, "train.mode")
         _one_of(self.mixed_precision, {"no", "fp16", "bf16"}, "train.mixed_precision")
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
@@ -231,3 +233,8 @@ def validate_against_model(cfg: Config) -> None:
         if facts["version"] == "1.5" and facts["i2v"]:
             _check(min(height, width) >= 768 and max(height, width) <= 1360, size_key,
                    f"CogVideoX1.5-I2V needs the shorter side >= 768 and the longer <= 1360, got {height}x{width}")
+        if tcfg.get("use_learned_positional_embeddings"):  # CogVideoX-5B-I2V: a table for one shape
+            want = (tcfg["sample_frames"], tcfg["sample_height"] * 8, tcfg["sample_width"] * 8)
+            _check((frames, height, width) == want, frames_key,
+                   f"this model's learned positional embeddings fit only {want[0]} frames at {want[1]}x{want[2]}, "
+                   f"got {frames} frames at {height}x{width}")

@@ -9,8 +9,6 @@ unweighted MSE on v.
 from __future__ import annotations
 
 import torch
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
-from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 
 def _at(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -60,6 +58,9 @@ def rotary_embeddings(tcfg: dict, latent_frames: int, latent_h: int, latent_w: i
     """(cos, sin) rotary tables exactly as the CogVideoX pipelines build them; None without RoPE."""
     if not tcfg.get("use_rotary_positional_embeddings"):
         return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
     p, p_t = tcfg["patch_size"], tcfg.get("patch_size_t")
     grid_h, grid_w = latent_h // p, latent_w // p
     base_w, base_h = tcfg["sample_width"] // p, tcfg["sample_height"] // p

@@ -89,3 +89,14 @@ def test_train_py_refuses_latent_input_false_before_training(tmp_path):
     assert r.returncode != 0
     assert "model.latent_input" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_mixed_precision_no_from_the_command_line():
+    assert load_config(RECIPE, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_learned_positions_fix_the_shape():
+    cfg = REPO / "configs" / "cogvideox_5b_i2v_lora.yaml"
+    assert load_config(cfg, ["model.pretrained=null"]).data.frames == 49
+    with pytest.raises(ConfigError, match="data.frames: this model's learned positional embeddings fit only 49"):
+        load_config(cfg, ["model.pretrained=null", "data.frames=33"])
