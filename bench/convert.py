@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cogpipe.convert.io import Out, write_torch  # noqa: E402
-from cogpipe.weights import load_state_dict, open_state_dict  # noqa: E402
+from cogpipe.weights import open_state_dict  # noqa: E402
 
 SIZES = {  # hidden, heads, layers, time embed, text embed
     "tiny": (64, 2, 2, 32, 64),
@@ -144,8 +144,10 @@ def cpu_busy() -> list[int]:
     return [sum(v) - v[3] - v[4], sum(v)]
 
 
-def convert_run(src: Path, dst: Path, cache: Path) -> dict:
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cogpipe.convert", str(src), str(dst), "--json"]
+def convert_run(src: Path, dst: Path, cache: Path, entry: str) -> dict:
+    prog = [shutil.which("cogpipe") or "cogpipe", "convert"] if entry == "cogpipe" else \
+        [sys.executable, "-m", "cogpipe.convert"]
+    cmd = ["/usr/bin/time", "-v", *prog, str(src), str(dst), "--json"]
     env = {**os.environ, "COGPIPE_CONVERT_CACHE": str(cache)}
     cold = not any(cache.glob("*.json"))
     t0 = time.perf_counter()
@@ -172,6 +174,8 @@ def main() -> int:
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/cogpipe-bench-convert")
+    ap.add_argument("--entry", choices=["module", "cogpipe"], default="module",
+                    help="run `python -m cogpipe.convert` (default) or the `cogpipe convert` console command")
     ap.add_argument("--cold", action="store_true", help="drop the whole page cache before each run (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
     ap.add_argument("--save", action="store_true", help=f"also write bench/results/convert_<size>_cpu.json")
@@ -199,7 +203,7 @@ def main() -> int:
         evict(sat)
         cold &= drop_all_caches() if args.cold else True
         c2 = cpu_busy()
-        conv = convert_run(sat, out, work / "cache")
+        conv = convert_run(sat, out, work / "cache", args.entry)
         c3 = cpu_busy()
         runs.append({"baseline_read_write_s": round(base, 2), "convert_wall_s": conv["wall_s"],
                      "convert_peak_rss_mib": conv["peak_rss_mib"], "ratio": round(conv["wall_s"] / base, 3),
@@ -208,16 +212,17 @@ def main() -> int:
                      "system_cpu_busy_convert": round((c3[0] - c2[0]) / max(1, c3[1] - c2[1]), 2)})
     summary = conv["summary"]
 
-    # spot check: converted tensors equal the source bit for bit
+    # spot check: converted tensors equal the source bit for bit (and torch itself reads the synthetic file)
     got = open_state_dict(out)
-    src = load_state_dict(sat) if args.size == "tiny" else None
+    if args.size == "tiny":
+        sd = torch.load(src_file, weights_only=True, mmap=True)["module"]
+        assert len(sd) == len(planned) and all(torch.equal(sd[k], o.pieces[0][0].load()) for k, o in planned.items())
     h = SIZES[args.size][0]
     qkv = planned[PREFIX + "transformer.layers.1.attention.query_key_value.weight"].pieces[0][0].load()
     assert torch.equal(got["transformer_blocks.1.attn1.to_k.weight"].load(), qkv[h:2 * h]), "to_k mismatch"
     ada = planned[PREFIX + "mixins.adaln_layer.adaLN_modulations.0.1.weight"].pieces[0][0].load().chunk(12)
     assert torch.equal(got["transformer_blocks.0.norm2.linear.weight"].load(),
                        torch.cat([ada[i] for i in (3, 4, 5, 9, 10, 11)])), "adaLN mismatch"
-    assert src is None or len(src) == len(planned)
 
     med = {k: statistics.median(r[k] for r in runs) for k in ("convert_wall_s", "baseline_read_write_s")}
     result = {
@@ -229,7 +234,10 @@ def main() -> int:
         "convert_peak_rss_mib": max(r["convert_peak_rss_mib"] for r in runs),
         "page_cache": ("whole page cache dropped before each run (cold libraries too)" if args.cold and cold else
                        "checkpoint file evicted from the page cache before each run (libraries as the OS left them)"), "runs": runs, "write_synthetic_s": round(write_s, 1),
-        "command": f"python bench/convert.py --size {args.size} --repeat {args.repeat}",
+        "command": f"python bench/convert.py --size {args.size} --repeat {args.repeat}"
+                   + (" --entry cogpipe" if args.entry == "cogpipe" else ""),
+        "converter_command": " ".join(["cogpipe convert" if args.entry == "cogpipe" else
+                                       "python -m cogpipe.convert", "SAT", "OUT", "--json"]),
         "cold_convert_wall_s": runs[0]["convert_wall_s"],
         "measured": "median over runs; wall of `python -m cogpipe.convert SAT OUT` incl. interpreter start and "
                     "imports; run 1 starts with an empty expected-shape memo (imports diffusers), later runs reuse "
