@@ -300,16 +300,20 @@ def test_sat_lora_file_round_trip_is_exact(tmp_path, rank, dtype):
 
 def test_diffusers_lora_with_alpha_metadata_to_sat(tmp_path):
     """A peft/diffusers LoRA (alpha 8, rank 4, q and v only) -> SAT gives the same update under SAT's 1/rank."""
+    from diffusers import CogVideoXPipeline
+    from peft import LoraConfig
+
     g = torch.Generator().manual_seed(0)
     r, alpha, H = 4, 8, 32
-    tensors = {}
+    layers = {}
     for name in ("to_q", "to_v"):
-        tensors[f"transformer.transformer_blocks.0.attn1.{name}.lora_A.weight"] = torch.randn(r, H, generator=g)
-        tensors[f"transformer.transformer_blocks.0.attn1.{name}.lora_B.weight"] = torch.randn(H, r, generator=g)
-    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": r, "transformer.lora_alpha": alpha,
-                                                                 "transformer.target_modules": ["to_q", "to_v"]})}
-    (tmp_path / "peft").mkdir()
-    save_file(tensors, tmp_path / "peft" / "pytorch_lora_weights.safetensors", metadata=meta)
+        layers[f"transformer_blocks.0.attn1.{name}.lora_A.weight"] = torch.randn(r, H, generator=g)
+        layers[f"transformer_blocks.0.attn1.{name}.lora_B.weight"] = torch.randn(H, r, generator=g)
+    meta = LoraConfig(r=r, lora_alpha=alpha, target_modules=["to_q", "to_v"]).to_dict()
+    meta["target_modules"] = sorted(meta["target_modules"])
+    CogVideoXPipeline.save_lora_weights(tmp_path / "peft", transformer_lora_layers=layers,
+                                        transformer_lora_adapter_metadata=meta)
+    tensors = {"transformer." + k: v for k, v in layers.items()}
     s = convert(tmp_path / "peft", tmp_path / "sat")
     back = torch.load(tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     L = P + "transformer.layers.0.attention.query_key_value."
