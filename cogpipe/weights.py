@@ -559,6 +559,8 @@ def open_state_dict(path, *, sha256: str | bool | None = None, master_weights: b
             check(f)
         return _open_deepspeed(tag_dir, master_weights)
     singles = [f for f in sorted(p.iterdir()) if f.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt")]
+    if len(singles) > 1 and sum(f.suffix == ".safetensors" for f in singles) == 1:
+        singles = [f for f in singles if f.suffix == ".safetensors"]  # the same weights in two formats
     if len(singles) == 1:
         check(singles[0])
         return _open_file(singles[0])

@@ -184,7 +184,7 @@ def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = No
         by_name = {out.name: out for out in outs}
         for module, (a, b, scale) in lora["raw"].items():
             by_name[f"{module}.weight"].merge.append((a, b, scale))
-        notes.append(f"LoRA (rank {lora['rank']}, {len(lora['raw'])} layers) merged into the weights "
+        notes.append(f"LoRA ({lora['what']}) merged into the weights "
                      f"with SAT's scale {o.sat_lora_alpha:g}/rank")
     with atomic_dir(dst, o.overwrite) as tmp:
         files = write_safetensors(tmp, outs, prefix="diffusion_pytorch_model", max_shard_size=o.max_shard_size)
@@ -193,7 +193,7 @@ def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = No
         if lora and o.lora_mode == "extract":
             where = lora_dst or dst / "lora"
             _write_lora(tmp / "lora" if lora_dst is None else lora_dst, lora)
-            notes.append(f"LoRA (rank {lora['rank']}, {len(lora['raw'])} layers) extracted to {where}; "
+            notes.append(f"LoRA ({lora['what']}) extracted to {where}; "
                          f"load it with pipe.load_lora_weights('{where}')")
             notes += lora["notes"]
     return _summary("sat->diffusers", "transformer", detect.model_name(cfg), src, dst, outs,
@@ -349,7 +349,9 @@ def lora_to_diffusers(lora_keys: dict, o: Options, src) -> dict:
     meta = {COGPIPE_LORA_META: json.dumps({"sat_dtype": str(src_dtype).removeprefix("torch."),
                                            "sat_lora_alpha": o.sat_lora_alpha, "scale_in_lora_B": True})}
     rank = sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)
-    return {"tensors": tensors, "metadata": meta, "raw": raw, "rank": rank, "notes": notes}
+    layers = len({m.split(".attn1.")[0] for m in raw})
+    return {"tensors": tensors, "metadata": meta, "raw": raw, "rank": rank, "notes": notes,
+            "what": f"rank {rank}, {len(raw)} modules in {layers} layers"}
 
 
 def _write_lora(path: Path, lora: dict) -> Path:
@@ -376,7 +378,7 @@ def sat_lora(src: Path, dst: Path, o: Options) -> Summary:
         with atomic_dir(dst, o.overwrite) as tmp:
             _write_lora(tmp, lora)
         file = dst / LORA_FILE
-    s = Summary("sat->diffusers", "lora", f"SAT LoRA, rank {lora['rank']}, {len(lora['raw'])} layers", str(src),
+    s = Summary("sat->diffusers", "lora", f"SAT LoRA, {lora['what']}", str(src),
                 str(dst), sum(t.numel() for t in lora["tensors"].values()), len(lora["tensors"]),
                 sorted({str(t.dtype).removeprefix("torch.") for t in lora["tensors"].values()}), ignored=ignored,
                 notes=[f"SAT scale {o.sat_lora_alpha:g}/rank baked into lora_B; load with "
@@ -502,7 +504,8 @@ def sat_pipeline(src: Path, dst: Path, o: Options) -> Summary:
                 f"{detect.scheduler_config(t.config)['snr_shift_scale']}), VAE scaling_factor {fam['scaling_factor']}"
                 f"{', invert_scale_latents' if fam['invert_scale_latents'] else ''}")
     return Summary("sat->diffusers", "pipeline", t.model, str(src), str(dst), t.parameters + v.parameters,
-                   t.tensors + v.tensors, sorted(set(t.dtypes + v.dtypes)), notes=[fam_note] + notes, parts=[t, v])
+                   t.tensors + v.tensors, sorted(set(t.dtypes + v.dtypes)), notes=[fam_note] + notes,
+                   files=t.files + v.files, parts=[t, v])
 
 
 def diffusers_pipeline(src: Path, dst: Path, o: Options) -> Summary:
@@ -513,5 +516,5 @@ def diffusers_pipeline(src: Path, dst: Path, o: Options) -> Summary:
         part.destination = part.destination.replace(str(tmp), str(dst))
         part.files = [f.replace(str(tmp), str(dst)) for f in part.files]
     return Summary("diffusers->sat", "pipeline", t.model, str(src), str(dst), t.parameters + v.parameters,
-                   t.tensors + v.tensors, sorted(set(t.dtypes + v.dtypes)), parts=[t, v],
+                   t.tensors + v.tensors, sorted(set(t.dtypes + v.dtypes)), files=t.files + v.files, parts=[t, v],
                    notes=["the T5 text encoder stays in its Hugging Face folder: SAT's conditioner config names it"])
