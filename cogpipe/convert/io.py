@@ -1,7 +1,7 @@
 """Streaming output: one tensor in memory at a time, written straight to safetensors shards or a torch zip.
 
 An `Out` says how to build one output tensor from pieces of lazily-read source tensors (see mapping.Piece);
-`produce(out)` reads exactly those bytes. Writers lay out the header from the planned shapes first, then fill
+`produce_parts(out)` reads its sources. Writers lay out the header from the planned shapes first, then fill
 it tensor by tensor, fsync, and the caller renames the finished folder into place (`atomic_dir`).
 """
 
@@ -61,8 +61,9 @@ def _runs(pieces):
         yield tuple(run)
 
 
-def produce(out: Out, load: Callable = materialize) -> torch.Tensor:
-    """Build one output tensor; `load(source)` returns a whole source tensor."""
+def produce_parts(out: Out, load: Callable = materialize) -> list[torch.Tensor]:
+    """The output tensor as consecutive row blocks (views where possible); `load(source)` gives a whole source.
+    Writers that only need the bytes write the blocks one after the other instead of concatenating them."""
     parts = []
     for src, idx, count, n in _runs(out.pieces):
         full = load(src)
@@ -73,24 +74,25 @@ def produce(out: Out, load: Callable = materialize) -> torch.Tensor:
             raise ConversionError(f"{out.name}: cannot cut {tuple(full.shape)} into {count} parts along dim 0")
         rows = full.shape[0] // count
         parts.append(full[idx * rows:(idx + n) * rows])
-    t = parts[0] if len(parts) == 1 else torch.cat(parts)
     if out.merge:
-        t = t.float()
+        t = (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
         for a, b, scale in out.merge:
             t += scale * (materialize(b).float() @ materialize(a).float())
-    t = t.to(out.dtype)
-    if tuple(t.shape) != out.shape:
-        raise ConversionError(f"{out.name}: produced shape {tuple(t.shape)}, planned {out.shape}")
-    return t
+        parts = [t]
+    parts = [p.to(out.dtype) for p in parts]
+    shape = tuple(parts[0].shape) if len(parts) == 1 else (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    if shape != out.shape:
+        raise ConversionError(f"{out.name}: produced shape {shape}, planned {out.shape}")
+    return parts
 
 
 def _stream(outs: list[Out]):
-    """Yield (out, tensor) in order, one source tensor in memory at a time.
+    """Yield (out, row blocks) in order, one source tensor in memory at a time.
 
     Outputs are planned in source order, so the outputs cut from one source (q, k, v from qkv; norm1 and norm2
     from the adaLN modulation) follow each other: the source is read once, sequentially, into a buffer reused
     for the whole conversion (fresh allocations per tensor cost page faults: ~40% more system time on 5B).
-    Each yielded tensor is only valid until the next one is requested."""
+    Each yielded block is only valid until the next output is requested."""
     scratch = torch.empty(0, dtype=torch.uint8)
     last = (None, None)
 
@@ -107,7 +109,7 @@ def _stream(outs: list[Out]):
 
     for out in outs:
         single = len({id(src) for src, _, _ in out.pieces}) == 1
-        yield out, produce(out, load if single else materialize)
+        yield out, produce_parts(out, load if single else materialize)
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -161,8 +163,8 @@ def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_s
         with open(folder / name, "wb") as f:
             f.write(struct.pack("<Q", len(head)) + head)
             for out in shard:
-                _, t = next(it)
-                f.write(_bytes(t))
+                for block in next(it)[1]:
+                    f.write(_bytes(block))
     for name in names:  # once at the end: an fsync per shard would stall reading while a shard drains
         _fsync(folder / name)
     if n > 1:
@@ -222,7 +224,8 @@ def write_torch(path: Path, outs: list[Out], wrap: Callable[[dict], Any]) -> Non
     writer = torch._C.PyTorchFileWriter(str(path))
     writer.write_record("data.pkl", buf.getvalue(), len(buf.getvalue()))
     writer.write_record("byteorder", b"little", 6)
-    for k, (out, t) in enumerate(_stream(outs)):
+    for k, (out, parts) in enumerate(_stream(outs)):
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)
         nbytes = t.numel() * t.element_size()
         if not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
             t = t.clone(memory_format=torch.contiguous_format)
