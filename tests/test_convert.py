@@ -107,7 +107,8 @@ def test_transformer_every_version_both_ways(tmp_path, version):
     if version == "1.5-5b-i2v":
         assert bits_equal(d["ofs_embedding.linear_2.bias"], sat[P + "ofs_embed.2.bias"])
     dropped = {k for g in s.dropped for k in g["keys"]}
-    assert {"mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos"} <= dropped if version == "5b" else True
+    if version == "5b":
+        assert {"mixins.pos_embed.freqs_sin", "mixins.pos_embed.freqs_cos"} <= dropped
     assert ("mixins.pos_embed.pos_embedding" in dropped) == (version == "2b")
 
     # back to SAT: every key that maps comes back bit for bit, and it reads back as the same model
@@ -334,7 +335,7 @@ def _tiny_text_encoder(folder: Path):
 
 
 def test_sat_folder_to_full_pipeline_and_back(tmp_path):
-    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+    from diffusers import CogVideoXImageToVideoPipeline
 
     sat = F.sat_transformer("1.5-5b-i2v", dtype=torch.bfloat16)
     F.save_sat_folder(tmp_path / "sat" / "transformer", sat)
@@ -365,7 +366,6 @@ def test_sat_folder_to_full_pipeline_and_back(tmp_path):
     assert all(bits_equal(back["module"][k], v) for k, v in sat.items())
     back_vae = torch.load(tmp_path / "sat_back" / "vae" / "3d-vae.pt", weights_only=True)["state_dict"]
     assert all(bits_equal(back_vae[k], vae[k]) for k in back_vae) and len(back_vae) == len(vae) - 3
-    assert CogVideoXPipeline  # noqa
 
 
 def test_2b_scheduler_and_vae_values():
