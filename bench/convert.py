@@ -178,7 +178,7 @@ def main() -> int:
                     help="run `python -m cogpipe.convert` (default) or the `cogpipe convert` console command")
     ap.add_argument("--cold", action="store_true", help="drop the whole page cache before each run (needs root)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
-    ap.add_argument("--save", action="store_true", help=f"also write bench/results/convert_<size>_cpu.json")
+    ap.add_argument("--save", action="store_true", help="also write bench/results/convert_<size>_cpu.json")
     args = ap.parse_args()
 
     work = Path(args.workdir)

@@ -64,7 +64,7 @@ def sat_transformer_shapes(version: str, hidden, heads, layers, time, text, ofs,
                 s[L + f"attention.query_key_value.matrix_B.{k}"] = (hidden, lora_rank)
             s[L + "attention.dense.matrix_A.0"], s[L + "attention.dense.matrix_B.0"] = (lora_rank, hidden), \
                 (hidden, lora_rank)
-        A = f"mixins.adaln_layer."
+        A = "mixins.adaln_layer."
         s[A + f"adaLN_modulations.{i}.1.weight"], s[A + f"adaLN_modulations.{i}.1.bias"] = (12 * hidden, time), \
             (12 * hidden,)
         for n in ("query_layernorm_list", "key_layernorm_list"):

@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import sys
 from pathlib import Path
 
