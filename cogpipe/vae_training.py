@@ -1,0 +1,339 @@
+"""Train a tiny CogVideoX VAE (AutoencoderKLCogVideoX) to reconstruct clips: L1 + MSE + a small KL term.
+
+    python -m cogpipe.vae_training --config configs/pretrain/tiny_world_vae.yaml [key=value ...]
+
+The VAE keeps the CogVideoX layout (16 latent channels, 8x spatial and 4x temporal compression, causal 3D
+convolutions) with few channels, so it trains on a laptop CPU. Clips are decoded with cogpipe.data
+(VideoDataset: decord, even frame sampling, resize/crop to [-1, 1]). No GAN, no perceptual loss: the world
+is flat shapes on a plain background. At the end the latents' spread over the data sets `scaling_factor`
+(so scaled latents have unit standard deviation, what the diffusion schedule assumes), the model is saved
+with `save_pretrained` and reconstructions of freshly rendered world clips (the held-out colour included)
+are scored with cogpipe.score.
+
+    <output_dir>/vae/             the trained VAE (config.json + diffusion_pytorch_model.safetensors)
+    <output_dir>/checkpoint/      the same every `train.save_every` steps (to continue with model.pretrained)
+    <output_dir>/config.yaml      the resolved config;  metrics.jsonl: loss per step;  eval.json: the scores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from cogpipe.config import ConfigError, _check
+
+
+@dataclass
+class VaeModelConfig:
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 16, 16, 16])  # 4 levels: 8x spatial
+    layers_per_block: int = 1
+    norm_num_groups: int = 4
+    latent_channels: int = 16  # what every CogVideoX transformer takes
+    pretrained: Optional[str] = None  # a saved VAE folder to continue from (ignores the shape keys above)
+    init_seed: int = 0
+
+    def __post_init__(self):
+        _check(len(self.block_out_channels) == 4, "model.block_out_channels",
+               "needs 4 levels (3 downsamplings: the 8x spatial compression of CogVideoX)")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "model.norm_num_groups",
+               f"must divide every block_out_channels {self.block_out_channels}")
+
+
+@dataclass
+class VaeDataConfig:
+    root: str = MISSING  # clips: prompts.txt + videos.txt, metadata.jsonl/csv or captioned videos
+    frames: int = 9  # 8N+1 like CogVideoX (4x temporal compression to an odd latent count, which decodes back)
+    height: int = 64
+    width: int = 64
+    crop: Optional[int] = None  # train on random crop x crop windows (cheaper; the VAE is convolutional)
+    hue_rotate: bool = True  # rotate each training clip's hues by a random angle: the VAE codes every colour
+
+    def __post_init__(self):
+        _check(self.frames >= 1 and (self.frames - 1) % 8 == 0, "data.frames", f"must be 8N+1, got {self.frames}")
+        for key in ("height", "width", "crop"):
+            value = getattr(self, key)
+            _check(value is None or (value > 0 and value % 8 == 0), f"data.{key}",
+                   f"must be a positive multiple of 8 (8x spatial compression), got {value}")
+        _check(self.crop is None or self.crop <= min(self.height, self.width), "data.crop",
+               f"must fit in data.height x data.width, got {self.crop}")
+
+
+@dataclass
+class VaeTrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    edge_weight: float = 0.0  # L1 between the spatial gradients of clip and reconstruction: sharper edges
+    kl_weight: float = 1e-6  # small: just enough to keep the latent distribution bounded
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200  # steps between saves of <output_dir>/checkpoint; 0 = only at the end
+    max_minutes: Optional[float] = None  # time budget: the LR schedule follows whichever of steps or time runs out first
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "log_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+
+
+@dataclass
+class VaeConfig:
+    output_dir: str = MISSING
+    model: VaeModelConfig = field(default_factory=VaeModelConfig)
+    data: VaeDataConfig = field(default_factory=VaeDataConfig)
+    train: VaeTrainConfig = field(default_factory=VaeTrainConfig)
+    eval_clips: int = 60  # world clips (every shape x colour x direction, purple included) scored at the end
+
+
+def load_vae_config(path=None, overrides=()) -> VaeConfig:
+    """Schema defaults, then the YAML, then key=value overrides; errors name the key."""
+    try:
+        cfg = OmegaConf.structured(VaeConfig)
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError(f"config file not found: {path}")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{', '.join(missing)}: required value missing")
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {getattr(e, 'msg', e)}") from None
+
+
+class InMemory(torch.utils.data.Dataset):
+    """Decode each clip once; later epochs read its frames from memory (a 2000-clip world is ~0.9 GB)."""
+
+    def __init__(self, dataset):
+        self.dataset, self.frames = dataset, {}
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if i not in self.frames:
+            self.frames[i] = self.dataset[i]["frames"]
+        return {"frames": self.frames[i]}
+
+
+def build_vae(model_cfg: VaeModelConfig):
+    from diffusers import AutoencoderKLCogVideoX
+
+    if model_cfg.pretrained:
+        return AutoencoderKLCogVideoX.from_pretrained(model_cfg.pretrained)
+    torch.manual_seed(model_cfg.init_seed)
+    return AutoencoderKLCogVideoX(block_out_channels=tuple(model_cfg.block_out_channels),
+                                  layers_per_block=model_cfg.layers_per_block,
+                                  norm_num_groups=model_cfg.norm_num_groups,
+                                  latent_channels=model_cfg.latent_channels, sample_height=64, sample_width=64)
+
+
+def learning_rate(tc: VaeTrainConfig, step: int, minutes: float) -> float:
+    """Linear warm-up, then a cosine decay to 0 over the run; with `max_minutes` the run's progress is the
+    larger of its step and time fractions, so a slower machine still ends on a decayed learning rate."""
+    import math
+
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = step / tc.max_steps
+    if tc.max_minutes:
+        progress = max(progress, minutes / tc.max_minutes)
+    return tc.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def vae_loss(vae, video: torch.Tensor, tcfg: VaeTrainConfig, generator=None) -> tuple[torch.Tensor, dict]:
+    """video (B, 3, F, H, W) in [-1, 1] -> loss, parts. The latent is sampled (reparameterised)."""
+    posterior = vae.encode(video).latent_dist
+    z = posterior.sample(generator)  # (B, 16, F', H/8, W/8)
+    recon = vae.decode(z).sample  # (B, 3, F, H, W)
+    l1 = (recon - video).abs().mean()
+    mse = ((recon - video) ** 2).mean()
+    kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()  # per latent element
+    edge = ((recon.diff(dim=-1) - video.diff(dim=-1)).abs().mean()
+            + (recon.diff(dim=-2) - video.diff(dim=-2)).abs().mean())
+    loss = tcfg.l1_weight * l1 + tcfg.mse_weight * mse + tcfg.edge_weight * edge + tcfg.kl_weight * kl
+    return loss, {"l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def reconstruct(vae, frames: torch.Tensor) -> torch.Tensor:
+    """frames (F, 3, H, W) in [-1, 1] -> the VAE's reconstruction from the latent mean, same shape."""
+    x = frames.permute(1, 0, 2, 3).unsqueeze(0).to(vae.dtype)  # (1, 3, F, H, W)
+    z = vae.encode(x).latent_dist.mean
+    return vae.decode(z).sample[0].permute(1, 0, 2, 3).clamp(-1, 1).float()
+
+
+@torch.no_grad()
+def latent_std(vae, loader, batches: int = 8) -> float:
+    """Standard deviation of the (unscaled) latent means over some batches of the data."""
+    values = []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        values.append(vae.encode(batch["frames"].permute(0, 2, 1, 3, 4)).latent_dist.mean.flatten())
+    return float(torch.cat(values).std())
+
+
+@torch.no_grad()
+def evaluate(vae, n: int, frames: int = 17, size: int = 64, seed: int = 12345) -> dict:
+    """Render n world clips (every shape x colour x direction, the held-out colour included), reconstruct
+    them and score the reconstructions against their captions; PSNR in dB over all of them."""
+    import itertools
+
+    import numpy as np
+
+    from cogpipe import world
+    from cogpipe.score import score_many
+
+    combos = list(itertools.product(world.SHAPES, world.ALL_COLOURS, world.DIRECTIONS))
+    items, held, se = [], [], []
+    for i in range(n):
+        shape, colour, direction = combos[i % len(combos)]
+        clip = world.render(shape, colour, direction, frames=frames, size=size, seed=seed + i)
+        x = torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        rec = ((reconstruct(vae, x) + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).byte().numpy()
+        se.append(((rec.astype(np.float64) - clip) ** 2).mean())
+        (held if colour == world.HELD_OUT_COLOUR else items).append((rec, world.caption(shape, colour, direction)))
+    return {"palette": score_many(items), "held_out": score_many(held) if held else None,
+            "psnr_db": float(10 * np.log10(255.0**2 / np.mean(se)))}
+
+
+def random_crop(video: torch.Tensor, size, generator) -> torch.Tensor:
+    """(B, 3, F, H, W) -> (B, 3, F, size, size), one window per clip on the 8-pixel latent grid."""
+    if size is None:
+        return video
+    h, w = video.shape[-2:]
+    out = []
+    for clip in video:
+        top = 8 * int(torch.randint(0, (h - size) // 8 + 1, (1,), generator=generator))
+        left = 8 * int(torch.randint(0, (w - size) // 8 + 1, (1,), generator=generator))
+        out.append(clip[..., top:top + size, left:left + size])
+    return torch.stack(out)
+
+
+def rotate_hue(video: torch.Tensor, generator) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1]: each clip's colours turned about the grey axis by a random angle.
+
+    Greys (the world's background) stay; red, yellow, green and blue become any hue, purple included, so
+    the VAE is a colour codec like one trained on natural images, while the transformer still never sees
+    purple (its clips are encoded as they are).
+    """
+    out = []
+    k = torch.full((3,), 3**-0.5)
+    cross = torch.tensor([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    for clip in video:
+        theta = 2 * torch.pi * float(torch.rand((), generator=generator))
+        rot = (torch.cos(torch.tensor(theta)) * torch.eye(3) + torch.sin(torch.tensor(theta)) * cross
+               + (1 - torch.cos(torch.tensor(theta))) * torch.outer(k, k))  # Rodrigues: rotation about (1,1,1)
+        rgb = (clip + 1) / 2  # (3, F, H, W) in [0, 1]
+        out.append((torch.einsum("ij,jfhw->ifhw", rot, rgb).clamp(0, 1) * 2 - 1))
+    return torch.stack(out)
+
+
+def _save(vae, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def train_vae(cfg: VaeConfig, log=print) -> Path:
+    """Train as configured; returns <output_dir>/vae (a save_pretrained folder)."""
+    from cogpipe.data import VideoDataset
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    dataset = InMemory(VideoDataset(cfg.data.root, cfg.data.frames, cfg.data.height, cfg.data.width))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(tc.seed),
+                                         collate_fn=lambda items: {"frames": torch.stack([it["frames"] for it in items])})
+    if len(loader) == 0:
+        raise ValueError(f"data.root: {len(dataset)} clips, fewer than one batch of {tc.batch_size}")
+    vae = build_vae(cfg.model).train()
+    log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(dataset)} clips")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    noise = torch.Generator().manual_seed(tc.seed + 1)
+
+    step, start, metrics = 0, time.perf_counter(), open(out / "metrics.jsonl", "w")
+    while step < tc.max_steps:
+        for batch in loader:
+            minutes = (time.perf_counter() - start) / 60
+            lr = learning_rate(tc, step, minutes)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            video = batch["frames"].permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W) -> (B, 3, F, H, W)
+            video = random_crop(video, cfg.data.crop, noise)
+            if cfg.data.hue_rotate:
+                video = rotate_hue(video, noise)
+            loss, parts = vae_loss(vae, video, tc, noise)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            minutes = (time.perf_counter() - start) / 60
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                row = {"step": step, "loss": loss.item(), **parts, "grad_norm": float(grad_norm),
+                       "lr": lr, "minutes": round(minutes, 2)}
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                log(json.dumps(row))
+            out_of_time = tc.max_minutes is not None and minutes >= tc.max_minutes
+            if tc.save_every and step % tc.save_every == 0:
+                _save(vae, out / "checkpoint")
+            if step >= tc.max_steps or out_of_time:
+                break
+        if out_of_time:
+            log(f"stopping at step {step}: train.max_minutes={tc.max_minutes} reached")
+            break
+    metrics.close()
+
+    vae.eval()
+    std = latent_std(vae, loader)
+    vae.register_to_config(scaling_factor=round(1.0 / std, 6))  # scaled latents: unit standard deviation
+    _save(vae, out / "vae")
+    result = {"steps": step, "train_minutes": round((time.perf_counter() - start) / 60, 2), "latent_std": std,
+              "scaling_factor": vae.config.scaling_factor}
+    if cfg.eval_clips:
+        result.update(evaluate(vae, cfg.eval_clips))
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    log(json.dumps(result))
+    return out / "vae"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a VAE recipe, e.g. configs/pretrain/tiny_world_vae.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_vae_config(args.config, args.overrides)
+        print(f"done: {train_vae(cfg)}")
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
