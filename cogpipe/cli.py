@@ -14,7 +14,6 @@ COMMANDS = {
     "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
     "check": ("cogpipe.check", "check a recipe's config and dataset without training"),
     "plan": ("cogpipe.plan", "estimate a recipe's peak GPU memory and the switches that make it fit"),
-    "score": ("cogpipe.score", "score a model (+ LoRA) on the synthetic world's fixed prompts"),
 }
 
 
