@@ -10,6 +10,10 @@ import torch
 from cogpipe.lora import LORA_FILE
 from cogpipe.video import write_mp4
 
+# Sampling defaults of infer.py and `cogpipe score`.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 6.0
+
 
 def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.float32, device="cpu"):
     """A CogVideoX (text- or image-to-video) pipeline from a folder or hub id; the embedded tiny

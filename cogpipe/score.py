@@ -1,5 +1,11 @@
 """Score a video against its prompt: which colour, shape and direction of motion does it show?
 
+    cogpipe score [--model DIR] [--lora DIR] [--prompts fixed|held-out] [--steps N] [--guidance G] [--seed S]
+                  [--frames F --height H --width W] [--limit N] [--videos DIR] [--details]
+
+runs a fixed prompt set (48 palette prompts, or the 12 of the held-out colour) through a model (+ LoRA) with
+cogpipe.inference and prints the accuracies as one JSON line (prompt i is generated with seed S + i).
+
     result = score_video(frames, "a red square moving right")   # frames: uint8 [F, H, W, 3]
     result["colour"], result["shape"], result["direction"]       # detected ("red", "square", "right") or None
     result["match"]                                              # {"colour": True, ..., "all": True}
@@ -70,6 +76,16 @@ def fixed_prompts(colours=None) -> list[str]:
 def held_out_prompts() -> list[str]:
     """The fixed prompt set of the held-out colour (purple): 12 prompts."""
     return fixed_prompts([HELD_OUT_COLOUR])
+
+
+def spread(prompts: list[str], n: int) -> list[str]:
+    """n prompts spread evenly over the list, first and last included (every colour, shape and direction
+    shows up in a spread of 12 or more of the fixed set)."""
+    if n >= len(prompts):
+        return list(prompts)
+    if n == 1:
+        return [prompts[0]]
+    return [prompts[round(i * (len(prompts) - 1) / (n - 1))] for i in range(n)]
 
 
 def score_video(frames, prompt: str) -> dict:
@@ -229,3 +245,63 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 def _hue_distance(a: float, b: float) -> float:
     d = abs(a - b) % 360.0
     return min(d, 360.0 - d)
+
+
+def score_model(pipe, prompts, steps=None, guidance=None, seed: int = 0, frames: int = 17, height: int = 64,
+                width: int = 64, videos_dir=None) -> tuple[dict, list[dict]]:
+    """Generate every prompt (prompt i with seed + i) and score it: (accuracies, per-prompt results)."""
+    from cogpipe.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+
+    steps = DEFAULT_STEPS if steps is None else steps
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    items, rows = [], []
+    for i, prompt in enumerate(prompts):
+        video = generate(pipe, prompt, frames, height, width, steps, guidance, seed + i)
+        items.append((video, prompt))
+        result = score_video(video, prompt)
+        rows.append({"prompt": prompt, "seed": seed + i, **{a: result[a] for a in ATTRIBUTES},
+                     "match": result["match"]})
+        if videos_dir is not None:
+            from cogpipe.video import write_mp4
+
+            write_mp4(video, f"{videos_dir}/{i:02d}_{prompt.replace(' ', '_')}.mp4")
+    return score_many(items), rows
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default=None, help="Diffusers pipeline folder or hub id (default: the embedded "
+                                                       "tiny model)")
+    parser.add_argument("--lora", default=None, help="LoRA folder or .safetensors file")
+    parser.add_argument("--lora-scale", type=float, default=1.0)
+    parser.add_argument("--prompts", choices=["fixed", "held-out"], default="fixed",
+                        help="fixed: every palette colour x shape x direction (48); held-out: the purple ones (12)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: infer.py's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: infer.py's)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--limit", type=int, default=None, help="score only this many prompts, spread evenly over the set")
+    parser.add_argument("--videos", default=None, help="also write each generated video here as mp4")
+    parser.add_argument("--details", action="store_true", help="include what was detected for every prompt")
+
+
+def run(args) -> int:
+    import json
+
+    from cogpipe.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline
+
+    prompts = fixed_prompts() if args.prompts == "fixed" else held_out_prompts()
+    if args.limit is not None and args.limit < len(prompts):
+        prompts = spread(prompts, args.limit)
+    pipe = load_pipeline(args.model, args.lora, args.lora_scale)
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    acc, rows = score_model(pipe, prompts, steps, guidance, args.seed, args.frames, args.height, args.width,
+                            args.videos)
+    out = {**acc, "prompts": args.prompts, "model": args.model or "embedded tiny (default)",
+           "lora": args.lora, "steps": steps, "guidance": guidance, "seed": args.seed}
+    if args.details:
+        out["details"] = rows
+    print(json.dumps(out))
+    return 0
