@@ -1,11 +1,13 @@
 """Generate a video with a CogVideoX pipeline folder (default: the embedded tiny model), optionally
 with a LoRA.
 
-    python infer.py --prompt "a red ball" --model outputs/tiny_lora/export --lora outputs/tiny_lora/lora
+    python infer.py --prompt "a purple square moving left" --model outputs/tiny_lora/export --lora outputs/tiny_lora/lora
 """
 
 import argparse
 import sys
+
+from cogpipe.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def main(argv=None) -> int:
@@ -18,8 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-frames", type=int, default=17)
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--output", default="output.mp4")

@@ -17,7 +17,8 @@ Runs the whole chain, each stage a command of its own (printed, timed, and recor
 
 The text encoder is a T5EncoderModel whose weights are set, not trained: byte embeddings (ByT5 ids) plus, in
 one attention layer whose relative-position bias makes head h look only at the byte h places away (h = -7..7,
-h != 0), a random projection of each neighbour. Every byte's output so describes the 15-byte window around it,
+h != 0; near the ends of the text, where that byte does not exist, the byte itself), a random projection of
+each neighbour. Every byte's output so describes the 15-byte window around it,
 so words ("yellow", "triangle") are readable from single tokens, which a tiny transformer trained for minutes
 needs: a randomly initialised T5 mixes bytes without order, and the CogVideoX transformer adds no positions
 to text tokens.
@@ -60,6 +61,7 @@ def ngram_text_encoder(d_model: int = 64, d_kv: int = 8, seed: int = 0):
         attn.v.weight.copy_(torch.randn(heads * d_kv, d_model, generator=g) / d_model**0.5)
         attn.o.weight.copy_(torch.randn(d_model, heads * d_kv, generator=g) / d_kv**0.5)
         bias = torch.zeros(cfg.relative_attention_num_buckets, heads)  # (bucket, head)
+        bias[0, :] = 15.0  # each head falls back on the token itself where i + offset is outside the text
         for h, offset in enumerate(NGRAM_OFFSETS):
             bias[abs(offset) + (half if offset > 0 else 0), h] = 30.0  # head h attends to token i + offset
         attn.relative_attention_bias.weight.copy_(bias)

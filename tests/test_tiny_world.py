@@ -1,0 +1,157 @@
+"""The shipped tiny model (models/tiny-world) and the recipes that made it: loading, generation scored by
+cogpipe/score.py, VAE reconstruction, the fixed text encoder, the pretraining recipes and stages."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cogpipe import world
+from cogpipe.inference import generate, load_pipeline
+from cogpipe.score import score_model, score_video
+from conftest import REPO
+
+SHIPPED = REPO / "models" / "tiny-world"
+# Tests of the shipped model itself run once `python -m cogpipe.pretrain_world --ship models/tiny-world` has
+# produced it (issue 6 is open: the pretraining recipes do not reach the target scores yet).
+needs_shipped = pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="models/tiny-world not shipped yet")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(SHIPPED)
+
+
+@needs_shipped
+def test_shipped_folder_is_a_small_diffusers_pipeline():
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import T5EncoderModel
+
+    p = CogVideoXPipeline.from_pretrained(SHIPPED)
+    assert isinstance(p.transformer, CogVideoXTransformer3DModel) and isinstance(p.vae, AutoencoderKLCogVideoX)
+    assert isinstance(p.text_encoder, T5EncoderModel)
+    assert p.vae.config.latent_channels == 16 == p.transformer.config.in_channels
+    files = [f for f in SHIPPED.rglob("*") if f.is_file()]
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights)
+    assert sum(f.stat().st_size for f in files) < 10 * 2**20  # "a few MB"
+    assert (SHIPPED / "README.md").is_file()
+
+
+@needs_shipped
+def test_shipped_model_generates_what_the_prompt_says(pipe):
+    """A few prompts of the fixed set, with the default sampling settings: every attribute right."""
+    prompts = ["a blue circle moving up", "a red square moving left", "a yellow triangle moving right"]
+    acc, rows = score_model(pipe, prompts, seed=0)
+    assert acc["all"] == 1.0, rows
+
+
+@needs_shipped
+def test_same_seed_same_video_and_the_prompt_matters(pipe):
+    a = generate(pipe, "a green square moving down", steps=4, seed=1)
+    np.testing.assert_array_equal(a, generate(pipe, "a green square moving down", steps=4, seed=1))
+    assert not np.array_equal(a, generate(pipe, "a red square moving down", steps=4, seed=1))
+
+
+@needs_shipped
+def test_vae_reconstructs_world_clips_with_the_held_out_colour(pipe):
+    """The VAE codes the palette and purple alike (it is the transformer that never saw purple)."""
+    from cogpipe.vae_training import reconstruct
+
+    for shape, colour, direction in [("triangle", "green", "left"), ("square", "purple", "up")]:
+        clip = world.render(shape, colour, direction, seed=5)
+        x = torch.from_numpy(clip).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, H, W)
+        rec = reconstruct(pipe.vae, x)
+        assert rec.shape == x.shape
+        frames = ((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        result = score_video(frames, world.caption(shape, colour, direction))
+        assert result["match"]["all"], result
+
+
+@needs_shipped
+def test_text_encoder_is_the_fixed_ngram_t5(pipe):
+    """Full pretraining trains only the transformer: the shipped T5 is exactly the constructed one."""
+    from cogpipe.pretrain_world import ngram_text_encoder
+
+    built = ngram_text_encoder(seed=0).state_dict()
+    shipped = pipe.text_encoder.state_dict()
+    assert set(built) <= set(shipped)
+    assert all(torch.equal(built[k], shipped[k]) for k in built)
+
+
+def test_ngram_text_encoder_sees_neighbouring_bytes_only():
+    from transformers import ByT5Tokenizer
+
+    from cogpipe.pretrain_world import NGRAM_OFFSETS, ngram_text_encoder
+
+    enc, tok = ngram_text_encoder(), ByT5Tokenizer()
+    ids = tok(["a red square moving up", "a red square moving upX"], padding="max_length", max_length=48,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = enc(ids)[0]
+    reach = max(NGRAM_OFFSETS)
+    change = len("a red square moving up")  # the first position that differs
+    same = (out[0] - out[1]).abs().amax(-1) < 1e-4
+    assert same[: change - reach].all() and not same[change - reach: change + reach + 1].all()
+
+
+@pytest.fixture(scope="module")
+def init_folder(tmp_path_factory):
+    """Stage 3 of the chain on an untrained VAE of the recipe's shape: the folder stage 4 trains."""
+    from cogpipe.pretrain_world import assemble
+    from cogpipe.vae_training import build_vae, load_vae_config
+
+    base = tmp_path_factory.mktemp("pretrain")
+    build_vae(load_vae_config(REPO / "configs" / "pretrain" / "tiny_world_vae.yaml").model).save_pretrained(base / "vae")
+    return assemble(base / "vae", base / "init")
+
+
+def test_assemble_builds_the_initial_pipeline(init_folder):
+    from diffusers import CogVideoXPipeline
+
+    from cogpipe.models import PRESETS
+
+    p = CogVideoXPipeline.from_pretrained(init_folder)
+    for key, value in PRESETS["tiny-world"]["transformer"].items():
+        assert p.transformer.config[key] == value, key
+    assert p.transformer.config.text_embed_dim == p.text_encoder.config.d_model
+    assert p.vae.config.latent_channels == 16 == p.transformer.config.in_channels
+
+
+def test_pretrain_recipes_load(init_folder):
+    from cogpipe.config import load_config
+    from cogpipe.vae_training import load_vae_config
+
+    vae_cfg = load_vae_config(REPO / "configs" / "pretrain" / "tiny_world_vae.yaml")
+    assert vae_cfg.model.latent_channels == 16 and vae_cfg.data.hue_rotate
+    dit_cfg = load_config(REPO / "configs" / "pretrain" / "tiny_world_dit.yaml", [f"model.pretrained={init_folder}"])
+    assert dit_cfg.train.mode == "full" and dit_cfg.model.latent_input and dit_cfg.train.caption_dropout > 0
+
+
+def test_vae_config_errors_name_the_key():
+    from cogpipe.config import ConfigError
+    from cogpipe.vae_training import load_vae_config
+
+    recipe = REPO / "configs" / "pretrain" / "tiny_world_vae.yaml"
+    for override, key in [("data.frames=12", "data.frames"), ("train.lr=0", "train.lr"),
+                          ("model.block_out_channels=[16,32]", "model.block_out_channels"), ("train.bogus=1", "bogus")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_vae_config(recipe, [override])
+
+
+def test_train_vae_runs_and_saves_a_loadable_vae(tmp_path):
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogpipe.vae_training import load_vae_config, train_vae
+    from conftest import make_clips
+
+    clips = make_clips(tmp_path / "clips", [("square", "red", "up"), ("circle", "blue", "left")], frames=9)
+    cfg = load_vae_config(REPO / "configs" / "pretrain" / "tiny_world_vae.yaml", [
+        f"output_dir={tmp_path / 'vae'}", f"data.root={clips}", "train.max_steps=2", "train.batch_size=2",
+        "train.warmup_steps=1", "train.log_every=1", "model.block_out_channels=[8,8,8,8]", "eval_clips=0"])
+    folder = train_vae(cfg, log=lambda *_: None)
+    vae = AutoencoderKLCogVideoX.from_pretrained(folder)
+    assert vae.config.latent_channels == 16 and vae.config.scaling_factor > 0
+    rows = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
