@@ -55,7 +55,7 @@ class VaeDataConfig:
     frames: int = 9  # 8N+1 like CogVideoX (4x temporal compression to an odd latent count, which decodes back)
     height: int = 64
     width: int = 64
-    crop: Optional[int] = None  # train on random crop x crop windows (cheaper; the VAE is convolutional)
+    crop: Optional[int] = None  # train on crop x crop windows holding the shape (cheaper; the VAE is convolutional)
     hue_rotate: bool = True  # rotate each training clip's hues by a random angle: the VAE codes every colour
 
     def __post_init__(self):
@@ -78,6 +78,8 @@ class VaeTrainConfig:
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     edge_weight: float = 0.0  # L1 between the spatial gradients of clip and reconstruction: sharper edges
+    foreground_weight: float = 0.0  # extra weight of pixels away from the clip's background colour: the shape,
+    # a small part of each frame, would otherwise count for little and its colour could be lost
     kl_weight: float = 1e-6  # small: just enough to keep the latent distribution bounded
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -157,13 +159,23 @@ def learning_rate(tc: VaeTrainConfig, step: int, minutes: float) -> float:
     return tc.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def pixel_weights(video: torch.Tensor, foreground_weight: float) -> torch.Tensor:
+    """(B, 3, F, H, W) -> (B, 1, F, H, W): 1 + foreground_weight on pixels away from each clip's background
+    (its median colour), 1 elsewhere, scaled to mean 1 so the loss keeps its size."""
+    background = video.flatten(2).median(dim=2).values[..., None, None, None]  # (B, 3, 1, 1, 1)
+    foreground = ((video - background).abs().sum(dim=1, keepdim=True) > 0.1).float()
+    weight = 1.0 + foreground_weight * foreground
+    return weight / weight.mean()
+
+
 def vae_loss(vae, video: torch.Tensor, tcfg: VaeTrainConfig, generator=None) -> tuple[torch.Tensor, dict]:
     """video (B, 3, F, H, W) in [-1, 1] -> loss, parts. The latent is sampled (reparameterised)."""
     posterior = vae.encode(video).latent_dist
     z = posterior.sample(generator)  # (B, 16, F', H/8, W/8)
     recon = vae.decode(z).sample  # (B, 3, F, H, W)
-    l1 = (recon - video).abs().mean()
-    mse = ((recon - video) ** 2).mean()
+    weight = pixel_weights(video, tcfg.foreground_weight) if tcfg.foreground_weight else 1.0
+    l1 = ((recon - video).abs() * weight).mean()
+    mse = (((recon - video) ** 2) * weight).mean()
     kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()  # per latent element
     edge = ((recon.diff(dim=-1) - video.diff(dim=-1)).abs().mean()
             + (recon.diff(dim=-2) - video.diff(dim=-2)).abs().mean())
@@ -215,14 +227,24 @@ def evaluate(vae, n: int, frames: int = 17, size: int = 64, seed: int = 12345) -
 
 
 def random_crop(video: torch.Tensor, size, generator) -> torch.Tensor:
-    """(B, 3, F, H, W) -> (B, 3, F, size, size), one window per clip on the 8-pixel latent grid."""
+    """(B, 3, F, H, W) -> (B, 3, F, size, size), one window per clip on the 8-pixel latent grid, drawn among
+    the windows that hold the clip's foreground centre (every window when the clip is plain)."""
     if size is None:
         return video
     h, w = video.shape[-2:]
     out = []
     for clip in video:
-        top = 8 * int(torch.randint(0, (h - size) // 8 + 1, (1,), generator=generator))
-        left = 8 * int(torch.randint(0, (w - size) // 8 + 1, (1,), generator=generator))
+        background = clip.flatten(1).median(dim=1).values[:, None, None, None]
+        ys, xs = torch.nonzero((clip - background).abs().sum(dim=0).amax(dim=0) > 0.1, as_tuple=True)
+        windows = []
+        for extent, centres in ((h, ys), (w, xs)):
+            starts = torch.arange(0, extent - size + 1, 8)
+            if len(centres):
+                c = centres.float().mean()
+                held = starts[(starts <= c) & (c < starts + size)]
+                starts = held if len(held) else starts
+            windows.append(int(starts[torch.randint(0, len(starts), (1,), generator=generator)]))
+        top, left = windows
         out.append(clip[..., top:top + size, left:left + size])
     return torch.stack(out)
 

@@ -155,3 +155,37 @@ def test_train_vae_runs_and_saves_a_loadable_vae(tmp_path):
     assert vae.config.latent_channels == 16 and vae.config.scaling_factor > 0
     rows = [json.loads(line) for line in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def _clip_tensor(shape, colour, direction, seed, frames=9):
+    clip = world.render(shape, colour, direction, frames=frames, seed=seed)
+    return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
+
+
+def test_vae_crops_hold_the_shape_and_sit_on_the_latent_grid():
+    from cogpipe.vae_training import random_crop
+
+    video = torch.stack([_clip_tensor("square", "red", d, seed=i) for i, d in enumerate(world.DIRECTIONS)])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        crops = random_crop(video, 32, g)
+        assert crops.shape == (4, 3, 9, 32, 32)
+        for crop in crops:  # the shape's colour is in every window
+            assert ((crop - crop.flatten(1).median(dim=1).values[:, None, None, None]).abs().sum(0) > 0.1).any()
+    plain = torch.full((1, 3, 9, 64, 64), -0.5)
+    assert random_crop(plain, 32, g).shape == (1, 3, 9, 32, 32)  # no foreground: any window
+    assert random_crop(video, None, g) is video
+
+
+def test_vae_foreground_weight_puts_the_shape_first():
+    from cogpipe.vae_training import pixel_weights
+
+    video = _clip_tensor("circle", "blue", "up", seed=1)[None]
+    w = pixel_weights(video, 4.0)
+    assert w.shape == (1, 1, 9, 64, 64) and abs(float(w.mean()) - 1.0) < 1e-5
+    clip = torch.from_numpy(world.render("circle", "blue", "up", frames=9, seed=1).astype(np.int64))[None, None]
+    inside = clip.sum(-1) > 200  # fully covered by the circle
+    outside = (clip == torch.tensor(world.BACKGROUND)).all(-1)  # untouched background
+    assert inside.any() and outside.any()
+    assert torch.allclose(w[inside], w[inside][0]) and torch.allclose(w[outside], w[outside][0])
+    assert float(w[inside][0] / w[outside][0]) == pytest.approx(5.0)  # 1 + foreground_weight
