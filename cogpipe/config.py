@@ -169,10 +169,11 @@ class Config:
         _one_of(self.wandb_mode, {"offline", "online", "disabled"}, "wandb_mode")
 
 
-def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
-    """Merge the schema defaults, the YAML at `path` and `key=value` overrides; validate."""
+def merge_structured(schema, path=None, overrides=()):
+    """An instance of the dataclass `schema`: its defaults, then the YAML at `path`, then `key=value` overrides.
+    Unknown keys, wrong types, failed checks and missing values are a ConfigError naming the key."""
     try:
-        cfg = OmegaConf.structured(Config)
+        cfg = OmegaConf.structured(schema)
         if path is not None:
             path = Path(path)
             if not path.is_file():
@@ -183,11 +184,16 @@ def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigError(f"{', '.join(missing)}: required value missing" + (f" in {path}" if path else ""))
-        config = OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         source = f" ({path})" if path else ""
         raise ConfigError(f"{key or 'config'}: {e.msg if hasattr(e, 'msg') else e}{source}") from None
+
+
+def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
+    """Merge the schema defaults, the YAML at `path` and `key=value` overrides; validate."""
+    config = merge_structured(Config, path, overrides)
     if validate_model:
         validate_against_model(config)
     _check(not (config.model.fp8_frozen and config.train.mode != "lora"), "model.fp8_frozen",

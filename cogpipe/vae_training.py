@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
 
-from cogpipe.config import ConfigError, _check
+from cogpipe.config import ConfigError, _check, merge_structured, save_config
 
 
 @dataclass
@@ -104,19 +103,7 @@ class VaeConfig:
 
 def load_vae_config(path=None, overrides=()) -> VaeConfig:
     """Schema defaults, then the YAML, then key=value overrides; errors name the key."""
-    try:
-        cfg = OmegaConf.structured(VaeConfig)
-        if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError(f"config file not found: {path}")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        missing = sorted(OmegaConf.missing_keys(cfg))
-        if missing:
-            raise ConfigError(f"{', '.join(missing)}: required value missing")
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{getattr(e, 'full_key', None) or 'config'}: {getattr(e, 'msg', e)}") from None
+    return merge_structured(VaeConfig, path, overrides)
 
 
 class InMemory(torch.utils.data.Dataset):
@@ -159,12 +146,17 @@ def learning_rate(tc: VaeTrainConfig, step: int, minutes: float) -> float:
     return tc.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def foreground(video: torch.Tensor) -> torch.Tensor:
+    """(..., 3, F, H, W) in [-1, 1] -> bool (..., F, H, W): pixels away from their clip's background colour
+    (the clip's median colour)."""
+    background = video.flatten(-3).median(dim=-1).values[..., None, None, None]  # (..., 3, 1, 1, 1)
+    return (video - background).abs().sum(dim=-4) > 0.1
+
+
 def pixel_weights(video: torch.Tensor, foreground_weight: float) -> torch.Tensor:
-    """(B, 3, F, H, W) -> (B, 1, F, H, W): 1 + foreground_weight on pixels away from each clip's background
-    (its median colour), 1 elsewhere, scaled to mean 1 so the loss keeps its size."""
-    background = video.flatten(2).median(dim=2).values[..., None, None, None]  # (B, 3, 1, 1, 1)
-    foreground = ((video - background).abs().sum(dim=1, keepdim=True) > 0.1).float()
-    weight = 1.0 + foreground_weight * foreground
+    """(B, 3, F, H, W) -> (B, 1, F, H, W): 1 + foreground_weight on the foreground, 1 elsewhere, scaled to
+    mean 1 so the loss keeps its size."""
+    weight = 1.0 + foreground_weight * foreground(video).unsqueeze(1).float()
     return weight / weight.mean()
 
 
@@ -234,8 +226,7 @@ def random_crop(video: torch.Tensor, size, generator) -> torch.Tensor:
     h, w = video.shape[-2:]
     out = []
     for clip in video:
-        background = clip.flatten(1).median(dim=1).values[:, None, None, None]
-        ys, xs = torch.nonzero((clip - background).abs().sum(dim=0).amax(dim=0) > 0.1, as_tuple=True)
+        ys, xs = torch.nonzero(foreground(clip).any(dim=0), as_tuple=True)  # over all frames
         windows = []
         for extent, centres in ((h, ys), (w, xs)):
             starts = torch.arange(0, extent - size + 1, 8)
@@ -282,7 +273,7 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    save_config(cfg, out / "config.yaml")
     tc = cfg.train
     torch.manual_seed(tc.seed)
     dataset = InMemory(VideoDataset(cfg.data.root, cfg.data.frames, cfg.data.height, cfg.data.width))
