@@ -28,11 +28,15 @@ _TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_em
 _VAE_TINY = dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
                  sample_height=64, sample_width=64, scaling_factor=0.7)
 # tiny-world: hidden 128 (4 heads x 32), 4 layers; text from the fixed n-gram T5 of cogpipe/pretrain_world.py
+# its VAE compresses 4x in space (3 levels): a 64x64 clip is 16x16 latent pixels, 8x8 tokens a frame
 _TINY_WORLD = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, time_embed_dim=64, text_embed_dim=64,
-                   sample_height=8, sample_width=8, sample_frames=17, max_text_seq_length=48,
+                   sample_height=16, sample_width=16, sample_frames=17, max_text_seq_length=48,
                    use_rotary_positional_embeddings=True)
 _T5_WORLD = dict(d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=14, relative_attention_num_buckets=32,
                  relative_attention_max_distance=64, vocab_size=384)
+_VAE_WORLD = dict(block_out_channels=(16, 32, 32), down_block_types=("CogVideoXDownBlock3D",) * 3,
+                  up_block_types=("CogVideoXUpBlock3D",) * 3, layers_per_block=1, norm_num_groups=4,
+                  latent_channels=16, sample_height=64, sample_width=64, scaling_factor=1.0)
 _VAE_FULL = dict(block_out_channels=(128, 256, 256, 512), layers_per_block=3, latent_channels=16)
 _5B = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
 _15 = dict(_5B, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
@@ -44,7 +48,7 @@ PRESETS = {
     "tiny-i2v": dict(transformer=dict(_TINY, in_channels=32), vae=_VAE_TINY, text_encoder=_T5_TINY,
                      snr_shift_scale=1.0),
     # models/tiny-world: pretrained from scratch on the synthetic world by `python -m cogpipe.pretrain_world`
-    "tiny-world": dict(transformer=_TINY_WORLD, vae=dict(_VAE_TINY, scaling_factor=1.0), text_encoder=_T5_WORLD,
+    "tiny-world": dict(transformer=_TINY_WORLD, vae=_VAE_WORLD, text_encoder=_T5_WORLD,
                        snr_shift_scale=1.0),
     "2b": dict(transformer=dict(num_attention_heads=30, num_layers=30),
                vae=dict(_VAE_FULL, scaling_factor=1.15258426), text_encoder=_T5_XXL, snr_shift_scale=3.0),

@@ -1,6 +1,6 @@
 """Pretrain the shipped tiny CogVideoX (models/tiny-world) from nothing, on the synthetic world.
 
-    python -m cogpipe.pretrain_world [--work outputs/pretrain] [--ship models/tiny-world] [--clips 2000]
+    python -m cogpipe.pretrain_world [--work outputs/pretrain] [--ship models/tiny-world] [--clips 1000]
 
 Runs the whole chain, each stage a command of its own (printed, timed, and recorded in
 <work>/stages.json; the model card quotes them):
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True)
     parser.add_argument("--work", default="outputs/pretrain", help="where clips, runs and stages.json go")
     parser.add_argument("--ship", default=None, help="copy the result here (e.g. models/tiny-world)")
-    parser.add_argument("--clips", type=int, default=2000)
+    parser.add_argument("--clips", type=int, default=1000)
     parser.add_argument("--vae-arg", action="append", default=[], help="key=value for the VAE stage")
     parser.add_argument("--dit-arg", action="append", default=[], help="key=value for the transformer stage")
     args = parser.parse_args(argv)

@@ -2,8 +2,8 @@
 
     python -m cogpipe.vae_training --config configs/pretrain/tiny_world_vae.yaml [key=value ...]
 
-The VAE keeps the CogVideoX layout (16 latent channels, 8x spatial and 4x temporal compression, causal 3D
-convolutions) with few channels, so it trains on a laptop CPU. Clips are decoded with cogpipe.data
+The VAE keeps the CogVideoX layout (16 latent channels, 4x temporal compression, causal 3D convolutions; 8x
+spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few channels, so it trains on a laptop CPU. Clips are decoded with cogpipe.data
 (VideoDataset: decord, even frame sampling, resize/crop to [-1, 1]). No GAN, no perceptual loss: the world
 is flat shapes on a plain background. At the end the latents' spread over the data sets `scaling_factor`
 (so scaled latents have unit standard deviation, what the diffusion schedule assumes), the model is saved
@@ -34,7 +34,8 @@ from cogpipe.config import ConfigError, _check, merge_structured, save_config
 
 @dataclass
 class VaeModelConfig:
-    block_out_channels: list[int] = field(default_factory=lambda: [16, 16, 16, 16])  # 4 levels: 8x spatial
+    # 4 levels: the 8x spatial compression of CogVideoX; 3 levels: 4x (more latent pixels for a small world)
+    block_out_channels: list[int] = field(default_factory=lambda: [16, 16, 16, 16])
     layers_per_block: int = 1
     norm_num_groups: int = 4
     latent_channels: int = 16  # what every CogVideoX transformer takes
@@ -42,8 +43,9 @@ class VaeModelConfig:
     init_seed: int = 0
 
     def __post_init__(self):
-        _check(len(self.block_out_channels) == 4, "model.block_out_channels",
-               "needs 4 levels (3 downsamplings: the 8x spatial compression of CogVideoX)")
+        _check(len(self.block_out_channels) in (3, 4), "model.block_out_channels",
+               f"needs 3 or 4 levels (4x or 8x spatial compression; the first two also compress time 4x), "
+               f"got {len(self.block_out_channels)}")
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "model.norm_num_groups",
                f"must divide every block_out_channels {self.block_out_channels}")
 
@@ -127,7 +129,10 @@ def build_vae(model_cfg: VaeModelConfig):
     if model_cfg.pretrained:
         return AutoencoderKLCogVideoX.from_pretrained(model_cfg.pretrained)
     torch.manual_seed(model_cfg.init_seed)
+    levels = len(model_cfg.block_out_channels)
     return AutoencoderKLCogVideoX(block_out_channels=tuple(model_cfg.block_out_channels),
+                                  down_block_types=("CogVideoXDownBlock3D",) * levels,
+                                  up_block_types=("CogVideoXUpBlock3D",) * levels,
                                   layers_per_block=model_cfg.layers_per_block,
                                   norm_num_groups=model_cfg.norm_num_groups,
                                   latent_channels=model_cfg.latent_channels, sample_height=64, sample_width=64)

@@ -50,3 +50,21 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
     other = build_cache(_cfg(root, cache, "model.init_seed=1"), discover(root), log=lambda *_: None)
     assert other[1].latents != entries[1].latents and other[1].prompt != entries[1].prompt
     assert not list(cache.rglob("*.tmp"))
+
+
+def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
+    """build_cache encodes clips of one shape together (cache.ENCODE_BATCH); each entry is what encoding
+    that clip alone gives."""
+    from cogpipe import cache as cache_mod
+    from cogpipe.data import load_clip
+
+    root = make_clips(tmp_path / "d", SPECS[:3])
+    cfg = _cfg(root, tmp_path / "cache")
+    entries = build_cache(cfg, discover(root), log=lambda *_: None)
+    vae = models.build_vae(cfg.model).eval()
+    for sample, entry in zip(discover(root), entries):
+        alone = cache_mod.encode_videos(vae, [load_clip(sample.video, 17, 64, 64)])[0]
+        cached = load_file(str(entry.latents))
+        torch.testing.assert_close(cached["mean"], alone["mean"], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cached["std"], alone["std"], atol=1e-5, rtol=1e-4)
+    assert len({load_file(str(e.latents))["mean"].sum().item() for e in entries}) == 3  # three different clips

@@ -117,6 +117,10 @@ def test_assemble_builds_the_initial_pipeline(init_folder):
         assert p.transformer.config[key] == value, key
     assert p.transformer.config.text_embed_dim == p.text_encoder.config.d_model
     assert p.vae.config.latent_channels == 16 == p.transformer.config.in_channels
+    with torch.no_grad():  # the recipe's 3-level VAE: 4x in space, 4x in time
+        z = p.vae.encode(torch.zeros(1, 3, 9, 64, 64)).latent_dist.mean
+    assert z.shape == (1, 16, 3, 16, 16)
+    assert p.transformer.config.sample_height * 4 == 64  # the transformer's native size is the world's
 
 
 def test_pretrain_recipes_load(init_folder):
