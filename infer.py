@@ -1,5 +1,5 @@
-"""Generate a video with a CogVideoX pipeline folder (default: the embedded tiny model), optionally
-with a LoRA.
+"""Generate a video with a CogVideoX pipeline folder (default: the shipped tiny model, models/tiny-world),
+optionally with a LoRA.
 
     python infer.py --prompt "a purple square moving left" --model outputs/tiny_lora/export --lora outputs/tiny_lora/lora
 """
@@ -13,7 +13,7 @@ from cogpipe.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt", required=True)
-    p.add_argument("--model", default=None, help="Diffusers pipeline folder or hub id (default: embedded tiny)")
+    p.add_argument("--model", default=None, help="Diffusers pipeline folder or hub id (default: models/tiny-world)")
     p.add_argument("--lora", default=None, help="LoRA folder or .safetensors file")
     p.add_argument("--lora-scale", type=float, default=1.0)
     p.add_argument("--image", default=None, help="first frame, for image-to-video models")

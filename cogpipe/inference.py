@@ -13,20 +13,22 @@ from cogpipe.video import write_mp4
 # Sampling defaults of infer.py and `cogpipe score`.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 6.0
+# The shipped tiny model (pretrained on cogpipe/world.py by `python -m cogpipe.pretrain_world`): the default.
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-world"
 
 
 def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.float32, device="cpu"):
-    """A CogVideoX (text- or image-to-video) pipeline from a folder or hub id; the embedded tiny
-    preset (random weights) when `model` is None. `lora` is a folder or a .safetensors file."""
+    """A CogVideoX (text- or image-to-video) pipeline from a folder or hub id; the shipped tiny model
+    (models/tiny-world) when `model` is None. `lora` is a folder or a .safetensors file."""
     from cogpipe import models
 
     if model is None:
-        from cogpipe.config import ModelConfig
-
-        pipe = models.build_pipeline(ModelConfig(preset="tiny"), dtype=dtype)
-    else:
-        cls = models.pipeline_class(models._read_component_config(str(model), "transformer"))
-        pipe = cls.from_pretrained(str(model), dtype=dtype)
+        model = DEFAULT_MODEL
+        if not (model / "model_index.json").is_file():
+            raise FileNotFoundError(f"{model}: the shipped tiny model is missing (a partial checkout?); pass "
+                                    f"--model, or rebuild it with `python -m cogpipe.pretrain_world --ship {model}`")
+    cls = models.pipeline_class(models._read_component_config(str(model), "transformer"))
+    pipe = cls.from_pretrained(str(model), dtype=dtype)
     if lora is not None:
         lora = Path(lora)
         if lora.is_dir():

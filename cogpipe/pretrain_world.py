@@ -65,6 +65,7 @@ def ngram_text_encoder(d_model: int = 64, d_kv: int = 8, seed: int = 0):
         for h, offset in enumerate(NGRAM_OFFSETS):
             bias[abs(offset) + (half if offset > 0 else 0), h] = 30.0  # head h attends to token i + offset
         attn.relative_attention_bias.weight.copy_(bias)
+        ff.wi.weight.zero_()
         ff.wo.weight.zero_()  # the feed-forward block adds nothing
     return model
 

@@ -269,8 +269,8 @@ def score_model(pipe, prompts, steps=None, guidance=None, seed: int = 0, frames:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", default=None, help="Diffusers pipeline folder or hub id (default: the embedded "
-                                                       "tiny model)")
+    parser.add_argument("--model", default=None, help="Diffusers pipeline folder or hub id (default: the shipped "
+                                                       "models/tiny-world)")
     parser.add_argument("--lora", default=None, help="LoRA folder or .safetensors file")
     parser.add_argument("--lora-scale", type=float, default=1.0)
     parser.add_argument("--prompts", choices=["fixed", "held-out"], default="fixed",
@@ -299,7 +299,7 @@ def run(args) -> int:
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     acc, rows = score_model(pipe, prompts, steps, guidance, args.seed, args.frames, args.height, args.width,
                             args.videos)
-    out = {**acc, "prompts": args.prompts, "model": args.model or "embedded tiny (default)",
+    out = {**acc, "prompts": args.prompts, "model": args.model or "models/tiny-world (default)",
            "lora": args.lora, "steps": steps, "guidance": guidance, "seed": args.seed}
     if args.details:
         out["details"] = rows

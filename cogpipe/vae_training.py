@@ -3,9 +3,9 @@
     python -m cogpipe.vae_training --config configs/pretrain/tiny_world_vae.yaml [key=value ...]
 
 The VAE keeps the CogVideoX layout (16 latent channels, 4x temporal compression, causal 3D convolutions; 8x
-spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few channels, so it trains on a laptop CPU. Clips are decoded with cogpipe.data
-(VideoDataset: decord, even frame sampling, resize/crop to [-1, 1]). No GAN, no perceptual loss: the world
-is flat shapes on a plain background. At the end the latents' spread over the data sets `scaling_factor`
+spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few channels, so it trains on a
+laptop CPU. Clips are decoded with cogpipe.data (VideoDataset: decord, even frame sampling, resize/crop to
+[-1, 1]). No GAN, no perceptual loss: the world is flat shapes on a plain background. At the end the latents' spread over the data sets `scaling_factor`
 (so scaled latents have unit standard deviation, what the diffusion schedule assumes), the model is saved
 with `save_pretrained` and reconstructions of freshly rendered world clips (the held-out colour included)
 are scored with cogpipe.score.

@@ -22,7 +22,7 @@ def test_every_recipe_loads():
 def test_overrides_merge_over_yaml():
     cfg = load_config(RECIPE, ["train.max_steps=7", "lora.rank=4", "data.root=/somewhere"])
     assert (cfg.train.max_steps, cfg.lora.rank, cfg.data.root) == (7, 4, "/somewhere")
-    assert cfg.train.batch_size == 2  # from the YAML
+    assert cfg.train.batch_size == 4  # from the YAML
     assert cfg.train.adam_eps == 1e-8  # from the schema defaults
 
 
@@ -38,7 +38,7 @@ def test_overrides_merge_over_yaml():
     (["data.frames=57"], "data.frames"),
     (["data.height=72"], "data.height"),
     (["data.width=100"], "data.width"),
-    (["model.preset=7b"], "model.preset"),
+    (["model.pretrained=null", "model.preset=7b"], "model.preset"),
     (["report_to=slack"], "report_to"),
 ])
 def test_rule_errors_name_the_key(overrides, key):
