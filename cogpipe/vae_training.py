@@ -5,10 +5,10 @@
 The VAE keeps the CogVideoX layout (16 latent channels, 4x temporal compression, causal 3D convolutions; 8x
 spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few channels, so it trains on a
 laptop CPU. Clips are decoded with cogpipe.data (VideoDataset: decord, even frame sampling, resize/crop to
-[-1, 1]). No GAN, no perceptual loss: the world is flat shapes on a plain background. At the end the latents' spread over the data sets `scaling_factor`
-(so scaled latents have unit standard deviation, what the diffusion schedule assumes), the model is saved
-with `save_pretrained` and reconstructions of freshly rendered world clips (the held-out colour included)
-are scored with cogpipe.score.
+[-1, 1]). No GAN, no perceptual loss: the world is flat shapes on a plain background. At the end the
+latents' spread over the data sets `scaling_factor` (so scaled latents have unit standard deviation, what
+the diffusion schedule assumes), the model is saved with `save_pretrained` and reconstructions of freshly
+rendered world clips (the held-out colour included) are scored with cogpipe.score.
 
     <output_dir>/vae/             the trained VAE (config.json + diffusion_pytorch_model.safetensors)
     <output_dir>/checkpoint/      the same every `train.save_every` steps (to continue with model.pretrained)
@@ -224,8 +224,9 @@ def evaluate(vae, n: int, frames: int = 17, size: int = 64, seed: int = 12345) -
 
 
 def random_crop(video: torch.Tensor, size, generator) -> torch.Tensor:
-    """(B, 3, F, H, W) -> (B, 3, F, size, size), one window per clip on the 8-pixel latent grid, drawn among
-    the windows that hold the clip's foreground centre (every window when the clip is plain)."""
+    """(B, 3, F, H, W) -> (B, 3, F, size, size), one window per clip on an 8-pixel grid (on the latent grid
+    at 4x and 8x compression), drawn among the windows that hold the clip's foreground centre (every window
+    when the clip is plain)."""
     if size is None:
         return video
     h, w = video.shape[-2:]
