@@ -11,7 +11,8 @@ Runs the whole chain, each stage a command of its own (printed, timed, and recor
                     a Diffusers pipeline folder: ByT5 tokenizer, a fixed n-gram T5 text encoder (below),
                     the trained VAE, a randomly initialised CogVideoXTransformer3DModel of the `tiny-world`
                     preset (cogpipe/models.py) and the CogVideoX DDIM scheduler
-  4. transformer    accelerate launch train.py --config configs/pretrain/tiny_world_dit.yaml
+  4. transformer    accelerate launch --num_cpu_threads_per_process 2 train.py \
+                        --config configs/pretrain/tiny_world_dit.yaml
                     (train.mode: full, from scratch, on VAE latents; model.pretrained: <work>/init)
   5. ship           python -m cogpipe.pretrain_world ship --export <work>/dit/export --out models/tiny-world
 
@@ -122,6 +123,7 @@ def run_chain(work: str, ship_to: str | None, clips: int, vae_args=(), dit_args=
     _stage("assemble", [py, "-m", "cogpipe.pretrain_world", "assemble", "--vae", f"{w}/vae/vae",
                         "--out", f"{w}/init"], record)
     _stage("transformer", [str(Path(py).with_name("accelerate")), "launch", "--num_processes", "1",
+                           "--num_cpu_threads_per_process", str(torch.get_num_threads()),  # accelerate's default: 1
                            "train.py", "--config", "configs/pretrain/tiny_world_dit.yaml",
                            f"output_dir={w}/dit", f"model.pretrained={w}/init", f"data.root={w}/world",
                            *dit_args], record)

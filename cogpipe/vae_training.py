@@ -6,8 +6,8 @@ The VAE keeps the CogVideoX layout (16 latent channels, 4x temporal compression,
 spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few channels, so it trains on a
 laptop CPU. Clips are decoded with cogpipe.data (VideoDataset: decord, even frame sampling, resize/crop to
 [-1, 1]). No GAN, no perceptual loss: the world is flat shapes on a plain background. At the end the
-latents' spread over the data sets `scaling_factor` (so scaled latents have unit standard deviation, what
-the diffusion schedule assumes), the model is saved with `save_pretrained` and reconstructions of freshly
+latents' spread around each channel's mean sets `scaling_factor` (what a clip shows gets the standard
+deviation `model.scaled_latent_std` in the scaled latents: 1 is what the diffusion schedule assumes), the model is saved with `save_pretrained` and reconstructions of freshly
 rendered world clips (the held-out colour included) are scored with cogpipe.score.
 
     <output_dir>/vae/             the trained VAE (config.json + diffusion_pytorch_model.safetensors)
@@ -41,6 +41,10 @@ class VaeModelConfig:
     latent_channels: int = 16  # what every CogVideoX transformer takes
     pretrained: Optional[str] = None  # a saved VAE folder to continue from (ignores the shape keys above)
     init_seed: int = 0
+    # the spread (standard deviation around each channel's mean) of the scaled latents a diffusion model trains
+    # on: scaling_factor = scaled_latent_std / the measured spread. 1 is the usual choice; above 1 puts less of
+    # the noise schedule where a small latent (16x16 pixels) shows nothing
+    scaled_latent_std: float = 1.0
 
     def __post_init__(self):
         _check(len(self.block_out_channels) in (3, 4), "model.block_out_channels",
@@ -48,6 +52,8 @@ class VaeModelConfig:
                f"got {len(self.block_out_channels)}")
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "model.norm_num_groups",
                f"must divide every block_out_channels {self.block_out_channels}")
+        _check(self.scaled_latent_std > 0, "model.scaled_latent_std",
+               f"must be positive, got {self.scaled_latent_std}")
 
 
 @dataclass
@@ -190,13 +196,17 @@ def reconstruct(vae, frames: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_std(vae, loader, batches: int = 8) -> float:
-    """Standard deviation of the (unscaled) latent means over some batches of the data."""
+    """Standard deviation of the (unscaled) latent means around each channel's mean, over some batches of
+    the data: the spread of what a clip shows, without the constant offsets a channel carries everywhere
+    (the plain background), which would otherwise take up most of it."""
     values = []
     for i, batch in enumerate(loader):
         if i >= batches:
             break
-        values.append(vae.encode(batch["frames"].permute(0, 2, 1, 3, 4)).latent_dist.mean.flatten())
-    return float(torch.cat(values).std())
+        z = vae.encode(batch["frames"].permute(0, 2, 1, 3, 4)).latent_dist.mean  # (B, C, F, H, W)
+        values.append(z.transpose(0, 1).flatten(1))
+    z = torch.cat(values, dim=1)  # (C, N)
+    return float((z - z.mean(dim=1, keepdim=True)).std())
 
 
 @torch.no_grad()
@@ -329,7 +339,7 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
 
     vae.eval()
     std = latent_std(vae, loader)
-    vae.register_to_config(scaling_factor=round(1.0 / std, 6))  # scaled latents: unit standard deviation
+    vae.register_to_config(scaling_factor=round(cfg.model.scaled_latent_std / std, 6))
     _save(vae, out / "vae")
     result = {"steps": step, "train_minutes": round((time.perf_counter() - start) / 60, 2), "latent_std": std,
               "scaling_factor": vae.config.scaling_factor}

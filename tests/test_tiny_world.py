@@ -172,6 +172,26 @@ def test_train_vae_runs_and_saves_a_loadable_vae(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_latent_std_measures_the_spread_around_each_channel_mean():
+    """scaling_factor = 1 / latent_std: the constant offset a channel carries everywhere (the plain
+    background) must not count as spread, or what a clip shows ends up far below unit scale."""
+    from types import SimpleNamespace
+
+    from cogpipe.vae_training import latent_std
+
+    g = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([5.0, -3.0])[None, :, None, None, None]  # (1, C, 1, 1, 1)
+
+    class Encoder:
+        def encode(self, x):  # x (B, 3, F, H, W) -> latents (B, 2, F, H, W): offset + 0.5 * unit noise
+            z = offsets + 0.5 * torch.randn((x.shape[0], 2, *x.shape[2:]), generator=g)
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=z))
+
+    loader = [{"frames": torch.zeros(4, 3, 2, 8, 8)} for _ in range(10)]  # (B, F, 3, H, W)
+    assert latent_std(Encoder(), loader) == pytest.approx(0.5, rel=0.05)  # the offsets alone: std ~4
+    assert latent_std(Encoder(), loader, batches=2) == pytest.approx(0.5, rel=0.05)
+
+
 def _clip_tensor(shape, colour, direction, seed, frames=9):
     clip = world.render(shape, colour, direction, frames=frames, seed=seed)
     return torch.from_numpy(clip).permute(3, 0, 1, 2).float() / 127.5 - 1.0  # (3, F, H, W)
