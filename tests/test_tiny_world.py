@@ -41,12 +41,14 @@ def test_shipped_folder_is_a_small_diffusers_pipeline():
 
 @needs_shipped
 def test_shipped_model_generates_what_the_prompt_says(pipe):
-    """A few prompts of the fixed set, with the default sampling settings: colour and direction right.
-    Shapes are not asserted: the shipped model draws blobs (shape 0.375 on the fixed set; issue 6)."""
+    """A few prompts of the fixed set, with the default sampling settings: colour and direction right, and
+    the shape of circles and triangles. Squares are not asserted: the shipped model draws them with rounded
+    corners, which the scorer reads as circles (shape 0.67 on the fixed set: every square missed; issue 6)."""
     prompts = ["a blue circle moving up", "a red square moving left", "a yellow triangle moving right",
-               "a green square moving down"]
+               "a green triangle moving down"]
     acc, rows = score_model(pipe, prompts, seed=0)
     assert acc["colour"] == 1.0 and acc["direction"] == 1.0, rows
+    assert all(r["match"]["shape"] for r in rows if "square" not in r["prompt"]), rows
 
 
 @needs_shipped
