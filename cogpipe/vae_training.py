@@ -7,8 +7,9 @@ spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few chan
 laptop CPU. Clips are decoded with cogpipe.data (VideoDataset: decord, even frame sampling, resize/crop to
 [-1, 1]). No GAN, no perceptual loss: the world is flat shapes on a plain background. At the end the
 latents' spread around each channel's mean sets `scaling_factor` (what a clip shows gets the standard
-deviation `model.scaled_latent_std` in the scaled latents: 1 is what the diffusion schedule assumes), the model is saved with `save_pretrained` and reconstructions of freshly
-rendered world clips (the held-out colour included) are scored with cogpipe.score.
+deviation `model.scaled_latent_std` in the scaled latents: 1 is what the diffusion schedule assumes), the
+model is saved with `save_pretrained` and reconstructions of freshly rendered world clips (the held-out
+colour included) are scored with cogpipe.score.
 
     <output_dir>/vae/             the trained VAE (config.json + diffusion_pytorch_model.safetensors)
     <output_dir>/checkpoint/      the same every `train.save_every` steps (to continue with model.pretrained)
