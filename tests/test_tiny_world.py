@@ -75,22 +75,13 @@ def test_vae_reconstructs_world_clips_with_the_held_out_colour(pipe):
 
 @needs_shipped
 def test_text_encoder_is_the_fixed_ngram_t5(pipe):
-    """Full pretraining trains only the transformer: the shipped T5 is the constructed one (its feed-forward
-    block is switched off by a zero output layer, so the input layer's values do not matter)."""
-    from transformers import ByT5Tokenizer
-
+    """Full pretraining trains only the transformer: the shipped T5 is exactly the constructed one."""
     from cogpipe.pretrain_world import ngram_text_encoder
 
-    built = ngram_text_encoder(seed=0)
+    built = ngram_text_encoder(seed=0).state_dict()
     shipped = pipe.text_encoder.state_dict()
-    unused = {"encoder.block.0.layer.1.DenseReluDense.wi.weight"}
-    assert set(built.state_dict()) <= set(shipped)
-    assert all(torch.equal(v, shipped[k]) for k, v in built.state_dict().items() if k not in unused)
-    assert not shipped["encoder.block.0.layer.1.DenseReluDense.wo.weight"].any()
-    ids = ByT5Tokenizer()(["a blue circle moving up", "a purple triangle moving left"], padding="max_length",
-                          max_length=48, return_tensors="pt").input_ids
-    with torch.no_grad():
-        torch.testing.assert_close(pipe.text_encoder(ids)[0], built(ids)[0], rtol=0, atol=0)
+    assert set(built) <= set(shipped)
+    assert all(torch.equal(built[k], shipped[k]) for k in built)
 
 
 def test_ngram_text_encoder_sees_neighbouring_bytes_only():
@@ -175,8 +166,9 @@ def test_train_vae_runs_and_saves_a_loadable_vae(tmp_path):
 
 
 def test_latent_std_measures_the_spread_around_each_channel_mean():
-    """scaling_factor = 1 / latent_std: the constant offset a channel carries everywhere (the plain
-    background) must not count as spread, or what a clip shows ends up far below unit scale."""
+    """scaling_factor = model.scaled_latent_std / latent_std: the constant offset a channel carries
+    everywhere (the plain background) must not count as spread, or what a clip shows ends up far below the
+    intended scale."""
     from types import SimpleNamespace
 
     from cogpipe.vae_training import latent_std
