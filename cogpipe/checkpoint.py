@@ -88,10 +88,12 @@ def remove_partial(output_dir) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _failpoint(name: str) -> None:
-    """Fault injection for the kill-during-save tests: COGPIPE_FAILPOINT=<name> SIGKILLs this process here."""
-    if os.environ.get("COGPIPE_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+def failpoint(name: str) -> None:
+    """Fault injection for the fault tests: COGPIPE_FAILPOINT=<name> sends SIGKILL to this process here,
+    COGPIPE_FAILPOINT=<name>=TERM (or any other signal name) that signal."""
+    point, _, sig = os.environ.get("COGPIPE_FAILPOINT", "").partition("=")
+    if point == name:
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
 
 
 EMA = "ema.safetensors"
@@ -127,7 +129,7 @@ def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, tota
             (tmp / "config.yaml").write_text(config_yaml)
             if ema is not None:
                 save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / EMA))
-            _failpoint(f"checkpoint-save:{step}")
+            failpoint(f"checkpoint-save:{step}")
             (tmp / STATE).write_text(json.dumps(state, indent=1))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -275,6 +275,7 @@ def train(cfg: Config) -> Path:
                                              encoder_hidden_states=embeds.to(weight_dtype), timestep=t, ofs=ofs,
                                              image_rotary_emb=rope, return_dict=False)[0]
                     loss = diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod)
+                    checkpoint.failpoint(f"train-step:{state['step'] + 1}")
                     accelerator.backward(loss)
                     bad_micro |= not bool(torch.isfinite(loss.detach()))
                     if accelerator.sync_gradients:

@@ -253,13 +253,14 @@ def test_sigkill_during_a_save_then_resume_is_bit_identical(clips, reference, tm
 def test_sigterm_saves_then_exits(clips, reference, tmp_path):
     expected, cache = reference
     out = tmp_path / "out"
-    proc = _launch(clips, out, cache, **{"train.checkpoint_every": 0})
-    _wait_for_step(out, 2, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    saved = (out / "checkpoints" / "latest").read_text()
-    step = checkpoint.read_state(out / "checkpoints" / saved)["step"]
-    assert 2 <= step < 6
+    # SIGTERM arrives in the middle of step 3 (between forward and backward): a signal sent from outside
+    # raced the 6 fast steps and could land after the last one.
+    proc = _launch(clips, out, cache, env={"COGPIPE_FAILPOINT": "train-step:3=TERM"},
+                   **{"train.checkpoint_every": 0})
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read().decode()[-2000:]
+    assert (out / "checkpoints" / "latest").read_text() == "checkpoint-000003"
+    assert checkpoint.read_state(out / "checkpoints" / "checkpoint-000003")["step"] == 3
+    assert not (out / "checkpoints" / "checkpoint-000004").exists()
     proc = _launch(clips, out, cache, **{"train.checkpoint_every": 0})
     assert proc.wait(timeout=300) == 0
     assert _same(_final(out), expected)
