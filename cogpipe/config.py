@@ -117,6 +117,9 @@ class TrainConfig:
     log_every: int = 1
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each such step is skipped)
     caption_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
+    timestep_sampling: str = "uniform"  # uniform | logit_normal (t/T = sigmoid(N(mean, std)))
+    timestep_logit_mean: float = 0.0
+    timestep_logit_std: float = 1.0
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     ema_decay: float = 0.0  # > 0 keeps an EMA of the trained weights, saved and exported instead of them
     collective_timeout_min: int = 120  # how long a process waits at a barrier (caching, validation, saves)
@@ -130,6 +133,8 @@ class TrainConfig:
             _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
         _check(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "must be in [0, 1)")
+        _one_of(self.timestep_sampling, {"uniform", "logit_normal"}, "train.timestep_sampling")
+        _check(self.timestep_logit_std > 0, "train.timestep_logit_std", "must be positive")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1); 0 turns the EMA off")
         _one_of(self.optimizer, {"adamw", "adamw8bit"}, "train.optimizer")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")

@@ -16,8 +16,16 @@ def _at(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> to
     return a.view(-1, *([1] * (like.ndim - 1)))  # (B, 1, ...) broadcast over the latent dims
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randint(0, num_train_timesteps, (batch,), generator=generator, device=generator.device)
+def sample_timestep(num_train_timesteps: int, generator: torch.Generator, sampling: str = "uniform",
+                    logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """One training timestep, shape (1,). `uniform`: every t alike (the CogVideoX finetune code);
+    `logit_normal`: t / T = sigmoid(N(logit_mean, logit_std)), more of the steps where the noise leaves
+    the content ambiguous and the prompt decides it (mean 0: centred on t = T/2; > 0: noisier)."""
+    device = generator.device
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (1,), generator=generator, device=device)
+    z = logit_mean + logit_std * torch.randn((1,), generator=generator, device=device)
+    return (torch.sigmoid(z) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
 def add_noise(x0, noise, t, alphas_cumprod):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from cogpipe import checkpoint, models
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.config import Config, ConfigError, save_config, to_yaml
-from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings
+from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings, sample_timestep
 
 
 def epoch_batches(shapes: list, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -46,9 +46,10 @@ def example_generator(seed: int, micro_step: int, slot: int, device) -> torch.Ge
 
 
 def training_batch(batch: dict, seed: int, micro_step: int, rank: int, world: int, num_timesteps: int, device,
-                   caption_dropout: float = 0.0, empty_embeds=None):
+                   caption_dropout: float = 0.0, empty_embeds=None, timesteps: tuple = ("uniform", 0.0, 1.0)):
     """Per-example randomness for a batch, each example from its own seeded generator: the latent
-    sample, noise, timestep, caption dropout and which cached first-frame encoding (image-to-video).
+    sample, noise, timestep (`timesteps`: sampling, logit mean, logit std, see diffusion.sample_timestep),
+    caption dropout and which cached first-frame encoding (image-to-video).
 
     Returns x0 and noise (B, F, C, H, W), timesteps (B,), prompt embeddings (B, L, D) and the image
     latents padded with zeros over time (B, F, C, H, W), or None for text-to-video."""
@@ -58,7 +59,7 @@ def training_batch(batch: dict, seed: int, micro_step: int, rank: int, world: in
         mean, std = batch["mean"][j].to(device), batch["std"][j].to(device)
         x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
         noise.append(torch.randn(mean.shape, generator=g, device=device))
-        t.append(torch.randint(0, num_timesteps, (1,), generator=g, device=device))
+        t.append(sample_timestep(num_timesteps, g, *timesteps))
         drop = caption_dropout > 0 and torch.rand((), generator=g, device=device).item() < caption_dropout
         embeds.append(empty_embeds if drop else batch["prompt_embeds"][j])
         if "image_latents" in batch:
@@ -242,6 +243,8 @@ def train(cfg: Config) -> Path:
         return checkpoint.save(accelerator, out, state["step"], dict(state), config_yaml,
                                cfg.train.checkpoints_total_limit, ema)
 
+    timesteps = (cfg.train.timestep_sampling, cfg.train.timestep_logit_mean, cfg.train.timestep_logit_std)
+
     # SIGTERM / SIGINT: finish the optimizer step in flight, save a checkpoint, stop.
     stop = {"signum": 0}
     handlers = {}
@@ -261,7 +264,8 @@ def train(cfg: Config) -> Path:
             indices = epoch_batches(shapes, cfg.train.batch_size, cfg.train.seed, epoch, rank, world)[pos]
             batch = _collate([dataset[i] for i in indices])
             x0, noise, t, embeds, image = training_batch(batch, cfg.train.seed, micro, rank, world, num_timesteps,
-                                                         device, cfg.train.caption_dropout, empty_embeds)
+                                                         device, cfg.train.caption_dropout, empty_embeds,
+                                                         timesteps)
             patch_t = tcfg.get("patch_size_t")
             x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
             noisy = add_noise(x0, noise, t, alphas_cumprod)  # (B, F, C, H, W)

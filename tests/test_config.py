@@ -34,6 +34,8 @@ def test_overrides_merge_over_yaml():
     (["train.mode=half"], "train.mode"),
     (["train.mixed_precision=fp64"], "train.mixed_precision"),
     (["train.lr_scheduler=wavy"], "train.lr_scheduler"),
+    (["train.timestep_sampling=cosine"], "train.timestep_sampling"),
+    (["train.timestep_logit_std=0"], "train.timestep_logit_std"),
     (["data.frames=20"], "data.frames"),
     (["data.frames=57"], "data.frames"),
     (["data.height=72"], "data.height"),

@@ -1,5 +1,5 @@
 """Memory and training switches: EMA, validation during training, fp8 frozen weights, gradient
-checkpointing, 8-bit AdamW's message."""
+checkpointing, 8-bit AdamW's message, logit-normal timestep sampling."""
 
 import shutil
 
@@ -106,3 +106,23 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_do(monkeypatch):
     cfg = load_config(RECIPE, ["train.optimizer=adamw8bit"])
     with pytest.raises(ConfigError, match="train.optimizer: adamw8bit needs bitsandbytes"):
         make_optimizer(cfg.train, [torch.nn.Parameter(torch.zeros(2))])
+
+
+def test_logit_normal_timesteps_follow_their_distribution():
+    from cogpipe.diffusion import sample_timestep
+    from cogpipe.training import training_batch
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.cat([sample_timestep(1000, g, "logit_normal", 0.5, 1.0) for _ in range(4000)]).float()
+    assert 0 <= t.min() and t.max() <= 999
+    # t / 1000 = sigmoid(N(0.5, 1)): median sigmoid(0.5) = 0.62; a quarter below sigmoid(0.5 - 0.674) = 0.46
+    assert abs(t.median().item() - 622) < 20 and abs((t < 457).float().mean().item() - 0.25) < 0.03
+    u = torch.cat([sample_timestep(1000, g) for _ in range(4000)]).float()
+    assert abs(u.median().item() - 500) < 30 and abs((u < 250).float().mean().item() - 0.25) < 0.03
+    # the training batch draws its timesteps with the chosen sampling, per example and reproducibly
+    batch = {"mean": torch.zeros(64, 16, 2, 4, 4), "std": torch.ones(64, 16, 2, 4, 4),
+             "prompt_embeds": torch.zeros(64, 3, 8)}
+    draw = lambda *ts: training_batch(batch, 0, 0, 0, 1, 1000, "cpu", timesteps=ts)[2].float()
+    shifted = draw("logit_normal", 2.0, 0.5)  # sigmoid(2 +- 1.5) is above 0.6 with probability 0.9987
+    assert (shifted > 600).float().mean() > 0.95 and torch.equal(shifted, draw("logit_normal", 2.0, 0.5))
+    assert (draw("uniform", 0.0, 1.0) > 600).float().mean() < 0.6
