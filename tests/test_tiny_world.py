@@ -125,6 +125,10 @@ def test_assemble_builds_the_initial_pipeline(init_folder):
         z = p.vae.encode(torch.zeros(1, 3, 9, 64, 64)).latent_dist.mean
     assert z.shape == (1, 16, 3, 16, 16)
     assert p.transformer.config.sample_height * 4 == 64  # the transformer's native size is the world's
+    # the tiny-world preset (the shapes `cogpipe plan` and random init use) describes the VAE the recipe trains
+    for key, value in PRESETS["tiny-world"]["vae"].items():
+        if key != "scaling_factor":  # measured by the VAE stage
+            assert p.vae.config[key] == (list(value) if isinstance(value, tuple) else value), key
 
 
 def test_pretrain_recipes_load(init_folder):
