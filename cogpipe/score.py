@@ -20,8 +20,9 @@ on what a tiny diffusion model makes: H.264 artefacts, blur, noise, stray blobs.
 - colour: the hue of the median colour of the blob's core pixels, nearest palette hue (purple included).
   Hue ignores brightness and saturation, which generated videos get wrong more often than hue.
 - shape: per frame, the taper (mean width of the top third of the blob's box over the bottom third: about
-  0.2 for the upward triangle, 1 otherwise) and the fill of the box (square 1.0, circle 0.79); medians
-  over frames. A blob that fills less than 40% of its box is no shape (None).
+  0.2 for the upward triangle, 1 otherwise) and the corner reach (how far the blob extends along the
+  diagonals against along the axes, 90th percentiles of the distance from its centroid: square 1.2,
+  circle 1.0); medians over frames. A blob that fills less than 40% of its box is no shape (None).
 - nothing (all None) when no blob is found in at least half of the frames.
 - direction: a straight-line fit of the blob's centroid over time; the dominant axis of the displacement,
   None when it moves less than 6% of the frame.
@@ -39,7 +40,7 @@ MIN_CHROMA = 20.0  # a foreground colour greyer than this has no hue: colour Non
 MIN_TRAVEL = 0.06  # a displacement below this fraction of the frame is no motion: direction None
 MIN_FILL = 0.4  # a blob this sparse in its box is no shape of the world (the triangle fills 0.5)
 TAPER_SPLIT = 0.6  # below: triangle (top much narrower than bottom)
-FILL_SPLIT = 0.89  # above: square; below: circle (midpoint of 1.0 and pi/4)
+CORNER_SPLIT = 1.1  # above: square; below: circle (midpoint of a rendered square's 1.2 and a disc's 1.0)
 ATTRIBUTES = ("colour", "shape", "direction")
 
 
@@ -133,7 +134,7 @@ def detect(frames) -> dict:
         return none
     threshold = max(MIN_CONTRAST, 0.5 * peak)
 
-    times, centroids, fills, tapers, core_pixels = [], [], [], [], []
+    times, centroids, fills, tapers, corners, core_pixels = [], [], [], [], [], []
     for t in range(num_frames):
         blob = _largest_component(_majority3x3(dist[t] > threshold))
         area = int(blob.sum())
@@ -144,6 +145,7 @@ def detect(frames) -> dict:
         centroids.append((xs.mean(), ys.mean()))
         y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
         fills.append(area / ((y1 - y0 + 1) * (x1 - x0 + 1)))
+        corners.append(_corner_reach(ys, xs))
         widths = blob[y0:y1 + 1].sum(axis=1)  # per row of the box
         third = max(1, len(widths) // 3)
         tapers.append(widths[:third].mean() / max(widths[-third:].mean(), 1e-6))
@@ -161,14 +163,14 @@ def detect(frames) -> dict:
     if chroma >= MIN_CHROMA:
         colour = min(PALETTE_HUES, key=lambda c: _hue_distance(hue, PALETTE_HUES[c]))
 
-    fill, taper = float(np.median(fills)), float(np.median(tapers))
-    features["fill"], features["taper"] = round(fill, 3), round(taper, 3)
+    fill, taper, corner = float(np.median(fills)), float(np.median(tapers)), float(np.median(corners))
+    features["fill"], features["taper"], features["corners"] = round(fill, 3), round(taper, 3), round(corner, 3)
     if fill < MIN_FILL:
         shape = None
     elif taper < TAPER_SPLIT:
         shape = "triangle"
     else:
-        shape = "square" if fill > FILL_SPLIT else "circle"
+        shape = "square" if corner > CORNER_SPLIT else "circle"
 
     direction = None
     if len(times) >= 2:
@@ -182,6 +184,20 @@ def detect(frames) -> dict:
             else:
                 direction = "down" if dy > 0 else "up"
     return {"colour": colour, "shape": shape, "direction": direction, "features": features}
+
+
+def _corner_reach(ys: np.ndarray, xs: np.ndarray) -> float:
+    """How far a blob reaches along the diagonals against along the axes: the 90th-percentile distance from
+    its centroid of its pixels in the four diagonal 45-degree sectors over that in the four axis sectors.
+    An axis-aligned square: 1.2 (its corners reach further), a disc: 1.0. A bump or a missing pixel
+    moves a percentile little; the fill of the bounding box changes with the one row or column that sticks
+    out furthest."""
+    dy, dx = ys - ys.mean(), xs - xs.mean()
+    radius = np.hypot(dy, dx)
+    sector = ((np.degrees(np.arctan2(dy, dx)) + 22.5) // 45).astype(int) % 8  # even: axis, odd: diagonal
+    reach = [np.percentile(radius[sector == k], 90) if (sector == k).sum() > 3 else np.nan for k in range(8)]
+    axis, diagonal = np.nanmean(reach[0::2]), np.nanmean(reach[1::2])
+    return float(diagonal / axis) if axis > 0 else 1.0
 
 
 def _as_float_video(frames) -> np.ndarray:
