@@ -134,7 +134,8 @@ def test_scorer_is_robust_to_noise_and_blur():
 
 
 def _with_bump(frames, colour):
-    """A 4 x 6 px bump of the shape's colour on its left side in every frame, as a tiny model draws them."""
+    """A bump of the shape's colour, 6 px tall and 4 px wide, on its left side in every frame, as a tiny model
+    draws them."""
     out = frames.copy()
     for t, mask in enumerate(_foreground(frames)):
         ys, xs = np.nonzero(mask)
@@ -144,7 +145,8 @@ def _with_bump(frames, colour):
 
 
 def test_a_bump_does_not_turn_a_square_round():
-    # the fill of the bounding box (square 1.0, circle 0.79) drops to 0.87 for this square: read as a circle
+    # the fill of the bounding box (square 1.0, circle 0.79) drops to 0.87-0.89 for these squares: the earlier
+    # rule (square above 0.89) read 3 of the 4 as circles
     for shape in ("square", "circle"):
         for seed, direction in enumerate(world.DIRECTIONS):
             frames = _with_bump(world.render(shape, "red", direction, seed=seed), "red")
