@@ -142,10 +142,11 @@ def detect(frames) -> dict:
             continue
         ys, xs = np.nonzero(blob)
         times.append(t)
-        centroids.append((xs.mean(), ys.mean()))
+        cx, cy = xs.mean(), ys.mean()
+        centroids.append((cx, cy))
         y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
         fills.append(area / ((y1 - y0 + 1) * (x1 - x0 + 1)))
-        corners.append(_corner_reach(ys, xs))
+        corners.append(_corner_reach(ys - cy, xs - cx))
         widths = blob[y0:y1 + 1].sum(axis=1)  # per row of the box
         third = max(1, len(widths) // 3)
         tapers.append(widths[:third].mean() / max(widths[-third:].mean(), 1e-6))
@@ -186,13 +187,13 @@ def detect(frames) -> dict:
     return {"colour": colour, "shape": shape, "direction": direction, "features": features}
 
 
-def _corner_reach(ys: np.ndarray, xs: np.ndarray) -> float:
-    """How far a blob reaches along the diagonals against along the axes: the 90th-percentile distance from
-    its centroid of its pixels in the four diagonal 45-degree sectors over that in the four axis sectors.
+def _corner_reach(dy: np.ndarray, dx: np.ndarray) -> float:
+    """How far a blob reaches along the diagonals against along the axes, from its pixels' offsets to its
+    centroid: the 90th-percentile distance of the pixels in the four diagonal 45-degree sectors over that in
+    the four axis sectors.
     An axis-aligned square: 1.2 (its corners reach further), a disc: 1.0. A bump or a missing pixel
     moves a percentile little; the fill of the bounding box changes with the one row or column that sticks
     out furthest."""
-    dy, dx = ys - ys.mean(), xs - xs.mean()
     radius = np.hypot(dy, dx)
     sector = ((np.degrees(np.arctan2(dy, dx)) + 22.5) // 45).astype(int) % 8  # even: axis, odd: diagonal
     reach = [np.percentile(radius[sector == k], 90) if (sector == k).sum() > 3 else np.nan for k in range(8)]
