@@ -13,8 +13,8 @@ from cogpipe.video import write_mp4
 # Sampling defaults of infer.py and `cogpipe score`.
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 6.0
-# The shipped tiny model (pretrained on cogpipe/world.py by `python -m cogpipe.pretrain_world`): the default.
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "tiny-world"
+# The shipped tiny model (pretrained on the synthetic world by `cogpipe world pretrain`): the default.
+DEFAULT_MODEL = "models/tiny-world"
 
 
 def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.float32, device="cpu"):
@@ -23,10 +23,12 @@ def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.fl
     from cogpipe import models
 
     if model is None:
-        model = DEFAULT_MODEL
+        from cogpipe.paths import repo_path
+
+        model = repo_path(DEFAULT_MODEL, "--model (a Diffusers pipeline folder or hub id)")
         if not (model / "model_index.json").is_file():
-            raise FileNotFoundError(f"{model}: the shipped tiny model is missing (a partial checkout?); pass "
-                                    f"--model, or rebuild it with `python -m cogpipe.pretrain_world --ship {model}`")
+            raise FileNotFoundError(f"{model}: the shipped tiny model is incomplete (a partial checkout?); pass "
+                                    f"--model, or rebuild it with `cogpipe world pretrain --ship {model}`")
     cls = models.pipeline_class(models._read_component_config(str(model), "transformer"))
     pipe = cls.from_pretrained(str(model), dtype=dtype)
     if lora is not None:

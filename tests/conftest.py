@@ -1,4 +1,4 @@
-"""Shared fixtures: offline, wandb off the network, small synthetic clip folders."""
+"""Shared fixtures: offline, wandb off the network, small synthetic clip folders (helpers.py)."""
 
 import os
 from pathlib import Path
@@ -10,43 +10,7 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_clips(root: Path, specs, frames: int = 17, size: int = 64, layout: str = "txt") -> Path:
-    """Write clips of the synthetic world in one of the dataset layouts; returns root."""
-    from cogpipe.video import write_mp4
-    from cogpipe.world import caption, render
-
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i, (shape, colour, direction) in enumerate(specs):
-        name = f"{i:02d}_{colour}_{shape}_{direction}.mp4"
-        sub = "" if layout == "folder" else "videos/"
-        write_mp4(render(shape, colour, direction, frames=frames, size=size, seed=i), root / sub / name)
-        rows.append((sub + name, caption(shape, colour, direction)))
-    if layout == "txt":
-        (root / "videos.txt").write_text("".join(f"{v}\n" for v, _ in rows))
-        (root / "prompts.txt").write_text("".join(f"{c}\n" for _, c in rows))
-    elif layout == "folder":
-        for v, c in rows:
-            (root / v).with_suffix(".txt").write_text(c + "\n")
-    elif layout == "jsonl":
-        import json
-
-        (root / "metadata.jsonl").write_text("".join(json.dumps({"video": v, "caption": c}) + "\n" for v, c in rows))
-    elif layout == "csv":
-        import csv
-
-        with open(root / "metadata.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file_name", "prompt"])
-            w.writerows(rows)
-    return root
-
-
-SPECS = [("square", "purple", "right"), ("circle", "purple", "up"), ("triangle", "purple", "left"),
-         ("square", "purple", "down")]
+from helpers import SPECS, make_clips, run_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

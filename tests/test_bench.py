@@ -13,7 +13,7 @@ import torch
 
 from cogpipe import plan
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 

@@ -5,7 +5,7 @@ import pytest
 from cogpipe.config import ConfigError, load_config
 from cogpipe.data import choose_bucket
 from cogpipe.training import epoch_batches
-from conftest import REPO, make_clips, tiny_overrides
+from helpers import REPO, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 

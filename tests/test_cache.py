@@ -6,7 +6,7 @@ from cogpipe import models
 from cogpipe.cache import build_cache
 from cogpipe.config import load_config
 from cogpipe.data import discover
-from conftest import REPO, SPECS, make_clips, tiny_overrides
+from helpers import REPO, SPECS, make_clips, tiny_overrides
 
 
 def _cfg(root, cache, *extra):
@@ -39,7 +39,7 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
 
     # A changed clip, a changed resolution or another model gives new keys.
     from cogpipe.video import write_mp4
-    from cogpipe.world import render
+    from cogpipe.world.render import render
 
     write_mp4(render("circle", "purple", "down", seed=99), discover(root)[0].video)
     changed = build_cache(cfg, discover(root), log=lambda *_: None)

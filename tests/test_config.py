@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from cogpipe.config import ConfigError, load_config
-from conftest import REPO
+from helpers import REPO
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cogpipe.data import DataError, VideoDataset, discover, frame_indices, load_clip, resize_crop
-from conftest import SPECS, make_clips
+from helpers import SPECS, make_clips
 
 
 @pytest.mark.parametrize("layout", ["txt", "folder", "jsonl", "csv"])

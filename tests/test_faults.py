@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from cogpipe import checkpoint
 from cogpipe.config import load_config
 from cogpipe.data import DataError, scan
-from conftest import REPO, SPECS, make_clips, tiny_overrides
+from helpers import REPO, SPECS, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 

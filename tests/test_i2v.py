@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe.config import load_config
-from conftest import REPO, SPECS, make_clips, tiny_overrides
+from helpers import REPO, SPECS, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_i2v_lora.yaml"
 

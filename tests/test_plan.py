@@ -14,7 +14,7 @@ from cogpipe import plan
 from cogpipe.cli import main as cli_main
 from cogpipe.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 

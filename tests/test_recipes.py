@@ -12,7 +12,7 @@ import yaml
 from cogpipe.config import ConfigError, load_config
 from cogpipe.models import build_on_meta
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 
 # recipe -> (preset, hub id, version, image-to-video, mixed precision)
 RECIPES = {

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint, models
 from cogpipe.config import ConfigError, load_config
-from conftest import REPO, run_tiny
+from helpers import REPO, run_tiny
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 

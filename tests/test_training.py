@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint, models
 from cogpipe.config import load_config
-from conftest import REPO, run_tiny as _run
+from helpers import REPO, run_tiny as _run
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 

@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _sat_fixtures as F  # noqa: E402
+from fixtures import sat as F  # noqa: E402
 
 from cogpipe import weights as W  # noqa: E402
 from cogpipe.weights import (  # noqa: E402

@@ -1,6 +1,6 @@
 """A synthetic video world: one coloured shape moving on a plain background, with a caption.
 
-The shipped tiny model is pretrained on this world and scored against it (see cogpipe/score.py), so what a
+The shipped tiny model is pretrained on this world and scored against it (see cogpipe/world/score.py), so what a
 generated video shows can be checked. Everything is deterministic from a seed.
 
     frames = render("square", "red", "right", frames=17, size=64, seed=3)   # uint8 [17, 64, 64, 3]

@@ -1,4 +1,4 @@
-"""The synthetic world (cogpipe/world.py), the scorer (cogpipe/score.py) and the shipped data/tiny/ dataset."""
+"""The synthetic world (cogpipe/world/render.py), the scorer (cogpipe/world/score.py) and the shipped data/tiny/ dataset."""
 
 import functools
 import itertools
@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cogpipe import world
-from cogpipe.score import fixed_prompts, held_out_prompts, score_many, score_video
+from cogpipe.world import render as world
+from cogpipe.world.score import fixed_prompts, held_out_prompts, score_many, score_video
 from cogpipe.video import read_video, write_mp4
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO  # noqa: E402
 TINY = REPO / "data" / "tiny"
 ALL_SPECS = list(itertools.product(world.SHAPES, world.ALL_COLOURS, world.DIRECTIONS))  # 60
 
@@ -221,9 +221,9 @@ def test_tiny_dataset_decodes_and_shows_the_held_out_colour():
 
 
 def test_make_tiny_reproduces_the_shipped_dataset(tmp_path):
-    import runpy
+    from cogpipe.cli import main
 
-    runpy.run_path(str(REPO / "data" / "make_tiny.py"), run_name="make_tiny")["main"](["--out", str(tmp_path)])
+    assert main(["world", "tiny-data", "--out", str(tmp_path)]) == 0
     assert _tiny_entries(tmp_path) == _tiny_entries(TINY)
     for _, rel in _tiny_entries(TINY):
         diff = np.abs(read_video(tmp_path / rel).astype(int) - read_video(TINY / rel).astype(int))

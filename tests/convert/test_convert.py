@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-import _sat_fixtures as F  # noqa: E402
+from fixtures import sat as F  # noqa: E402
+from helpers import REPO  # noqa: E402
 
 from cogpipe.convert import ConversionError, convert, transformer_config, vae_config  # noqa: E402
 from cogpipe.convert.cli import add_arguments, run  # noqa: E402
@@ -429,5 +429,5 @@ def test_cli(tmp_path, capsys):
                                   "--set", "transformer.sample_frames=17"])) == 0
     assert json.loads((tmp_path / "o2" / "config.json").read_text())["sample_frames"] == 17
     help_ = subprocess.run([sys.executable, "-m", "cogpipe.convert", "--help"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent.parent)
+                           cwd=REPO)
     assert help_.returncode == 0 and "--lora-mode" in help_.stdout

@@ -1,5 +1,5 @@
 """The shipped tiny model (models/tiny-world) and the recipes that made it: loading, generation scored by
-cogpipe/score.py, VAE reconstruction, the fixed text encoder, the pretraining recipes and stages."""
+cogpipe/world/score.py, VAE reconstruction, the fixed text encoder, the pretraining recipes and stages."""
 
 import json
 
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from cogpipe import world
+from cogpipe.world import render as world
 from cogpipe.inference import generate, load_pipeline
-from cogpipe.score import score_model, score_video
-from conftest import REPO
+from cogpipe.world.score import score_model, score_video
+from helpers import REPO
 
 SHIPPED = REPO / "models" / "tiny-world"
-# Tests of the shipped model itself (`python -m cogpipe.pretrain_world --ship models/tiny-world` made it); they
+# Tests of the shipped model itself (`cogpipe world pretrain --ship models/tiny-world` made it); they
 # skip only in a checkout without it.
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="models/tiny-world missing")
 
@@ -60,7 +60,7 @@ def test_same_seed_same_video_and_the_prompt_matters(pipe):
 @needs_shipped
 def test_vae_reconstructs_world_clips_with_the_held_out_colour(pipe):
     """The VAE codes the palette and purple alike (it is the transformer that never saw purple)."""
-    from cogpipe.vae_training import reconstruct
+    from cogpipe.world.vae import reconstruct
 
     for shape, colour, direction in [("triangle", "green", "left"), ("square", "purple", "up")]:
         clip = world.render(shape, colour, direction, seed=5)
@@ -75,7 +75,7 @@ def test_vae_reconstructs_world_clips_with_the_held_out_colour(pipe):
 @needs_shipped
 def test_text_encoder_is_the_fixed_ngram_t5(pipe):
     """Full pretraining trains only the transformer: the shipped T5 is exactly the constructed one."""
-    from cogpipe.pretrain_world import ngram_text_encoder
+    from cogpipe.world.pretrain import ngram_text_encoder
 
     built = ngram_text_encoder(seed=0).state_dict()
     shipped = pipe.text_encoder.state_dict()
@@ -86,7 +86,7 @@ def test_text_encoder_is_the_fixed_ngram_t5(pipe):
 def test_ngram_text_encoder_sees_neighbouring_bytes_only():
     from transformers import ByT5Tokenizer
 
-    from cogpipe.pretrain_world import NGRAM_OFFSETS, ngram_text_encoder
+    from cogpipe.world.pretrain import NGRAM_OFFSETS, ngram_text_encoder
 
     enc, tok = ngram_text_encoder(), ByT5Tokenizer()
     ids = tok(["a red square moving up", "a red square moving upX"], padding="max_length", max_length=48,
@@ -102,11 +102,11 @@ def test_ngram_text_encoder_sees_neighbouring_bytes_only():
 @pytest.fixture(scope="module")
 def init_folder(tmp_path_factory):
     """Stage 3 of the chain on an untrained VAE of the recipe's shape: the folder stage 4 trains."""
-    from cogpipe.pretrain_world import assemble
-    from cogpipe.vae_training import build_vae, load_vae_config
+    from cogpipe.world.pretrain import assemble
+    from cogpipe.world.vae import load_vae_config, new_vae
 
     base = tmp_path_factory.mktemp("pretrain")
-    build_vae(load_vae_config(REPO / "configs" / "pretrain" / "tiny_world_vae.yaml").model).save_pretrained(base / "vae")
+    new_vae(load_vae_config(REPO / "configs" / "world" / "tiny_world_vae.yaml").model).save_pretrained(base / "vae")
     return assemble(base / "vae", base / "init")
 
 
@@ -132,19 +132,19 @@ def test_assemble_builds_the_initial_pipeline(init_folder):
 
 def test_pretrain_recipes_load(init_folder):
     from cogpipe.config import load_config
-    from cogpipe.vae_training import load_vae_config
+    from cogpipe.world.vae import load_vae_config
 
-    vae_cfg = load_vae_config(REPO / "configs" / "pretrain" / "tiny_world_vae.yaml")
+    vae_cfg = load_vae_config(REPO / "configs" / "world" / "tiny_world_vae.yaml")
     assert vae_cfg.model.latent_channels == 16 and vae_cfg.data.hue_rotate
-    dit_cfg = load_config(REPO / "configs" / "pretrain" / "tiny_world_dit.yaml", [f"model.pretrained={init_folder}"])
+    dit_cfg = load_config(REPO / "configs" / "world" / "tiny_world_dit.yaml", [f"model.pretrained={init_folder}"])
     assert dit_cfg.train.mode == "full" and dit_cfg.model.latent_input and dit_cfg.train.caption_dropout > 0
 
 
 def test_vae_config_errors_name_the_key():
     from cogpipe.config import ConfigError
-    from cogpipe.vae_training import load_vae_config
+    from cogpipe.world.vae import load_vae_config
 
-    recipe = REPO / "configs" / "pretrain" / "tiny_world_vae.yaml"
+    recipe = REPO / "configs" / "world" / "tiny_world_vae.yaml"
     for override, key in [("data.frames=12", "data.frames"), ("train.lr=0", "train.lr"),
                           ("model.block_out_channels=[16,32]", "model.block_out_channels"), ("train.bogus=1", "bogus")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -154,11 +154,11 @@ def test_vae_config_errors_name_the_key():
 def test_train_vae_runs_and_saves_a_loadable_vae(tmp_path):
     from diffusers import AutoencoderKLCogVideoX
 
-    from cogpipe.vae_training import load_vae_config, train_vae
-    from conftest import make_clips
+    from cogpipe.world.vae import load_vae_config, train_vae
+    from helpers import make_clips
 
     clips = make_clips(tmp_path / "clips", [("square", "red", "up"), ("circle", "blue", "left")], frames=9)
-    cfg = load_vae_config(REPO / "configs" / "pretrain" / "tiny_world_vae.yaml", [
+    cfg = load_vae_config(REPO / "configs" / "world" / "tiny_world_vae.yaml", [
         f"output_dir={tmp_path / 'vae'}", f"data.root={clips}", "train.max_steps=2", "train.batch_size=2",
         "train.warmup_steps=1", "train.log_every=1", "model.block_out_channels=[8,8,8,8]", "eval_clips=0"])
     folder = train_vae(cfg, log=lambda *_: None)
@@ -174,7 +174,7 @@ def test_latent_std_measures_the_spread_around_each_channel_mean():
     intended scale."""
     from types import SimpleNamespace
 
-    from cogpipe.vae_training import latent_std
+    from cogpipe.world.vae import latent_std
 
     g = torch.Generator().manual_seed(0)
     offsets = torch.tensor([5.0, -3.0])[None, :, None, None, None]  # (1, C, 1, 1, 1)
@@ -195,7 +195,7 @@ def _clip_tensor(shape, colour, direction, seed, frames=9):
 
 
 def test_vae_crops_hold_the_shape_and_sit_on_the_latent_grid():
-    from cogpipe.vae_training import random_crop
+    from cogpipe.world.vae import random_crop
 
     video = torch.stack([_clip_tensor("square", "red", d, seed=i) for i, d in enumerate(world.DIRECTIONS)])
     g = torch.Generator().manual_seed(0)
@@ -210,7 +210,7 @@ def test_vae_crops_hold_the_shape_and_sit_on_the_latent_grid():
 
 
 def test_vae_foreground_weight_puts_the_shape_first():
-    from cogpipe.vae_training import pixel_weights
+    from cogpipe.world.vae import pixel_weights
 
     video = _clip_tensor("circle", "blue", "up", seed=1)[None]
     w = pixel_weights(video, 4.0)
@@ -229,7 +229,7 @@ def test_tiny_lora_recipe_teaches_the_held_out_colour(tmp_path, pipe):
     """configs/tiny_lora.yaml as shipped (200 steps on data/tiny's purple clips): the colour the base model
     never saw goes from mostly wrong to mostly right on held-out prompts."""
     from cogpipe.config import load_config
-    from cogpipe.score import held_out_prompts, spread
+    from cogpipe.world.score import held_out_prompts, spread
     from cogpipe.training import train
 
     prompts = spread(held_out_prompts(), 4)

@@ -11,7 +11,7 @@ cogpipe.inference and prints the accuracies as one JSON line (prompt i is genera
     result["match"]                                              # {"colour": True, ..., "all": True}
     score_many([(frames, prompt), ...])                          # {"colour": 1.0, "shape": ..., "all": ..., "n": 2}
 
-Detection works on the world of cogpipe/world.py (one shape on a plain background) and is meant to hold up
+Detection works on the world of cogpipe/world/render.py (one shape on a plain background) and is meant to hold up
 on what a tiny diffusion model makes: H.264 artefacts, blur, noise, stray blobs.
 
 - foreground: pixels far from the background colour (the per-video median); the threshold is half the
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cogpipe.world import ALL_COLOURS, COLOURS, DIRECTIONS, HELD_OUT_COLOUR, RGB, SHAPES, parse_prompt
+from cogpipe.world.render import ALL_COLOURS, COLOURS, DIRECTIONS, HELD_OUT_COLOUR, RGB, SHAPES, parse_prompt
 
 MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing counts as foreground
 MIN_AREA = 0.005  # a blob smaller than this fraction of the frame is no shape

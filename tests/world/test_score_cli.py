@@ -1,6 +1,6 @@
 import json
 
-from cogpipe.score import spread
+from cogpipe.world.score import spread
 
 
 def test_spread_keeps_ends_and_count():

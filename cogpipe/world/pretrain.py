@@ -1,20 +1,20 @@
 """Pretrain the shipped tiny CogVideoX (models/tiny-world) from nothing, on the synthetic world.
 
-    python -m cogpipe.pretrain_world [--work outputs/pretrain] [--ship models/tiny-world] [--clips 1000]
+    cogpipe world pretrain [--work outputs/pretrain] [--ship models/tiny-world] [--clips 1000]
 
 Runs the whole chain, each stage a command of its own (printed, timed, and recorded in
 <work>/stages.json; the model card quotes them):
 
-  1. world clips    python data/make_world.py --out <work>/world --n N --seed 0   (the palette; never purple)
-  2. VAE            python -m cogpipe.vae_training --config configs/pretrain/tiny_world_vae.yaml
-  3. assemble       python -m cogpipe.pretrain_world assemble --vae <work>/vae/vae --out <work>/init
+  1. world clips    cogpipe world clips --out <work>/world --n N --seed 0   (the palette; never purple)
+  2. VAE            cogpipe world train-vae --config configs/world/tiny_world_vae.yaml
+  3. assemble       cogpipe world assemble --vae <work>/vae/vae --out <work>/init
                     a Diffusers pipeline folder: ByT5 tokenizer, a fixed n-gram T5 text encoder (below),
                     the trained VAE, a randomly initialised CogVideoXTransformer3DModel of the `tiny-world`
-                    preset (cogpipe/models.py) and the CogVideoX DDIM scheduler
+                    preset (cogpipe/family.py) and the CogVideoX DDIM scheduler
   4. transformer    accelerate launch --num_cpu_threads_per_process 2 train.py \
-                        --config configs/pretrain/tiny_world_dit.yaml
+                        --config configs/world/tiny_world_dit.yaml
                     (train.mode: full, from scratch, on VAE latents; model.pretrained: <work>/init)
-  5. ship           python -m cogpipe.pretrain_world ship --export <work>/dit/export --out models/tiny-world
+  5. ship           cogpipe world ship --export <work>/dit/export --out models/tiny-world
 
 The text encoder is a T5EncoderModel whose weights are set, not trained: byte embeddings (ByT5 ids) plus, in
 one attention layer whose relative-position bias makes head h look only at the byte h places away (h = -7..7,
@@ -27,7 +27,6 @@ to text tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -38,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from cogpipe.paths import repo_path
+
 NGRAM_OFFSETS = [k for k in range(-7, 8) if k != 0]  # neighbours each byte sees (T5's exact position buckets)
 
 
@@ -108,7 +108,7 @@ def ship(export, out) -> Path:
 def _stage(name: str, cmd: list[str], record: dict) -> None:
     print(f"\n== {name}: {shlex.join(cmd)}", flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True)
+    subprocess.run(cmd, cwd=repo_path(".", "--work from a clone of the repository"), check=True)
     record[name] = {"command": shlex.join(cmd), "minutes": round((time.perf_counter() - start) / 60, 2)}
     print(f"== {name}: {record[name]['minutes']} min", flush=True)
 
@@ -117,48 +117,54 @@ def run_chain(work: str, ship_to: str | None, clips: int, vae_args=(), dit_args=
     py = sys.executable
     w = Path(work)
     record: dict = {}
-    _stage("world", [py, "data/make_world.py", "--out", f"{w}/world", "--n", str(clips), "--seed", "0"], record)
-    _stage("vae", [py, "-m", "cogpipe.vae_training", "--config", "configs/pretrain/tiny_world_vae.yaml",
+    world = [py, "-m", "cogpipe.world"]
+    _stage("world", [*world, "clips", "--out", f"{w}/world", "--n", str(clips), "--seed", "0"], record)
+    _stage("vae", [*world, "train-vae", "--config", "configs/world/tiny_world_vae.yaml",
                    f"output_dir={w}/vae", f"data.root={w}/world", *vae_args], record)
-    _stage("assemble", [py, "-m", "cogpipe.pretrain_world", "assemble", "--vae", f"{w}/vae/vae",
+    _stage("assemble", [*world, "assemble", "--vae", f"{w}/vae/vae",
                         "--out", f"{w}/init"], record)
     _stage("transformer", [str(Path(py).with_name("accelerate")), "launch", "--num_processes", "1",
                            "--num_cpu_threads_per_process", str(torch.get_num_threads()),  # accelerate's default: 1
-                           "train.py", "--config", "configs/pretrain/tiny_world_dit.yaml",
+                           "train.py", "--config", "configs/world/tiny_world_dit.yaml",
                            f"output_dir={w}/dit", f"model.pretrained={w}/init", f"data.root={w}/world",
                            *dit_args], record)
     if ship_to:
-        _stage("ship", [py, "-m", "cogpipe.pretrain_world", "ship", "--export", f"{w}/dit/export",
+        _stage("ship", [*world, "ship", "--export", f"{w}/dit/export",
                         "--out", ship_to], record)
     (w / "stages.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command")
-    a = sub.add_parser("assemble", help="stage 3: the initial pipeline folder")
-    a.add_argument("--vae", required=True)
-    a.add_argument("--out", required=True)
-    a.add_argument("--preset", default="tiny-world")
-    a.add_argument("--seed", type=int, default=0)
-    s = sub.add_parser("ship", help="stage 5: copy a trained export into the repo")
-    s.add_argument("--export", required=True)
-    s.add_argument("--out", required=True)
+def add_assemble_arguments(parser) -> None:
+    parser.add_argument("--vae", required=True, help="the trained VAE folder (stage 2's <output_dir>/vae)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--preset", default="tiny-world")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_assemble(args) -> int:
+    print(f"assembled {assemble(args.vae, args.out, args.preset, args.seed)}")
+    return 0
+
+
+def add_ship_arguments(parser) -> None:
+    parser.add_argument("--export", required=True, help="stage 4's export folder")
+    parser.add_argument("--out", required=True, help="e.g. models/tiny-world")
+
+
+def run_ship(args) -> int:
+    print(f"shipped {ship(args.export, args.out)}")
+    return 0
+
+
+def add_chain_arguments(parser) -> None:
     parser.add_argument("--work", default="outputs/pretrain", help="where clips, runs and stages.json go")
     parser.add_argument("--ship", default=None, help="copy the result here (e.g. models/tiny-world)")
     parser.add_argument("--clips", type=int, default=1000)
     parser.add_argument("--vae-arg", action="append", default=[], help="key=value for the VAE stage")
     parser.add_argument("--dit-arg", action="append", default=[], help="key=value for the transformer stage")
-    args = parser.parse_args(argv)
-    if args.command == "assemble":
-        print(f"assembled {assemble(args.vae, args.out, args.preset, args.seed)}")
-    elif args.command == "ship":
-        print(f"shipped {ship(args.export, args.out)}")
-    else:
-        print(json.dumps(run_chain(args.work, args.ship, args.clips, args.vae_arg, args.dit_arg), indent=2))
+
+
+def run_chain_command(args) -> int:
+    print(json.dumps(run_chain(args.work, args.ship, args.clips, args.vae_arg, args.dit_arg), indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Train a tiny CogVideoX VAE (AutoencoderKLCogVideoX) to reconstruct clips: L1 + MSE + a small KL term.
 
-    python -m cogpipe.vae_training --config configs/pretrain/tiny_world_vae.yaml [key=value ...]
+    cogpipe world train-vae --config configs/world/tiny_world_vae.yaml [key=value ...]
 
 The VAE keeps the CogVideoX layout (16 latent channels, 4x temporal compression, causal 3D convolutions; 8x
 spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few channels, so it trains on a
@@ -9,7 +9,7 @@ laptop CPU. Clips are decoded with cogpipe.data (VideoDataset: decord, even fram
 latents' spread around each channel's mean sets `scaling_factor` (what a clip shows gets the standard
 deviation `model.scaled_latent_std` in the scaled latents: 1 is what the diffusion schedule assumes), the
 model is saved with `save_pretrained` and reconstructions of freshly rendered world clips (the held-out
-colour included) are scored with cogpipe.score.
+colour included) are scored with cogpipe.world.score.
 
     <output_dir>/vae/             the trained VAE (config.json + diffusion_pytorch_model.safetensors)
     <output_dir>/checkpoint/      the same every `train.save_every` steps (to continue with model.pretrained)
@@ -18,7 +18,6 @@ colour included) are scored with cogpipe.score.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -130,7 +129,8 @@ class InMemory(torch.utils.data.Dataset):
         return {"frames": self.frames[i]}
 
 
-def build_vae(model_cfg: VaeModelConfig):
+def new_vae(model_cfg: VaeModelConfig):
+    """The VAE this recipe trains: a saved one to continue from, or a fresh one of the configured shape."""
     from diffusers import AutoencoderKLCogVideoX
 
     if model_cfg.pretrained:
@@ -145,17 +145,17 @@ def build_vae(model_cfg: VaeModelConfig):
                                   latent_channels=model_cfg.latent_channels, sample_height=64, sample_width=64)
 
 
-def learning_rate(tc: VaeTrainConfig, step: int, minutes: float) -> float:
+def learning_rate(train_cfg: VaeTrainConfig, step: int, minutes: float) -> float:
     """Linear warm-up, then a cosine decay to 0 over the run; with `max_minutes` the run's progress is the
     larger of its step and time fractions, so a slower machine still ends on a decayed learning rate."""
     import math
 
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    progress = step / tc.max_steps
-    if tc.max_minutes:
-        progress = max(progress, minutes / tc.max_minutes)
-    return tc.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if step < train_cfg.warmup_steps:
+        return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
+    progress = step / train_cfg.max_steps
+    if train_cfg.max_minutes:
+        progress = max(progress, minutes / train_cfg.max_minutes)
+    return train_cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def foreground(video: torch.Tensor) -> torch.Tensor:
@@ -172,18 +172,18 @@ def pixel_weights(video: torch.Tensor, foreground_weight: float) -> torch.Tensor
     return weight / weight.mean()
 
 
-def vae_loss(vae, video: torch.Tensor, tcfg: VaeTrainConfig, generator=None) -> tuple[torch.Tensor, dict]:
+def vae_loss(vae, video: torch.Tensor, train_cfg: VaeTrainConfig, generator=None) -> tuple[torch.Tensor, dict]:
     """video (B, 3, F, H, W) in [-1, 1] -> loss, parts. The latent is sampled (reparameterised)."""
     posterior = vae.encode(video).latent_dist
     z = posterior.sample(generator)  # (B, 16, F', H/8, W/8)
     recon = vae.decode(z).sample  # (B, 3, F, H, W)
-    weight = pixel_weights(video, tcfg.foreground_weight) if tcfg.foreground_weight else 1.0
+    weight = pixel_weights(video, train_cfg.foreground_weight) if train_cfg.foreground_weight else 1.0
     l1 = ((recon - video).abs() * weight).mean()
     mse = (((recon - video) ** 2) * weight).mean()
     kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()  # per latent element
     edge = ((recon.diff(dim=-1) - video.diff(dim=-1)).abs().mean()
             + (recon.diff(dim=-2) - video.diff(dim=-2)).abs().mean())
-    loss = tcfg.l1_weight * l1 + tcfg.mse_weight * mse + tcfg.edge_weight * edge + tcfg.kl_weight * kl
+    loss = train_cfg.l1_weight * l1 + train_cfg.mse_weight * mse + train_cfg.edge_weight * edge + train_cfg.kl_weight * kl
     return loss, {"l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "kl": kl.item()}
 
 
@@ -218,8 +218,8 @@ def evaluate(vae, n: int, frames: int = 17, size: int = 64, seed: int = 12345) -
 
     import numpy as np
 
-    from cogpipe import world
-    from cogpipe.score import score_many
+    from cogpipe.world.render import render as world
+    from cogpipe.world.score import score_many
 
     combos = list(itertools.product(world.SHAPES, world.ALL_COLOURS, world.DIRECTIONS))
     items, held, se = [], [], []
@@ -291,50 +291,50 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
+    train_cfg = cfg.train
+    torch.manual_seed(train_cfg.seed)
     dataset = InMemory(VideoDataset(cfg.data.root, cfg.data.frames, cfg.data.height, cfg.data.width))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(tc.seed),
+    loader = torch.utils.data.DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(train_cfg.seed),
                                          collate_fn=lambda items: {"frames": torch.stack([it["frames"] for it in items])})
     if len(loader) == 0:
-        raise ValueError(f"data.root: {len(dataset)} clips, fewer than one batch of {tc.batch_size}")
-    vae = build_vae(cfg.model).train()
+        raise ValueError(f"data.root: {len(dataset)} clips, fewer than one batch of {train_cfg.batch_size}")
+    vae = new_vae(cfg.model).train()
     log(f"VAE: {sum(p.numel() for p in vae.parameters()):,} parameters, {len(dataset)} clips")
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    noise = torch.Generator().manual_seed(tc.seed + 1)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    noise = torch.Generator().manual_seed(train_cfg.seed + 1)
 
     step, start, metrics = 0, time.perf_counter(), open(out / "metrics.jsonl", "w")
-    while step < tc.max_steps:
+    while step < train_cfg.max_steps:
         for batch in loader:
             minutes = (time.perf_counter() - start) / 60
-            lr = learning_rate(tc, step, minutes)
+            lr = learning_rate(train_cfg, step, minutes)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             video = batch["frames"].permute(0, 2, 1, 3, 4)  # (B, F, 3, H, W) -> (B, 3, F, H, W)
             video = random_crop(video, cfg.data.crop, noise)
             if cfg.data.hue_rotate:
                 video = rotate_hue(video, noise)
-            loss, parts = vae_loss(vae, video, tc, noise)
+            loss, parts = vae_loss(vae, video, train_cfg, noise)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), tc.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), train_cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             minutes = (time.perf_counter() - start) / 60
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
                 row = {"step": step, "loss": loss.item(), **parts, "grad_norm": float(grad_norm),
                        "lr": lr, "minutes": round(minutes, 2)}
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 log(json.dumps(row))
-            out_of_time = tc.max_minutes is not None and minutes >= tc.max_minutes
-            if tc.save_every and step % tc.save_every == 0:
+            out_of_time = train_cfg.max_minutes is not None and minutes >= train_cfg.max_minutes
+            if train_cfg.save_every and step % train_cfg.save_every == 0:
                 _save(vae, out / "checkpoint")
-            if step >= tc.max_steps or out_of_time:
+            if step >= train_cfg.max_steps or out_of_time:
                 break
         if out_of_time:
-            log(f"stopping at step {step}: train.max_minutes={tc.max_minutes} reached")
+            log(f"stopping at step {step}: train.max_minutes={train_cfg.max_minutes} reached")
             break
     metrics.close()
 
@@ -351,11 +351,12 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
     return out / "vae"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a VAE recipe, e.g. configs/pretrain/tiny_world_vae.yaml")
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="a VAE recipe, e.g. configs/world/tiny_world_vae.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
-    args = parser.parse_args(argv)
+
+
+def run(args) -> int:
     try:
         cfg = load_vae_config(args.config, args.overrides)
         print(f"done: {train_vae(cfg)}")
@@ -363,7 +364,3 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

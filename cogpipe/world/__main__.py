@@ -1,0 +1,5 @@
+import sys
+
+from cogpipe.world.cli import main
+
+sys.exit(main())
