@@ -8,6 +8,8 @@ unweighted MSE on v.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -79,3 +81,40 @@ def rotary_embeddings(tcfg: dict, latent_frames: int, latent_h: int, latent_w: i
     return get_3d_rotary_pos_embed(embed_dim=tcfg["attention_head_dim"], crops_coords=None,
                                    grid_size=(grid_h, grid_w), temporal_size=(latent_frames + p_t - 1) // p_t,
                                    grid_type="slice", max_size=(base_h, base_w), device=device)
+
+
+class RotaryTables:
+    """`rotary_embeddings` for one transformer config, computed once per latent shape and device."""
+
+    def __init__(self, transformer_config: dict):
+        self.transformer_config, self._tables = transformer_config, {}
+
+    def __call__(self, latent_frames: int, latent_h: int, latent_w: int, device):
+        key = (latent_frames, latent_h, latent_w, str(device))
+        if key not in self._tables:
+            self._tables[key] = rotary_embeddings(self.transformer_config, latent_frames, latent_h, latent_w, device)
+        return self._tables[key]
+
+
+@dataclass
+class ModelInputs:
+    x0: torch.Tensor  # (B, F, C, H, W): clean latents, padded for patch_t
+    noisy: torch.Tensor  # (B, F, C, H, W): x0 noised to the batch's timesteps
+    kwargs: dict  # the CogVideoXTransformer3DModel forward's keyword arguments
+
+
+def model_inputs(x0, noise, timesteps, prompt_embeds, image_latents, *, transformer_config: dict, alphas_cumprod,
+                 rotary: RotaryTables, dtype) -> ModelInputs:
+    """Everything a CogVideoX transformer takes for one training batch, as the CogVideoX pipelines prepare it:
+    latents (B, F, C, H, W) padded to a multiple of patch_t (1.5) by repeating the first frame, noised; for
+    image-to-video the first frame's latents (zeros after it) concatenated on channels; rotary tables for the
+    latent shape; ofs = 2 where the model embeds it (1.5-I2V). Latents and prompt embeddings in `dtype`."""
+    patch_t = transformer_config.get("patch_size_t")
+    x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
+    noisy = add_noise(x0, noise, timesteps, alphas_cumprod)  # (B, F, C, H, W)
+    hidden = noisy if image_latents is None else torch.cat([noisy, pad_for_patch_t(image_latents, patch_t)], dim=2)
+    batch, frames, _, height, width = x0.shape
+    ofs = torch.full((batch,), 2.0, device=x0.device) if transformer_config.get("ofs_embed_dim") else None
+    kwargs = dict(hidden_states=hidden.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype), timestep=timesteps,
+                  ofs=ofs, image_rotary_emb=rotary(frames, height, width, x0.device), return_dict=False)
+    return ModelInputs(x0=x0, noisy=noisy, kwargs=kwargs)

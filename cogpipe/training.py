@@ -1,88 +1,89 @@
 """train(cfg): cache latents, then one visible accelerate loop with checkpoints, resume and export.
 
-Randomness that shapes a step (latent sample, noise, timestep) is drawn per example from a generator
-seeded by (train.seed, micro-step, global batch slot), and the data order of each epoch from
-(train.seed, epoch): a run is reproducible, resumes exactly from a checkpoint, and gives the same
-global batch on 1 process with batch 2 as on 2 processes with batch 1.
+    setup      _start (accelerator, tracking), _prepare_data (checks, latent cache, data order),
+               _prepare_model (transformer, LoRA or full), _prepare_optimizer (AdamW, LR schedule, EMA,
+               accelerate.prepare, checkpoint hooks), _resume
+    the loop   draw a batch (batches.py), model inputs and loss (diffusion.py), one micro-step, then per
+               optimizer step: log, checkpoint, validate, stop on a signal
+    the end    export a Diffusers pipeline (+ LoRA) and render the validation videos
+
+Reproducibility (same weights after a resume, on 1 or 2 processes with the same global batch) comes from
+batches.py: every random draw is seeded by (seed, micro-step, slot).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
-import time
+from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models
+from cogpipe import checkpoint, models, tracking
+from cogpipe.batches import Draws, EpochPlan, collate, draw_batch
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.config import Config, ConfigError, save_config, to_yaml
-from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings, sample_timestep
+from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
+from cogpipe.tracking import StepMeter
 
 
-def epoch_batches(shapes: list, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This process's batches of one epoch. Examples are grouped by bucket `shapes[i]`, shuffled with
-    a seeded generator and cut into global batches of batch_size x world from one bucket; process r
-    takes every world-th example of each global batch, so the global batch is the same for any
-    number of processes."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    size = batch_size * world
-    chunks = []
-    for shape in sorted(set(shapes)):
-        members = [i for i, s in enumerate(shapes) if s == shape]
-        members = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
-        chunks += [members[i:i + size] for i in range(0, len(members) - size + 1, size)]
-    return [chunks[i][rank::world] for i in torch.randperm(len(chunks), generator=g).tolist()]
+@dataclass
+class TrainState:
+    """The loop's position; the first three fields are what a checkpoint records (trainer_state.json)."""
+    step: int = 0  # optimizer steps done
+    micro_step: int = 0  # micro-batches done (grad_accum of them per optimizer step)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss
+    bad_in_a_row: int = 0  # not saved: a resumed run counts afresh
+
+    def saved(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "bad_in_a_row"}
+
+    @classmethod
+    def restored(cls, saved: dict) -> "TrainState":
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
-def example_generator(seed: int, micro_step: int, slot: int, device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + slot) % 2**62)
+@dataclass
+class Run:
+    """This process's view of the run."""
+    cfg: Config
+    accelerator: Any
+    out: Path
+    resume: Optional[Path]  # the checkpoint to continue from, None for a fresh start
+
+    @property
+    def log(self) -> Callable:
+        return self.accelerator.print
 
 
-def training_batch(batch: dict, seed: int, micro_step: int, rank: int, world: int, num_timesteps: int, device,
-                   caption_dropout: float = 0.0, empty_embeds=None, timesteps: tuple = ("uniform", 0.0, 1.0)):
-    """Per-example randomness for a batch, each example from its own seeded generator: the latent
-    sample, noise, timestep (`timesteps`: sampling, logit mean, logit std, see diffusion.sample_timestep),
-    caption dropout and which cached first-frame encoding (image-to-video).
-
-    Returns x0 and noise (B, F, C, H, W), timesteps (B,), prompt embeddings (B, L, D) and the image
-    latents padded with zeros over time (B, F, C, H, W), or None for text-to-video."""
-    x0, noise, t, embeds, images = [], [], [], [], []
-    for j in range(batch["mean"].shape[0]):
-        g = example_generator(seed, micro_step, j * world + rank, device)
-        mean, std = batch["mean"][j].to(device), batch["std"][j].to(device)
-        x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
-        noise.append(torch.randn(mean.shape, generator=g, device=device))
-        t.append(sample_timestep(num_timesteps, g, *timesteps))
-        drop = caption_dropout > 0 and torch.rand((), generator=g, device=device).item() < caption_dropout
-        embeds.append(empty_embeds if drop else batch["prompt_embeds"][j])
-        if "image_latents" in batch:
-            variants = batch["image_latents"][j]  # (K, C, 1, H, W)
-            k = torch.randint(0, variants.shape[0], (1,), generator=g, device=device).item()
-            image = torch.zeros_like(mean)  # (C, F, H, W): the first frame's latent, then zeros
-            image[:, :1] = variants[k].to(device)
-            images.append(image)
-    to_bfchw = lambda xs: torch.stack(xs).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
-    return (to_bfchw(x0), to_bfchw(noise), torch.cat(t), torch.stack(embeds).to(device),
-            to_bfchw(images) if images else None)
+@dataclass
+class TrainData:
+    dataset: CachedDataset
+    plan: EpochPlan
+    draws: Draws
+    extra_embeds: dict  # {prompt: (L, D)} for validation prompts and "" (the unconditional embedding)
 
 
-def _collate(items: list[dict]) -> dict:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+@dataclass
+class Model:
+    transformer: torch.nn.Module  # wrapped by accelerate after _prepare_optimizer
+    transformer_config: dict
+    weight_dtype: torch.dtype
+    alphas_cumprod: torch.Tensor
+    rotary: RotaryTables
+    params: list  # the trainable parameters
+    trainable_names: list[str] = None
 
 
-def _setup_tracking(cfg: Config):
-    if cfg.report_to == "wandb":
-        os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
-        os.environ.setdefault("WANDB_DIR", str(Path(cfg.output_dir).resolve()))
-        os.environ.setdefault("WANDB_SILENT", "true")
-    return None if cfg.report_to == "none" else cfg.report_to
+@dataclass
+class Optimization:
+    optimizer: Any
+    lr_scheduler: Any
+    ema: Optional[dict]  # {name: fp32 tensor} of the trainable weights, when train.ema_decay > 0
 
 
 def make_optimizer(train_cfg, params):
@@ -108,18 +109,6 @@ def update_ema(ema: dict, model, decay: float) -> None:
             ema[name].lerp_(p.detach().float(), 1.0 - decay)
 
 
-def log_videos(accelerator, cfg, out: Path, step: int) -> None:
-    """Send this step's validation mp4s to wandb (no-op for other trackers)."""
-    if cfg.report_to != "wandb":
-        return
-    import wandb
-
-    videos = sorted((out / "validation").glob(f"step-{step:06d}-*.mp4"))
-    if videos:
-        accelerator.log({"validation": [wandb.Video(str(v), caption=v.with_suffix(".txt").read_text().strip(),
-                                                    format="mp4") for v in videos]}, step=step)
-
-
 class Interrupted(Exception):
     """SIGTERM or SIGINT arrived: a checkpoint was saved and the run stopped."""
 
@@ -128,58 +117,79 @@ class Interrupted(Exception):
         self.signum, self.saved = signum, saved
 
 
+class StopSignals:
+    """While active, SIGTERM and SIGINT are recorded in `signum` instead of stopping the process: the loop
+    finishes the optimizer step in flight, saves a checkpoint and stops (signals only reach the main thread)."""
+
+    def __init__(self):
+        self.signum, self._previous = 0, {}
+
+    def _record(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
 OOM_ADVICE = ("out of memory. Turn on memory switches: train.gradient_checkpointing=true, a smaller "
               "train.batch_size with more train.grad_accum, train.mode=lora (or a lower lora.rank), "
               "model.weight_dtype=bf16, fewer data.frames or a smaller data.height/width; "
               "`cogpipe plan --config <recipe>` estimates what fits")
 
 
-def _trim_metrics(file: Path, step: int) -> None:
-    """Drop metric lines past the resumed step (they are about to be recomputed)."""
-    if file.exists():
-        keep = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        file.write_text("".join(line + "\n" for line in keep))
+# ---- setup ----------------------------------------------------------------------------------------------------
 
-
-def train(cfg: Config) -> Path:
-    """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
+def _start(cfg: Config) -> Run:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs, set_seed
-    from diffusers.optimization import get_scheduler
-
-    from cogpipe.check import usable_samples
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     out = Path(cfg.output_dir)
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_min))
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with=_setup_tracking(cfg), project_dir=str(out), kwargs_handlers=[timeout])
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    log = accelerator.print
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                              log_with=tracking.tracker(cfg), project_dir=str(out), kwargs_handlers=[timeout])
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
     set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
+    return Run(cfg=cfg, accelerator=accelerator, out=out, resume=resume)
 
-    # 1. Check the data, encode every clip and prompt once (cached); the VAE and T5 leave memory after.
-    samples = usable_samples(cfg, log)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
-        checkpoint.remove_partial(out)
-    from cogpipe.validation import validation_inputs, validate_in_training
 
+def _prepare_data(run: Run) -> TrainData:
+    """Check the data, encode every clip and prompt once (cached; the VAE and T5 leave memory after)."""
+    from cogpipe.check import usable_samples
+    from cogpipe.validation import validation_inputs
+
+    cfg, acc = run.cfg, run.accelerator
+    samples = usable_samples(cfg, run.log)
+    if acc.is_main_process:
+        save_config(cfg, run.out / "config.yaml")
+        checkpoint.remove_partial(run.out)
     val_prompts = [p for p, _ in validation_inputs(cfg)] if cfg.validation.every else []
-    need_empty = cfg.train.caption_dropout > 0 or bool(val_prompts)
-    extra = val_prompts + ([""] if need_empty else [])
-    entries = build_cache(cfg, samples, device, rank, world, accelerator.wait_for_everyone, log, extra)
-    dataset = CachedDataset(entries)
-    extra_embeds = load_prompt_embeds(cfg, extra)
-    empty_embeds = extra_embeds.get("")
-    shapes = [s.shape for s in samples]
-    per_epoch = len(epoch_batches(shapes, cfg.train.batch_size, cfg.train.seed, 0, rank, world))
-    if per_epoch == 0:
+    extra = val_prompts + ([""] if cfg.train.caption_dropout > 0 or val_prompts else [])
+    entries = build_cache(cfg, samples, acc.device, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+                          run.log, extra)
+    plan = EpochPlan([s.shape for s in samples], cfg.train.batch_size, cfg.train.seed, acc.process_index,
+                     acc.num_processes)
+    if plan.per_epoch == 0:
         raise ValueError(f"data.root: no bucket holds one global batch of train.batch_size "
-                         f"{cfg.train.batch_size} x {world} processes ({len(dataset)} clips)")
+                         f"{cfg.train.batch_size} x {acc.num_processes} processes ({len(entries)} clips)")
+    extra_embeds = load_prompt_embeds(cfg, extra)
+    scheduler = models.build_scheduler(cfg.model)
+    draws = Draws(seed=cfg.train.seed, num_timesteps=len(scheduler.alphas_cumprod),
+                  caption_dropout=cfg.train.caption_dropout, empty_embeds=extra_embeds.get(""),
+                  timestep_sampling=cfg.train.timestep_sampling, logit_mean=cfg.train.timestep_logit_mean,
+                  logit_std=cfg.train.timestep_logit_std)
+    return TrainData(dataset=CachedDataset(entries), plan=plan, draws=draws, extra_embeds=extra_embeds)
 
-    # 2. The transformer: frozen with a LoRA adapter, or fully trainable.
+
+def _prepare_model(run: Run) -> Model:
+    """The transformer: frozen with a LoRA adapter, or fully trainable."""
+    cfg = run.cfg
     weight_dtype = models.DTYPES[cfg.model.weight_dtype]
     transformer = models.build_transformer(cfg.model, weight_dtype if cfg.train.mode == "lora" else torch.float32)
     if cfg.model.fp8_frozen:  # before the adapter: only the frozen base layers are stored in fp8
@@ -192,169 +202,188 @@ def train(cfg: Config) -> Path:
         transformer.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    tcfg = dict(transformer.config)
-    alphas_cumprod = models.build_scheduler(cfg.model).alphas_cumprod.to(device)
-    num_timesteps = len(alphas_cumprod)
+    transformer_config = dict(transformer.config)
+    alphas_cumprod = models.build_scheduler(cfg.model).alphas_cumprod.to(run.accelerator.device)
+    return Model(transformer=transformer, transformer_config=transformer_config, weight_dtype=weight_dtype,
+                 alphas_cumprod=alphas_cumprod, rotary=RotaryTables(transformer_config),
+                 params=[p for p in transformer.parameters() if p.requires_grad])
 
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg.train, params)
-    ema = {n: p.detach().clone().float() for n, p in transformer.named_parameters() if p.requires_grad} \
-        if cfg.train.ema_decay > 0 else None
+
+def _prepare_optimizer(run: Run, model: Model) -> Optimization:
+    """AdamW, the LR schedule and the EMA; accelerate wraps model and optimizer; checkpoints keep only the
+    trainable weights (the hooks below)."""
+    from accelerate.utils import DistributedType
+    from diffusers.optimization import get_scheduler
+
+    cfg, acc = run.cfg, run.accelerator
+    optimizer = make_optimizer(cfg.train, model.params)
+    ema = ({n: p.detach().clone().float() for n, p in model.transformer.named_parameters() if p.requires_grad}
+           if cfg.train.ema_decay > 0 else None)
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                  num_training_steps=cfg.train.max_steps)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
-
-    trainable_names = [n for n, p in accelerator.unwrap_model(transformer).named_parameters() if p.requires_grad]
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    model.transformer, optimizer = acc.prepare(model.transformer, optimizer)
+    acc.register_for_checkpointing(lr_scheduler)
+    model.trainable_names = [n for n, p in acc.unwrap_model(model.transformer).named_parameters() if p.requires_grad]
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
 
     def save_hook(models_, weights, directory):
         # trainable.safetensors holds full weights for export and resume under any launcher:
         # get_state_dict gathers ZeRO-3 / FSDP shards (a collective: every process calls it).
-        state_dict = accelerator.get_state_dict(models_[0])
-        if accelerator.is_main_process:
-            checkpoint.save_trainable(state_dict, trainable_names, directory)
+        state_dict = acc.get_state_dict(models_[0])
+        if acc.is_main_process:
+            checkpoint.save_trainable(state_dict, model.trainable_names, directory)
         weights.clear()  # only the trainable weights are saved, not the frozen base
 
     def load_hook(models_, directory):
         if not deepspeed:  # DeepSpeed restores its (sharded) weights from its own checkpoint files
-            checkpoint.load_trainable(accelerator.unwrap_model(models_.pop()), directory)
+            checkpoint.load_trainable(acc.unwrap_model(models_.pop()), directory)
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    acc.register_save_state_pre_hook(save_hook)
+    acc.register_load_state_pre_hook(load_hook)
+    return Optimization(optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema)
 
-    state = {"step": 0, "micro_step": 0, "skipped_steps": 0}
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        state.update(checkpoint.read_state(resume))
-        if ema is not None:
-            ema = checkpoint.load_ema(resume, ema)
-        log(f"resumed from {resume} at step {state['step']}")
-    if accelerator.is_main_process:
-        _trim_metrics(out / "metrics.jsonl", state["step"])
-        if cfg.report_to != "none":
-            from omegaconf import OmegaConf
 
-            accelerator.init_trackers(cfg.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+def _resume(run: Run, opt: Optimization) -> TrainState:
+    """The state to start from: a fresh one, or the checkpoint's (weights, optimizer, schedule, RNG, EMA)."""
+    state = TrainState()
+    if run.resume is not None:
+        run.accelerator.load_state(str(run.resume))
+        state = TrainState.restored(checkpoint.read_state(run.resume))
+        if opt.ema is not None:
+            opt.ema = checkpoint.load_ema(run.resume, opt.ema)
+        run.log(f"resumed from {run.resume} at step {state.step}")
+    tracking.start(run.accelerator, run.cfg, state.step)
+    return state
 
+
+# ---- one step -------------------------------------------------------------------------------------------------
+
+def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMeter, step: int):
+    """Forward, loss, backward of one micro-batch; at the last of grad_accum: the update, unless a process saw
+    a non-finite loss (then it is skipped). Returns (loss, skipped, grad norm or None)."""
+    acc, cfg = run.accelerator, run.cfg
+    skipped, grad_norm = False, None
+    with acc.accumulate(model.transformer):
+        with acc.autocast():
+            v_pred = model.transformer(**inputs.kwargs)[0]
+        loss = diffusion_loss(v_pred, inputs.x0, inputs.noisy, inputs.kwargs["timestep"], model.alphas_cumprod)
+        checkpoint.failpoint(f"train-step:{step + 1}")
+        acc.backward(loss)
+        meter.bad |= not bool(torch.isfinite(loss.detach()))
+        if acc.sync_gradients:
+            skipped = acc.reduce(torch.tensor(float(meter.bad), device=acc.device), "sum").item() > 0
+            if not skipped:
+                grad_norm = acc.clip_grad_norm_(model.params, cfg.train.max_grad_norm)
+                opt.optimizer.step()
+                if opt.ema is not None:
+                    update_ema(opt.ema, acc.unwrap_model(model.transformer), cfg.train.ema_decay)
+            opt.optimizer.zero_grad(set_to_none=True)
+    return loss, skipped, grad_norm
+
+
+def _count_skip(run: Run, state: TrainState, skipped: bool, mean_loss: float, save: Callable) -> None:
+    """Count a skipped (non-finite) step; after train.max_bad_steps in a row save the last good weights and stop."""
+    if not skipped:
+        state.bad_in_a_row = 0
+        return
+    state.skipped_steps += 1
+    state.bad_in_a_row += 1
+    run.log(f"step {state.step}: non-finite loss ({mean_loss}); update skipped "
+            f"({state.bad_in_a_row} in a row, {state.skipped_steps} in all)")
+    limit = run.cfg.train.max_bad_steps
+    if state.bad_in_a_row >= limit:
+        saved = save()
+        raise FloatingPointError(f"{state.bad_in_a_row} non-finite losses in a row (train.max_bad_steps={limit}) at "
+                                 f"step {state.step}; the last good weights are saved in {saved}. Lower train.lr, "
+                                 f"check the data, or use train.mixed_precision=bf16 instead of fp16")
+
+
+def _validate(run: Run, model: Model, data: TrainData, step: int) -> None:
+    from cogpipe.validation import validate_in_training
+
+    acc = run.accelerator
+    validate_in_training(run.cfg, acc.unwrap_model(model.transformer), step, acc.process_index, acc.num_processes,
+                         acc.device, data.extra_embeds)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tracking.log_videos(acc, run.cfg, step)
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+def train(cfg: Config) -> Path:
+    """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
+    run = _start(cfg)
+    acc, tc = run.accelerator, cfg.train
+    data = _prepare_data(run)
+    model = _prepare_model(run)
+    opt = _prepare_optimizer(run, model)
+    state = _resume(run, opt)
     config_yaml = to_yaml(cfg)
 
-    def save():
-        return checkpoint.save(accelerator, out, state["step"], dict(state), config_yaml,
-                               cfg.train.checkpoints_total_limit, ema)
+    def save() -> Path:
+        return checkpoint.save(acc, run.out, state.step, state.saved(), config_yaml, tc.checkpoints_total_limit,
+                               opt.ema)
 
-    timesteps = (cfg.train.timestep_sampling, cfg.train.timestep_logit_mean, cfg.train.timestep_logit_std)
-
-    # SIGTERM / SIGINT: finish the optimizer step in flight, save a checkpoint, stop.
-    stop = {"signum": 0}
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            handlers[signum] = signal.signal(signum, lambda n, _f: stop.update(signum=n))
-
-    # 3. The loop: one optimizer step = grad_accum micro-batches on every process.
-    bar = tqdm(total=cfg.train.max_steps, initial=state["step"], disable=not accelerator.is_local_main_process,
-               desc="train")
-    transformer.train()
-    tic, steps_timed, loss_sum, bad_micro, bad_in_a_row = time.perf_counter(), 0, 0.0, False, 0
+    bar = tqdm(total=tc.max_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
+    meter = StepMeter(tc.grad_accum)
+    model.transformer.train()
     try:
-        while state["step"] < cfg.train.max_steps:
-            micro = state["micro_step"]
-            epoch, pos = divmod(micro, per_epoch)
-            indices = epoch_batches(shapes, cfg.train.batch_size, cfg.train.seed, epoch, rank, world)[pos]
-            batch = _collate([dataset[i] for i in indices])
-            x0, noise, t, embeds, image = training_batch(batch, cfg.train.seed, micro, rank, world, num_timesteps,
-                                                         device, cfg.train.caption_dropout, empty_embeds,
-                                                         timesteps)
-            patch_t = tcfg.get("patch_size_t")
-            x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
-            noisy = add_noise(x0, noise, t, alphas_cumprod)  # (B, F, C, H, W)
-            model_input = noisy if image is None else torch.cat([noisy, pad_for_patch_t(image, patch_t)], dim=2)
-            rope = rotary_embeddings(tcfg, x0.shape[1], x0.shape[3], x0.shape[4], device)
-            ofs = torch.full((x0.shape[0],), 2.0, device=device) if tcfg.get("ofs_embed_dim") else None
-            try:
-                with accelerator.accumulate(transformer):
-                    with accelerator.autocast():
-                        v_pred = transformer(hidden_states=model_input.to(weight_dtype),
-                                             encoder_hidden_states=embeds.to(weight_dtype), timestep=t, ofs=ofs,
-                                             image_rotary_emb=rope, return_dict=False)[0]
-                    loss = diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod)
-                    checkpoint.failpoint(f"train-step:{state['step'] + 1}")
-                    accelerator.backward(loss)
-                    bad_micro |= not bool(torch.isfinite(loss.detach()))
-                    if accelerator.sync_gradients:
-                        bad = accelerator.reduce(torch.tensor(float(bad_micro), device=device), "sum").item() > 0
-                        if not bad:
-                            grad_norm = accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm)
-                            optimizer.step()
-                            if ema is not None:
-                                update_ema(ema, accelerator.unwrap_model(transformer), cfg.train.ema_decay)
-                        optimizer.zero_grad(set_to_none=True)
-            except torch.OutOfMemoryError as e:
-                raise MemoryError(f"step {state['step'] + 1}: {OOM_ADVICE}") from e
-            state["micro_step"] = micro + 1
-            loss_sum += loss.detach().float().item()
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            state["step"] += 1
-            steps_timed += 1
-            step = state["step"]
-            mean_loss = accelerator.reduce(torch.tensor(loss_sum / cfg.train.grad_accum, device=device), "mean").item()
-            loss_sum, bad_micro = 0.0, False
-            if bad:  # a non-finite loss: the update was skipped
-                state["skipped_steps"] += 1
-                bad_in_a_row += 1
-                log(f"step {step}: non-finite loss ({mean_loss}); update skipped "
-                    f"({bad_in_a_row} in a row, {state['skipped_steps']} in all)")
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    saved = save()
-                    raise FloatingPointError(
-                        f"{bad_in_a_row} non-finite losses in a row (train.max_bad_steps={cfg.train.max_bad_steps})"
-                        f" at step {step}; the last good weights are saved in {saved}. Lower train.lr, "
-                        f"check the data, or use train.mixed_precision=bf16 instead of fp16")
-            else:
-                bad_in_a_row = 0
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                rate = steps_timed / (time.perf_counter() - tic)
-                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if not bad else float("nan"), "steps_per_s": rate,
-                        "skipped_steps": state["skipped_steps"]}
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{rate:.2f}")
-                accelerator.log(logs, step=step)
-                if accelerator.is_main_process:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **logs}) + "\n")
-            bar.update(1)
-            if step == cfg.train.max_steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-                save()
-            if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.max_steps:
-                validate_in_training(cfg, accelerator.unwrap_model(transformer), step, rank, world, device,
-                                     extra_embeds)
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    log_videos(accelerator, cfg, out, step)
-            signum = int(accelerator.reduce(torch.tensor(stop["signum"], device=device), "max").item())
-            if signum and step < cfg.train.max_steps:
-                saved = save() if not (out / "checkpoints" / f"checkpoint-{step:06d}").exists() else None
-                raise Interrupted(signum, saved or checkpoint.checkpoints_dir(out) / f"checkpoint-{step:06d}")
+        with StopSignals() as stop:
+            while state.step < tc.max_steps:
+                indices = data.plan.indices(state.micro_step)
+                batch = draw_batch(collate([data.dataset[i] for i in indices]), micro_step=state.micro_step,
+                                   rank=acc.process_index, world=acc.num_processes, draws=data.draws, device=acc.device)
+                inputs = model_inputs(batch.x0, batch.noise, batch.timesteps, batch.prompt_embeds, batch.image_latents,
+                                      transformer_config=model.transformer_config,
+                                      alphas_cumprod=model.alphas_cumprod, rotary=model.rotary,
+                                      dtype=model.weight_dtype)
+                try:
+                    loss, skipped, grad_norm = _micro_step(run, model, opt, inputs, meter, state.step)
+                except torch.OutOfMemoryError as e:
+                    raise MemoryError(f"step {state.step + 1}: {OOM_ADVICE}") from e
+                state.micro_step += 1
+                meter.add(loss)
+                if not acc.sync_gradients:
+                    continue
+                opt.lr_scheduler.step()
+                state.step += 1
+                mean_loss = meter.take_mean_loss(acc)
+                _count_skip(run, state, skipped, mean_loss, save)
+                if state.step % tc.log_every == 0 or state.step == tc.max_steps:
+                    logs = {"loss": mean_loss, "lr": opt.lr_scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm) if not skipped else float("nan"),
+                            "steps_per_s": meter.rate(), "skipped_steps": state.skipped_steps}
+                    tracking.log_step(acc, cfg, state.step, logs, bar)
+                bar.update(1)
+                if state.step == tc.max_steps or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0):
+                    save()
+                if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < tc.max_steps:
+                    _validate(run, model, data, state.step)
+                signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
+                if signum and state.step < tc.max_steps:
+                    done = checkpoint.checkpoints_dir(run.out) / f"checkpoint-{state.step:06d}"
+                    raise Interrupted(signum, done if done.exists() else save())
     except BaseException:
-        accelerator.end_training()
+        acc.end_training()
         raise
     finally:
         bar.close()
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    model.transformer = opt.optimizer = None  # the export reads the final checkpoint: free the training copies
+    acc.free_memory()
+    _finish(run, state)
+    return run.out
 
-    # 4. Export the final weights as a Diffusers pipeline (+ LoRA) and render the validation videos.
-    del transformer, optimizer
-    if accelerator.is_main_process:
+
+def _finish(run: Run, state: TrainState) -> None:
+    """Export the final weights as a Diffusers pipeline (+ LoRA) and render the validation videos."""
+    acc = run.accelerator
+    if acc.is_main_process:
         from cogpipe.export import export
         from cogpipe.validation import render_validation
 
-        export(out)
-        render_validation(out, cfg, state["step"])
-        log_videos(accelerator, cfg, out, state["step"])
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # also ends the process group: no collective after this
-    return out
+        export(run.out)
+        render_validation(run.out, run.cfg, state.step)
+        tracking.log_videos(acc, run.cfg, state.step)
+    acc.wait_for_everyone()
+    acc.end_training()  # also ends the process group: no collective after this

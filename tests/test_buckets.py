@@ -4,7 +4,7 @@ import pytest
 
 from cogpipe.config import ConfigError, load_config
 from cogpipe.data import choose_bucket
-from cogpipe.training import epoch_batches
+from cogpipe.batches import epoch_batches
 from helpers import REPO, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"

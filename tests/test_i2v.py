@@ -35,16 +35,21 @@ def test_cache_holds_first_frame_variants(i2v_run):
 
 
 def test_training_batch_concatenates_the_padded_first_frame():
-    from cogpipe.training import training_batch
+    from cogpipe.batches import Draws, draw_batch
+
+    def training_batch(batch, caption_dropout):
+        b = draw_batch(batch, micro_step=0, rank=0, world=1, device="cpu",
+                       draws=Draws(seed=0, num_timesteps=1000, caption_dropout=caption_dropout, empty_embeds=empty))
+        return b.x0, b.noise, b.timesteps, b.prompt_embeds, b.image_latents
 
     batch = {"mean": torch.randn(2, 16, 5, 8, 8), "std": torch.full((2, 16, 5, 8, 8), 0.1),
              "prompt_embeds": torch.randn(2, 48, 32), "image_latents": torch.randn(2, 3, 16, 1, 8, 8)}
     empty = torch.zeros(48, 32)
-    x0, noise, t, embeds, image = training_batch(batch, 0, 0, 0, 1, 1000, "cpu", 0.0, empty)
+    x0, noise, t, embeds, image = training_batch(batch, 0.0)
     assert x0.shape == noise.shape == image.shape == (2, 5, 16, 8, 8)
     assert image[:, 1:].abs().sum() == 0  # zeros after the first latent frame
     assert any(torch.equal(image[0, 0], batch["image_latents"][0, k, :, 0]) for k in range(3))
-    _, _, _, dropped, _ = training_batch(batch, 0, 0, 0, 1, 1000, "cpu", 0.999, empty)
+    _, _, _, dropped, _ = training_batch(batch, 0.999)
     assert torch.equal(dropped, torch.zeros(2, 48, 32))  # caption dropout uses the empty prompt
 
 

@@ -110,7 +110,7 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_do(monkeypatch):
 
 def test_logit_normal_timesteps_follow_their_distribution():
     from cogpipe.diffusion import sample_timestep
-    from cogpipe.training import training_batch
+    from cogpipe.batches import Draws, draw_batch
 
     g = torch.Generator().manual_seed(0)
     t = torch.cat([sample_timestep(1000, g, "logit_normal", 0.5, 1.0) for _ in range(4000)]).float()
@@ -122,7 +122,11 @@ def test_logit_normal_timesteps_follow_their_distribution():
     # the training batch draws its timesteps with the chosen sampling, per example and reproducibly
     batch = {"mean": torch.zeros(64, 16, 2, 4, 4), "std": torch.ones(64, 16, 2, 4, 4),
              "prompt_embeds": torch.zeros(64, 3, 8)}
-    draw = lambda *ts: training_batch(batch, 0, 0, 0, 1, 1000, "cpu", timesteps=ts)[2].float()
+
+    def draw(sampling, mean, std):
+        draws = Draws(seed=0, num_timesteps=1000, timestep_sampling=sampling, logit_mean=mean, logit_std=std)
+        return draw_batch(batch, micro_step=0, rank=0, world=1, draws=draws, device="cpu").timesteps.float()
+
     shifted = draw("logit_normal", 2.0, 0.5)  # sigmoid(2 +- 1.5) is above 0.6 with probability 0.9987
     assert (shifted > 600).float().mean() > 0.95 and torch.equal(shifted, draw("logit_normal", 2.0, 0.5))
     assert (draw("uniform", 0.0, 1.0) > 600).float().mean() < 0.6

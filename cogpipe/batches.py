@@ -1,0 +1,106 @@
+"""Which cached examples make each step's batch, and the per-example randomness of a step.
+
+Randomness that shapes a step (latent sample, noise, timestep, caption dropout, first-frame variant) is drawn
+per example from a generator seeded by (train.seed, micro-step, global batch slot), and the data order of each
+epoch from (train.seed, epoch): a run is reproducible, resumes exactly from a checkpoint, and gives the same
+global batch on 1 process with batch 2 as on 2 processes with batch 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from cogpipe.diffusion import sample_timestep
+
+
+def epoch_batches(shapes: list, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This process's batches of one epoch. Examples are grouped by bucket `shapes[i]`, shuffled with
+    a seeded generator and cut into global batches of batch_size x world from one bucket; process r
+    takes every world-th example of each global batch, so the global batch is the same for any
+    number of processes."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    size = batch_size * world
+    chunks = []
+    for shape in sorted(set(shapes)):
+        members = [i for i, s in enumerate(shapes) if s == shape]
+        members = [members[i] for i in torch.randperm(len(members), generator=g).tolist()]
+        chunks += [members[i:i + size] for i in range(0, len(members) - size + 1, size)]
+    return [chunks[i][rank::world] for i in torch.randperm(len(chunks), generator=g).tolist()]
+
+
+class EpochPlan:
+    """The data order as micro-step -> example indices, each epoch's order computed once."""
+
+    def __init__(self, shapes: list, batch_size: int, seed: int, rank: int, world: int):
+        self.shapes, self.batch_size, self.seed, self.rank, self.world = shapes, batch_size, seed, rank, world
+        self._epoch, self._batches = 0, self._order(0)
+        self.per_epoch = len(self._batches)  # the same every epoch: buckets keep their sizes
+
+    def _order(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(self.shapes, self.batch_size, self.seed, epoch, self.rank, self.world)
+
+    def indices(self, micro_step: int) -> list[int]:
+        epoch, position = divmod(micro_step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, self._order(epoch)
+        return self._batches[position]
+
+
+def example_generator(seed: int, micro_step: int, slot: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + slot) % 2**62)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """How a step's randomness is drawn (see `draw_batch`)."""
+    seed: int
+    num_timesteps: int
+    caption_dropout: float = 0.0
+    empty_embeds: Optional[torch.Tensor] = None  # (L, D): the empty prompt, for caption dropout
+    timestep_sampling: str = "uniform"  # see diffusion.sample_timestep
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+
+@dataclass
+class TrainingBatch:
+    x0: torch.Tensor  # (B, F, C, H, W): clean latents, sampled from the cached distribution
+    noise: torch.Tensor  # (B, F, C, H, W)
+    timesteps: torch.Tensor  # (B,)
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    image_latents: Optional[torch.Tensor]  # (B, F, C, H, W): first frame's latents then zeros; None for T2V
+
+
+def collate(items: list[dict]) -> dict:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+def _as_bfchw(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(tensors).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
+
+
+def draw_batch(batch: dict, *, micro_step: int, rank: int, world: int, draws: Draws, device) -> TrainingBatch:
+    """Per-example randomness for a collated cache batch {"mean", "std", "prompt_embeds"[, "image_latents"]}, each
+    example from its own seeded generator: the latent sample, noise, timestep, caption dropout and which cached
+    first-frame encoding (image-to-video)."""
+    x0, noise, t, embeds, images = [], [], [], [], []
+    for j in range(batch["mean"].shape[0]):
+        g = example_generator(draws.seed, micro_step, j * world + rank, device)
+        mean, std = batch["mean"][j].to(device), batch["std"][j].to(device)  # (C, F, H, W)
+        x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
+        noise.append(torch.randn(mean.shape, generator=g, device=device))
+        t.append(sample_timestep(draws.num_timesteps, g, draws.timestep_sampling, draws.logit_mean, draws.logit_std))
+        drop = draws.caption_dropout > 0 and torch.rand((), generator=g, device=device).item() < draws.caption_dropout
+        embeds.append(draws.empty_embeds if drop else batch["prompt_embeds"][j])
+        if "image_latents" in batch:
+            variants = batch["image_latents"][j]  # (K, C, 1, H, W)
+            k = torch.randint(0, variants.shape[0], (1,), generator=g, device=device).item()
+            image = torch.zeros_like(mean)  # (C, F, H, W): the first frame's latent, then zeros
+            image[:, :1] = variants[k].to(device)
+            images.append(image)
+    return TrainingBatch(x0=_as_bfchw(x0), noise=_as_bfchw(noise), timesteps=torch.cat(t),
+                         prompt_embeds=torch.stack(embeds).to(device),
+                         image_latents=_as_bfchw(images) if images else None)

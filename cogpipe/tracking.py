@@ -1,0 +1,80 @@
+"""What a run reports: metrics.jsonl (one JSON line per logged step), the tracker (wandb, offline by default,
+or tensorboard) and the validation videos sent to wandb; the step meter that averages losses over micro-batches
+and times the steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+METRICS = "metrics.jsonl"
+
+
+def tracker(cfg) -> str | None:
+    """The accelerate tracker name for `report_to`, with wandb kept offline and quiet unless told otherwise."""
+    if cfg.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", cfg.wandb_mode)
+        os.environ.setdefault("WANDB_DIR", str(Path(cfg.output_dir).resolve()))
+        os.environ.setdefault("WANDB_SILENT", "true")
+    return None if cfg.report_to == "none" else cfg.report_to
+
+
+def start(accelerator, cfg, resumed_step: int) -> None:
+    """On the main process: drop metric lines past a resumed step (they are about to be recomputed) and start
+    the tracker with the resolved config."""
+    if not accelerator.is_main_process:
+        return
+    file = Path(cfg.output_dir) / METRICS
+    if file.exists():
+        keep = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
+        file.write_text("".join(line + "\n" for line in keep))
+    if cfg.report_to != "none":
+        from omegaconf import OmegaConf
+
+        accelerator.init_trackers(cfg.wandb_project, config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+class StepMeter:
+    """Losses and the non-finite flag of the micro-batches of one optimizer step, and the steps/s rate."""
+
+    def __init__(self, grad_accum: int):
+        self.grad_accum, self.loss_sum, self.bad = grad_accum, 0.0, False
+        self.tic, self.steps = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float().item()
+
+    def take_mean_loss(self, accelerator) -> float:
+        """The step's mean loss over micro-batches and processes; resets for the next step."""
+        device = accelerator.device
+        mean = accelerator.reduce(torch.tensor(self.loss_sum / self.grad_accum, device=device), "mean").item()
+        self.loss_sum, self.bad, self.steps = 0.0, False, self.steps + 1
+        return mean
+
+    def rate(self) -> float:
+        return self.steps / (time.perf_counter() - self.tic)
+
+
+def log_step(accelerator, cfg, step: int, logs: dict, bar) -> None:
+    """One logged step: the progress bar, the tracker and metrics.jsonl."""
+    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{logs['steps_per_s']:.2f}")
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        with open(Path(cfg.output_dir) / METRICS, "a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+
+
+def log_videos(accelerator, cfg, step: int) -> None:
+    """Send this step's validation mp4s to wandb (no-op for other trackers)."""
+    if cfg.report_to != "wandb":
+        return
+    import wandb
+
+    videos = sorted((Path(cfg.output_dir) / "validation").glob(f"step-{step:06d}-*.mp4"))
+    if videos:
+        accelerator.log({"validation": [wandb.Video(str(v), caption=v.with_suffix(".txt").read_text().strip(),
+                                                    format="mp4") for v in videos]}, step=step)
