@@ -63,66 +63,109 @@ def report(problems: list[Problem], root) -> str:
     return f"dataset {root}: {len(problems)} problem(s):\n{lines}"
 
 
-def _read_lines(file: Path, problems: list[Problem]) -> list[str | None]:
-    """The lines of a text file, stripped, trailing blank lines dropped; a line that is not UTF-8
-    becomes None and a problem."""
+def _read_lines(file: Path, problems: list[Problem]) -> list[str | None] | None:
+    """The lines of a list file, stripped and counted exactly: "a\nb\n" is two lines, "a\nb\n\n" three (the last
+    one empty). A line that is not UTF-8 becomes None and a problem; a file that cannot be read gives None and a
+    problem."""
+    try:
+        raw_lines = file.read_bytes().splitlines()
+    except OSError as e:
+        problems.append(Problem(str(file), f"cannot read this list file ({type(e).__name__}: {e.strerror or e})"))
+        return None
     lines: list[str | None] = []
-    for i, raw in enumerate(file.read_bytes().splitlines()):
+    for i, raw in enumerate(raw_lines):
         try:
             lines.append(raw.decode("utf-8").strip())
         except UnicodeDecodeError as e:
             problems.append(Problem(f"{file}:{i + 1}", f"not valid UTF-8 text ({e.reason} at byte {e.start})"))
             lines.append(None)
-    while lines and lines[-1] == "":
-        lines.pop()
     return lines
 
 
-def _pick(row: dict, names, file, what: str) -> str:
+def _pick(row: dict, names) -> str | None:
     for name in names:
         if name in row and row[name] is not None:
             return str(row[name])
-    raise DataError(f"{file}: no {what} column; expected one of {list(names)}, found {sorted(row)}")
+    return None
+
+
+def _paired(root: Path, videos: Path, vids: list, others: list[tuple[Path, list, str]], problems) -> list[tuple]:
+    """Pair the video list with the other lists line by line. Lists of different lengths are a problem, and every
+    entry past the shorter list is one too (skipped with data.skip_bad, never paired with another line)."""
+    rows = []
+    for other, lines, what in others:
+        if len(lines) != len(vids):
+            problems.append(Problem(str(root), f"{other} has {len(lines)} lines but {videos} has {len(vids)}: each "
+                                               f"video needs exactly one {what} line"))
+    n = min(len(vids), *(len(lines) for _, lines, _ in others))
+    for i in range(n, len(vids)):
+        problems.append(Problem(f"{videos}:{i + 1}", "no line for this video in " +
+                                ", ".join(o.name for o, lines, _ in others if len(lines) <= i)))
+    for other, lines, what in others:
+        for i in range(n, len(lines)):
+            if i >= len(vids):
+                problems.append(Problem(f"{other}:{i + 1}", f"a {what} with no line in {videos.name}"))
+    for i in range(n):
+        entry = [vids[i]] + [lines[i] for _, lines, _ in others]
+        rows.append((i, entry))
+    return rows
 
 
 def _rows(root: Path, problems: list[Problem]) -> list[tuple]:
-    """(video path as written, caption, where, image path or None) for each entry of the dataset."""
+    """(video path as written, caption, where, image path or None) for each entry of the dataset. An entry whose
+    video line is missing or empty is a problem, not a row."""
     prompts, videos = root / "prompts.txt", root / "videos.txt"
     if prompts.exists() or videos.exists():
         if not (prompts.exists() and videos.exists()):
-            raise DataError(f"{root}: prompts.txt and videos.txt must both exist (found only "
-                            f"{'prompts.txt' if prompts.exists() else 'videos.txt'})")
+            missing = "videos.txt" if prompts.exists() else "prompts.txt"
+            problems.append(Problem(str(root / missing), "not found: prompts.txt and videos.txt go together"))
+            return []
         caps, vids = _read_lines(prompts, problems), _read_lines(videos, problems)
-        if len(caps) != len(vids):
-            raise DataError(f"{prompts} has {len(caps)} lines but {videos} has {len(vids)}: "
-                            "each video needs exactly one caption line")
         images = root / "images.txt"
-        imgs = _read_lines(images, problems) if images.exists() else [None] * len(vids)
-        if len(imgs) != len(vids):
-            raise DataError(f"{images} has {len(imgs)} lines but {videos} has {len(vids)}: "
-                            "each video needs exactly one first-frame image line")
-        return [(v, c, f"{videos}:{i + 1}", im) for i, (v, c, im) in enumerate(zip(vids, caps, imgs))]
+        imgs = _read_lines(images, problems) if images.exists() else None
+        if caps is None or vids is None or (images.exists() and imgs is None):
+            return []
+        others = [(prompts, caps, "caption")] + ([(images, imgs, "first-frame image")] if imgs is not None else [])
+        out = []
+        for i, (video, caption, *image) in _paired(root, videos, vids, others, problems):
+            where = f"{videos}:{i + 1}"
+            if video == "":
+                blank = caption == "" and (not image or image[0] == "")
+                problems.append(Problem(where, "empty line in " + ("every list (a blank line at the end?)" if blank
+                                                                   else "videos.txt: no video path")))
+                continue
+            out.append((video, caption, where, (image[0] or None) if image else None))
+        return out
     for name in ("metadata.jsonl", "metadata.csv"):
         meta = root / name
         if not meta.exists():
             continue
+        rows = []
         if name.endswith(".jsonl"):
-            rows = []
-            for i, line in enumerate(_read_lines(meta, problems)):
+            for i, line in enumerate(_read_lines(meta, problems) or []):
                 if not line:
                     continue
                 try:
-                    rows.append((json.loads(line), i))
+                    rows.append((json.loads(line), i + 1))
                 except json.JSONDecodeError as e:
                     problems.append(Problem(f"{meta}:{i + 1}", f"not valid JSON ({e.msg})"))
         else:
             try:
                 with open(meta, newline="", encoding="utf-8") as f:
-                    rows = [(r, i + 1) for i, r in enumerate(csv.DictReader(f))]
-            except UnicodeDecodeError as e:
-                raise DataError(f"{meta}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
-        return [(_pick(r, VIDEO_COLUMNS, meta, "video"), (_pick(r, CAPTION_COLUMNS, meta, "caption") or "").strip(),
-                 f"{meta}:{i + 1}", next((str(r[c]) for c in IMAGE_COLUMNS if r.get(c)), None)) for r, i in rows]
+                    rows = [(r, i + 2) for i, r in enumerate(csv.DictReader(f))]  # line 1 is the header
+            except (OSError, UnicodeDecodeError) as e:
+                problems.append(Problem(str(meta), f"cannot read as UTF-8 CSV ({type(e).__name__}: {e})"))
+        out = []
+        for r, line in rows:
+            video, caption = _pick(r, VIDEO_COLUMNS), _pick(r, CAPTION_COLUMNS)
+            if video is None or caption is None:
+                what, names = ("video", VIDEO_COLUMNS) if video is None else ("caption", CAPTION_COLUMNS)
+                problems.append(Problem(f"{meta}:{line}", f"no {what} column; expected one of {list(names)}, "
+                                                          f"found {sorted(r)}"))
+                continue
+            image = next((str(r[c]) for c in IMAGE_COLUMNS if r.get(c)), None)
+            out.append((video, caption.strip(), f"{meta}:{line}", image))
+        return out
     out = []
     for video in sorted(p for p in root.iterdir() if p.suffix.lower() in VIDEO_EXTS):
         caption_file = video.with_suffix(".txt")
@@ -130,14 +173,17 @@ def _rows(root: Path, problems: list[Problem]) -> list[tuple]:
             problems.append(Problem(str(video), f"no caption file {caption_file.name} beside it"))
             continue
         lines = _read_lines(caption_file, problems)
-        out.append((video.name, None if None in lines else " ".join(lines), str(caption_file), None))
+        if lines is None:
+            continue
+        out.append((video.name, None if None in lines else " ".join(x for x in lines if x), str(caption_file), None))
     return out
 
 
 def scan(root) -> tuple[list[Sample], list[Problem]]:
-    """The usable (video, caption) pairs of a dataset folder, in file order, and the problems of the
-    rest (path escaping the folder, missing video, empty or undecodable caption). Problems that make
-    the layout unreadable raise DataError."""
+    """The usable (video, caption) pairs of a dataset folder, in file order, and every problem of the rest:
+    structural ones (lists of different lengths and the entries left unpaired, an unreadable list file, a missing
+    column) together with those of single entries (path escaping the folder, missing video, empty or undecodable
+    caption). Only a missing folder, or one with no dataset in it, raises DataError."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root: dataset folder {root} does not exist")

@@ -4,6 +4,7 @@ state, and a run killed at any moment resumes to the same weights as one never k
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,12 +80,40 @@ def test_short_and_small_clips(tmp_path):
 def test_mismatched_lists_and_missing_caption_file(tmp_path):
     root = make_clips(tmp_path / "d", SPECS[:2])
     (root / "prompts.txt").write_text("one caption only\n")
-    with pytest.raises(DataError, match="prompts.txt has 1 lines but .*videos.txt has 2"):
-        scan(root)
+    good, problems = scan(root)  # the structural problem is reported with the entries it leaves unpaired
+    assert [s.caption for s in good] == ["one caption only"]
+    assert any(re.search("prompts.txt has 1 lines but .*videos.txt has 2", str(p)) for p in problems)
+    assert any(p.file.endswith("videos.txt:2") and "no line for this video in prompts.txt" in p.rule for p in problems)
     folder = make_clips(tmp_path / "f", SPECS[:2], layout="folder")
     (folder / "01_purple_circle_up.txt").unlink()
     good, problems = scan(folder)
     assert len(good) == 1 and "no caption file 01_purple_circle_up.txt" in str(problems[0])
+
+
+def test_last_caption_empty_with_a_corrupt_and_a_missing_clip(tmp_path, capsys):
+    """A prompts.txt whose last caption is empty ends with an empty line: counted as a line (an empty caption),
+    reported with every other problem; with data.skip_bad=true the rest trains, no caption shifted."""
+    from cogpipe.cli import main
+    from cogpipe.training import train
+
+    root = make_clips(tmp_path / "d", SPECS + [("circle", "purple", "down"), ("triangle", "purple", "up")])
+    captions = (root / "prompts.txt").read_text().splitlines()
+    (root / "prompts.txt").write_text("\n".join(captions[:-1]) + "\n\n")  # the last caption is empty
+    (root / "videos" / "01_purple_circle_up.mp4").write_bytes(os.urandom(3000))  # corrupt
+    (root / "videos" / "02_purple_triangle_left.mp4").unlink()  # missing
+    args = ["check", "--config", str(RECIPE), f"data.root={root}", f"data.cache_dir={tmp_path / 'c'}"]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "3 problem(s)" in out and "04_purple_circle_down" not in out
+    assert "05_purple_triangle_up.mp4: empty caption (" in out and "videos.txt:6" in out
+    assert "01_purple_circle_up.mp4: cannot decode" in out and "02_purple_triangle_left.mp4: video file not found" in out
+    assert main(args + ["data.skip_bad=true"]) == 0
+    out = train(_cfg(root, tmp_path, **{"data.skip_bad": True, "train.max_steps": 1, "train.batch_size": 1}))
+    assert (out / "checkpoints" / "checkpoint-000001").is_dir()
+    good, _ = _problems(_cfg(root, tmp_path))  # what training trained on
+    assert [(s.video.name, s.caption) for s in good] == [
+        (f"{i:02d}_purple_{shape}_{d}.mp4", f"a purple {shape} moving {d}") for i, (shape, _, d) in
+        [(0, SPECS[0]), (3, SPECS[3]), (4, ("circle", "purple", "down"))]]
 
 
 def test_training_refuses_with_one_report_or_skips(tmp_path):
