@@ -1,0 +1,51 @@
+"""The device and dtype policy (cogpipe/devices.py): its choices on CPU-only, CUDA and MPS machines."""
+
+import pytest
+import torch
+
+from cogpipe import devices
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    def set_machine(cuda: bool = False, mps: bool = False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+    return set_machine
+
+
+def test_inference_prefers_cuda_then_mps_then_cpu(machine):
+    machine(cuda=True, mps=True)
+    assert devices.inference_device().type == "cuda"
+    machine(cuda=False, mps=True)
+    assert devices.inference_device().type == "mps"
+    machine()
+    assert devices.inference_device().type == "cpu"
+    assert devices.inference_device("cpu").type == "cpu"  # --device overrides
+    with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
+        devices.inference_device("cuda")
+
+
+def test_inference_dtype_is_bf16_on_gpus_fp16_where_the_card_says_fp32_on_cpu():
+    cuda, cpu, mps = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
+    assert devices.inference_dtype(cuda) == torch.bfloat16
+    assert devices.inference_dtype(cuda, card_dtype="fp16") == torch.float16  # CogVideoX-2B's card
+    assert devices.inference_dtype(mps) == torch.float16
+    assert devices.inference_dtype(cpu) == torch.float32
+    assert devices.inference_dtype(cpu, card_dtype="fp16") == torch.float32  # half precision is slow on a CPU
+    assert devices.inference_dtype(cpu, requested="bf16") == torch.bfloat16  # --dtype overrides
+    with pytest.raises(ValueError, match="--dtype must be one of"):
+        devices.inference_dtype(cpu, requested="int8")
+
+
+def test_encoders_are_bf16_on_a_gpu_for_every_recipe_and_fp32_on_cpu():
+    assert devices.encoder_dtype(torch.device("cuda")) == torch.bfloat16
+    assert devices.encoder_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_rendering_computes_in_the_training_dtype():
+    assert devices.compute_dtype("bf16", torch.bfloat16, "lora") == torch.bfloat16
+    assert devices.compute_dtype("bf16", torch.float32, "full") == torch.bfloat16  # autocast dtype, not fp32 masters
+    assert devices.compute_dtype("no", torch.bfloat16, "lora") == torch.bfloat16  # the frozen base's dtype
+    assert devices.compute_dtype("no", torch.bfloat16, "full") == torch.float32
