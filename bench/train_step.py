@@ -37,13 +37,13 @@ sys.path.insert(0, str(ROOT))
 from cogpipe import plan  # noqa: E402
 from cogpipe.config import LoraConfig, ModelConfig  # noqa: E402
 from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings  # noqa: E402
-from cogpipe.models import PRESETS, component_configs, scheduler_config  # noqa: E402
+from cogpipe.family import DTYPES, VARIANTS, is_i2v, scheduler_config  # noqa: E402
+from cogpipe.models import component_configs  # noqa: E402
 
-SIZES = ("tiny", "2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v")
+SIZES = ("tiny", *(name for name, v in VARIANTS.items() if v.released))
 # structural switches --like copies from a real size onto the tiny model (to run its code path on CPU)
 LIKE_KEYS = ("in_channels", "patch_size_t", "patch_bias", "ofs_embed_dim", "use_learned_positional_embeddings",
              "use_rotary_positional_embeddings")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # dense (no sparsity) bf16 tensor-core peaks, FLOP/s, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
              ("A100", 312e12), ("L40S", 362e12)]
@@ -76,10 +76,10 @@ def parse_args(argv=None):
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, if not known here")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     args = ap.parse_args(argv)
-    tiny, v15 = args.size == "tiny", args.size.startswith("1.5")
-    args.frames = args.frames or (17 if tiny else 81 if v15 else 49)
-    args.height = args.height or (64 if tiny else 768 if v15 else 480)
-    args.width = args.width or (64 if tiny else 1360 if v15 else 720)
+    tiny, variant = args.size == "tiny", VARIANTS[args.size]  # the default clip: the variant's (cogpipe/family.py)
+    args.frames = args.frames or variant.frames
+    args.height = args.height or variant.height
+    args.width = args.width or variant.width
     args.rank = args.rank or (8 if tiny else 128)
     args.alpha = args.alpha or args.rank / 2
     args.steps = args.steps or (5 if tiny else 10)
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
     cuda = device.type == "cuda"
     tcfg, vcfg = component_configs(ModelConfig(preset=args.size))
     if args.like:
-        target = PRESETS[args.like]["transformer"]
+        target = VARIANTS[args.like].transformer
         tcfg.update({k: target[k] for k in LIKE_KEYS if k in target})
         if target.get("ofs_embed_dim"):  # diffusers adds the ofs embedding to the time embedding: same width
             tcfg["ofs_embed_dim"] = tcfg["time_embed_dim"]
@@ -132,11 +132,10 @@ def main(argv=None) -> dict:
 
     from diffusers import CogVideoXDDIMScheduler
 
-    alphas_cumprod = CogVideoXDDIMScheduler(**scheduler_config(PRESETS[args.size]["snr_shift_scale"])) \
-        .alphas_cumprod.to(device)
+    alphas_cumprod = CogVideoXDDIMScheduler(**scheduler_config(args.size)).alphas_cumprod.to(device)
     B, C = args.batch, vcfg["latent_channels"]
     lf, lh, lw = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    i2v = tcfg["in_channels"] == 2 * C
+    i2v = is_i2v(tcfg)
     g = torch.Generator(device=device).manual_seed(0)
 
     def batch():

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cogpipe import models
+from cogpipe.family import DTYPES
 
 CACHE_FORMAT = 1  # bump when the stored tensors change meaning
 
@@ -176,7 +177,7 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
 
     cache = Cache.for_config(cfg)
     max_len = cache.max_text_len
-    dtype = models.DTYPES[cfg.model.weight_dtype]
+    dtype = DTYPES[cfg.model.weight_dtype]
     entries = [Entry(cache.video_path(s), cache.prompt_path(s.caption), s.caption) for s in samples]
 
     todo_videos = [(s, e) for s, e in zip(samples, entries) if not e.latents.exists()]

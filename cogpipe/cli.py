@@ -14,7 +14,7 @@ COMMANDS = {
     "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
     "check": ("cogpipe.check", "check a recipe's config and dataset without training"),
     "score": ("cogpipe.world.score", "score a model (+ LoRA) on the synthetic world's fixed prompts"),
-    "plan": ("cogpipe.plan", "estimate a recipe's peak GPU memory and the switches that make it fit"),
+    "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
     "world": ("cogpipe.world.cli", "the synthetic world demo: clips, tiny-model pretraining, frame strip"),
 }
 

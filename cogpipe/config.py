@@ -16,6 +16,9 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cogpipe import family
+from cogpipe.family import frame_rule  # noqa: F401 (config.frame_rule stays importable)
+
 
 class ConfigError(ValueError):
     """A config value breaks a rule; the message names the key."""
@@ -32,7 +35,7 @@ def _one_of(value, choices, key: str) -> None:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # tiny | 2b | 5b | 5b-i2v | 1.5-5b | 1.5-5b-i2v (see models.PRESETS)
+    preset: str = "tiny"  # tiny | 2b | 5b | 5b-i2v | 1.5-5b | 1.5-5b-i2v | ... (the table in cogpipe/family.py)
     pretrained: Optional[str] = None  # Diffusers pipeline folder or hub id; None builds `preset`
     latent_input: bool = True  # the transformer trains on VAE latents, never on RGB frames
     init_seed: int = 0  # seed of a preset's random initialisation
@@ -49,13 +52,11 @@ class ModelConfig:
             "not 3-channel RGB frames: RGB frames are encoded by the VAE first (online or into the latent "
             "cache), so there is no RGB-input mode.",
         )
-        _one_of(self.weight_dtype, {"fp32", "fp16", "bf16"}, "model.weight_dtype")
+        _one_of(self.weight_dtype, set(family.DTYPES), "model.weight_dtype")
         _check(not (self.fp8_frozen and self.weight_dtype == "fp32"), "model.fp8_frozen",
                "computes in model.weight_dtype: set model.weight_dtype=bf16 (or fp16) with it")
         if self.pretrained is None:
-            from cogpipe.models import PRESETS
-
-            _one_of(self.preset, set(PRESETS), "model.preset")
+            _one_of(self.preset, set(family.VARIANTS), "model.preset")
 
 
 @dataclass
@@ -74,12 +75,14 @@ class DataConfig:
         _check(self.image_noise_variants >= 1, "data.image_noise_variants", "must be >= 1")
         for i, b in enumerate(self.buckets):
             _check(len(b) == 3 and b[0] >= 1, f"data.buckets[{i}]", f"must be [frames, height, width], got {list(b)}")
-            _check(b[1] % 16 == 0 and b[2] % 16 == 0 and min(b[1:]) > 0, f"data.buckets[{i}]",
-                   f"height and width must be positive multiples of 16, got {list(b)}")
+            _check(b[1] % family.SIZE_MULTIPLE == 0 and b[2] % family.SIZE_MULTIPLE == 0 and min(b[1:]) > 0,
+                   f"data.buckets[{i}]", f"height and width must be positive multiples of {family.SIZE_MULTIPLE}, "
+                   f"got {list(b)}")
         for key in ("height", "width"):
             value = getattr(self, key)
-            _check(value > 0 and value % 16 == 0, f"data.{key}",
-                   f"must be a positive multiple of 16 (VAE 8x times patch 2), got {value}")
+            _check(value > 0 and value % family.SIZE_MULTIPLE == 0, f"data.{key}",
+                   f"must be a positive multiple of {family.SIZE_MULTIPLE} (VAE {family.VAE_SPATIAL}x times patch "
+                   f"{family.PATCH}), got {value}")
 
 
 @dataclass
@@ -218,34 +221,15 @@ def save_config(cfg: Config, path) -> None:
     tmp.replace(path)
 
 
-def frame_rule(version: str) -> tuple[int, int]:
-    """(multiple, max frames): frames must be multiple*N + 1 and at most max."""
-    return (8, 49) if version == "1.0" else (16, 161)
-
-
 def validate_against_model(cfg: Config) -> None:
-    """Cross-field rules that need the model's configs: channels, frames and size (DESIGN.md §4)."""
-    from cogpipe.models import component_configs, model_facts
+    """Cross-field rules that need the model's configs: channels, frames and size (cogpipe/family.py)."""
+    from cogpipe.models import component_configs
 
     tcfg, vcfg = component_configs(cfg.model)
-    facts = model_facts(tcfg, vcfg)
-    latent = vcfg.get("latent_channels", 16)
-    want = latent * (2 if facts["i2v"] else 1)
-    _check(tcfg["in_channels"] == want, "model",
-           f"the transformer's in_channels ({tcfg['in_channels']}) must equal the VAE's latent_channels "
-           f"({latent}){' x 2 for image-to-video' if facts['i2v'] else ''} = {want}")
-    multiple, most = frame_rule(facts["version"])
+    problem = family.channel_problem(tcfg, vcfg)
+    _check(problem is None, "model", problem)
     shapes = [("data.frames", "data.height/width", (cfg.data.frames, cfg.data.height, cfg.data.width))]
     shapes += [(f"data.buckets[{i}]", f"data.buckets[{i}]", tuple(b)) for i, b in enumerate(cfg.data.buckets)]
     for frames_key, size_key, (frames, height, width) in shapes:
-        _check((frames - 1) % multiple == 0 and frames <= most, frames_key,
-               f"CogVideoX {facts['version']} needs {multiple}N+1 frames, at most {most}; got {frames} "
-               f"(nearest valid: {max(1, (frames - 1) // multiple * multiple + 1)})")
-        if facts["version"] == "1.5" and facts["i2v"]:
-            _check(min(height, width) >= 768 and max(height, width) <= 1360, size_key,
-                   f"CogVideoX1.5-I2V needs the shorter side >= 768 and the longer <= 1360, got {height}x{width}")
-        if tcfg.get("use_learned_positional_embeddings"):  # CogVideoX-5B-I2V: a table for one shape
-            want = (tcfg["sample_frames"], tcfg["sample_height"] * 8, tcfg["sample_width"] * 8)
-            _check((frames, height, width) == want, frames_key,
-                   f"this model's learned positional embeddings fit only {want[0]} frames at {want[1]}x{want[2]}, "
-                   f"got {frames} frames at {height}x{width}")
+        for part, message in family.shape_problems(tcfg, frames, height, width):
+            raise ConfigError(f"{frames_key if part == 'frames' else size_key}: {message}")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cogpipe.lora import LORA_FILE
+from cogpipe.family import LORA_FILE
 from cogpipe.video import write_mp4
 
 # Sampling defaults of infer.py and `cogpipe score`.

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from cogpipe.family import LORA_FILE
+
 ADAPTER = "default"
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def peft_config(lora_cfg):

@@ -1,74 +1,23 @@
-"""Model presets and loading: tokenizer, T5 text encoder, VAE, transformer and scheduler.
+"""Model loading: tokenizer, T5 text encoder, VAE, transformer, scheduler and pipelines.
 
-A preset is a one-line-per-component registry of the real diffusers/transformers classes' configs:
-`tiny` runs on a laptop CPU, the others are the CogVideoX family's real shapes (built on the meta
-device when only their shapes are needed). `model.pretrained` loads a Diffusers pipeline folder or
-hub id instead, the layout `save_pretrained` writes.
+A preset (`model.preset`) is an entry of the family table (cogpipe/family.py): the configs of the real
+diffusers/transformers classes, built here with a seeded random initialisation. `tiny` runs on a laptop CPU,
+the others are the CogVideoX family's real shapes (built on the meta device when only their shapes are
+needed). `model.pretrained` loads a Diffusers pipeline folder or hub id instead, the layout `save_pretrained`
+writes.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# T5 configs: the tiny byte-level encoder and T5-XXL (what every CogVideoX uses, d_model 4096).
-_T5_TINY = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                vocab_size=384)
-_T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
-               feed_forward_proj="gated-gelu", is_gated_act=True, dense_act_fn="gelu_new")
-
-_TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_embed_dim=32, text_embed_dim=32,
-             sample_height=8, sample_width=8, sample_frames=17, max_text_seq_length=48,
-             use_rotary_positional_embeddings=True)
-_VAE_TINY = dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
-                 sample_height=64, sample_width=64, scaling_factor=0.7)
-# tiny-world: hidden 128 (4 heads x 32), 4 layers; text from the fixed n-gram T5 of cogpipe/world/pretrain.py
-# its VAE compresses 4x in space (3 levels): a 64x64 clip is 16x16 latent pixels, 8x8 tokens a frame
-_TINY_WORLD = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, time_embed_dim=64, text_embed_dim=64,
-                   sample_height=16, sample_width=16, sample_frames=17, max_text_seq_length=48,
-                   use_rotary_positional_embeddings=True)
-_T5_WORLD = dict(d_model=64, d_kv=8, d_ff=64, num_layers=1, num_heads=14, relative_attention_num_buckets=32,
-                 relative_attention_max_distance=64, vocab_size=384)
-_VAE_WORLD = dict(block_out_channels=(16, 32, 32), down_block_types=("CogVideoXDownBlock3D",) * 3,
-                  up_block_types=("CogVideoXUpBlock3D",) * 3, layers_per_block=1, norm_num_groups=4,
-                  latent_channels=16, sample_height=64, sample_width=64, scaling_factor=1.0)
-_VAE_FULL = dict(block_out_channels=(128, 256, 256, 512), layers_per_block=3, latent_channels=16)
-_5B = dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
-_15 = dict(_5B, patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
-
-# preset -> transformer kwargs, VAE kwargs, T5 kwargs, scheduler snr_shift_scale
-PRESETS = {
-    "tiny": dict(transformer=_TINY, vae=_VAE_TINY, text_encoder=_T5_TINY, snr_shift_scale=1.0),
-    # image-to-video: 16 noisy + 16 first-frame latent channels in
-    "tiny-i2v": dict(transformer=dict(_TINY, in_channels=32), vae=_VAE_TINY, text_encoder=_T5_TINY,
-                     snr_shift_scale=1.0),
-    # models/tiny-world: pretrained from scratch on the synthetic world by `cogpipe world pretrain`
-    "tiny-world": dict(transformer=_TINY_WORLD, vae=_VAE_WORLD, text_encoder=_T5_WORLD,
-                       snr_shift_scale=1.0),
-    "2b": dict(transformer=dict(num_attention_heads=30, num_layers=30),
-               vae=dict(_VAE_FULL, scaling_factor=1.15258426), text_encoder=_T5_XXL, snr_shift_scale=3.0),
-    "5b": dict(transformer=_5B, vae=dict(_VAE_FULL, scaling_factor=0.7), text_encoder=_T5_XXL,
-               snr_shift_scale=1.0),
-    "5b-i2v": dict(transformer=dict(_5B, in_channels=32, use_learned_positional_embeddings=True),
-                   vae=dict(_VAE_FULL, scaling_factor=0.7), text_encoder=_T5_XXL, snr_shift_scale=1.0),
-    "1.5-5b": dict(transformer=_15, vae=dict(_VAE_FULL, scaling_factor=0.7, invert_scale_latents=True),
-                   text_encoder=_T5_XXL, snr_shift_scale=1.0),
-    "1.5-5b-i2v": dict(transformer=dict(_15, in_channels=32, ofs_embed_dim=512),
-                       vae=dict(_VAE_FULL, scaling_factor=0.7, invert_scale_latents=True),
-                       text_encoder=_T5_XXL, snr_shift_scale=1.0),
-}
-
-
-def scheduler_config(snr_shift_scale: float) -> dict:
-    """The CogVideoX DDIM schedule: v-prediction, scaled-linear betas, zero terminal SNR, SNR shift."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                prediction_type="v_prediction", rescale_betas_zero_snr=True, snr_shift_scale=snr_shift_scale,
-                timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True, steps_offset=0)
+from cogpipe import family
+from cogpipe.family import DTYPES, PRESETS, scheduler_config  # noqa: F401 (models.DTYPES etc. stay importable)
 
 
 def _is_local(path: str) -> bool:
@@ -87,29 +36,49 @@ def _read_component_config(pretrained: str, subfolder: str) -> dict:
     return json.loads(Path(hf_hub_download(pretrained, "config.json", subfolder=subfolder)).read_text())
 
 
-def component_configs(model_cfg) -> tuple[dict, dict]:
+@dataclass(frozen=True)
+class Resolved:
+    """The configured model's full transformer and VAE configs, and whether a preset stood in for it."""
+
+    transformer: dict
+    vae: dict
+    stand_in: str | None = None  # the preset whose shapes stand in for an unreachable model.pretrained hub id
+    reason: str | None = None  # why the hub id could not be read (the exception's type)
+
+
+def resolve_configs(model_cfg) -> Resolved:
     """Full transformer and VAE configs (constructor defaults filled in) of the configured model.
 
-    A hub id that cannot be reached (offline, not cached) falls back to `model.preset`'s shapes, with
-    a warning, so a recipe can be checked and planned anywhere; loading its weights still needs the hub."""
+    A hub id that cannot be reached (offline, not cached) falls back to `model.preset`'s shapes, said by
+    `stand_in`, so a recipe can be checked and planned anywhere; loading its weights still needs the hub."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
+    stand_in = reason = None
     if model_cfg.pretrained and not _is_local(model_cfg.pretrained):
         try:
             t = _read_component_config(model_cfg.pretrained, "transformer")
             v = _read_component_config(model_cfg.pretrained, "vae")
         except Exception as e:  # huggingface_hub raises several kinds when offline or not found
-            if model_cfg.preset not in PRESETS:
+            if model_cfg.preset not in family.VARIANTS:
                 raise FileNotFoundError(f"model.pretrained: cannot read {model_cfg.pretrained} ({e})") from None
-            warnings.warn(f"model.pretrained: {model_cfg.pretrained} not reachable ({type(e).__name__}); "
-                          f"using the shapes of model.preset={model_cfg.preset}")
-            t, v = PRESETS[model_cfg.preset]["transformer"], PRESETS[model_cfg.preset]["vae"]
+            stand_in, reason = model_cfg.preset, type(e).__name__
+            t, v = family.VARIANTS[stand_in].transformer, family.VARIANTS[stand_in].vae
     elif model_cfg.pretrained:
         t = _read_component_config(model_cfg.pretrained, "transformer")
         v = _read_component_config(model_cfg.pretrained, "vae")
     else:
-        t, v = PRESETS[model_cfg.preset]["transformer"], PRESETS[model_cfg.preset]["vae"]
-    return _with_defaults(CogVideoXTransformer3DModel, t), _with_defaults(AutoencoderKLCogVideoX, v)
+        t, v = family.variant(model_cfg.preset).transformer, family.variant(model_cfg.preset).vae
+    return Resolved(_with_defaults(CogVideoXTransformer3DModel, t), _with_defaults(AutoencoderKLCogVideoX, v),
+                    stand_in, reason)
+
+
+def component_configs(model_cfg) -> tuple[dict, dict]:
+    """(transformer, VAE) configs of `resolve_configs`; warns when a preset stood in for model.pretrained."""
+    r = resolve_configs(model_cfg)
+    if r.stand_in is not None:
+        warnings.warn(f"model.pretrained: {model_cfg.pretrained} not reachable ({r.reason}); "
+                      f"using the shapes of model.preset={r.stand_in}")
+    return r.transformer, r.vae
 
 
 def _with_defaults(cls, config: dict) -> dict:
@@ -122,9 +91,8 @@ def _with_defaults(cls, config: dict) -> dict:
 
 
 def model_facts(tcfg: dict, vcfg: dict) -> dict:
-    """Version and mode of a transformer config (DESIGN.md §4)."""
-    return dict(version="1.0" if tcfg.get("patch_size_t") is None else "1.5",
-                i2v=tcfg["in_channels"] == 2 * (tcfg.get("out_channels") or 16))
+    """Version and mode of a transformer config (cogpipe/family.py)."""
+    return dict(version=family.version(tcfg), i2v=family.is_i2v(tcfg))
 
 
 def _seeded(seed: int, build, dtype):
@@ -149,7 +117,7 @@ def build_text_encoder(model_cfg, dtype=torch.float32):
 
     if model_cfg.pretrained:
         return T5EncoderModel.from_pretrained(model_cfg.pretrained, subfolder="text_encoder", dtype=dtype)
-    cfg = T5Config(**PRESETS[model_cfg.preset]["text_encoder"])
+    cfg = T5Config(**family.variant(model_cfg.preset).text_encoder)
     return _seeded(model_cfg.init_seed + 1, lambda: T5EncoderModel(cfg), dtype)
 
 
@@ -158,7 +126,7 @@ def build_vae(model_cfg, dtype=torch.float32):
 
     if model_cfg.pretrained:
         return AutoencoderKLCogVideoX.from_pretrained(model_cfg.pretrained, subfolder="vae", dtype=dtype)
-    cfg = PRESETS[model_cfg.preset]["vae"]
+    cfg = family.variant(model_cfg.preset).vae
     return _seeded(model_cfg.init_seed + 2, lambda: AutoencoderKLCogVideoX(**cfg), dtype)
 
 
@@ -168,7 +136,7 @@ def build_transformer(model_cfg, dtype=torch.float32):
     if model_cfg.pretrained:
         return CogVideoXTransformer3DModel.from_pretrained(model_cfg.pretrained, subfolder="transformer",
                                                            dtype=dtype)
-    cfg = PRESETS[model_cfg.preset]["transformer"]
+    cfg = family.variant(model_cfg.preset).transformer
     return _seeded(model_cfg.init_seed + 3, lambda: CogVideoXTransformer3DModel(**cfg), dtype)
 
 
@@ -177,7 +145,7 @@ def build_scheduler(model_cfg):
 
     if model_cfg.pretrained:
         return CogVideoXDDIMScheduler.from_pretrained(model_cfg.pretrained, subfolder="scheduler")
-    return CogVideoXDDIMScheduler(**scheduler_config(PRESETS[model_cfg.preset]["snr_shift_scale"]))
+    return CogVideoXDDIMScheduler(**scheduler_config(model_cfg.preset))
 
 
 def build_on_meta(model_cfg):
@@ -193,8 +161,7 @@ def build_on_meta(model_cfg):
 def pipeline_class(transformer_config: dict):
     from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
-    i2v = transformer_config["in_channels"] == 2 * (transformer_config.get("out_channels") or 16)
-    return CogVideoXImageToVideoPipeline if i2v else CogVideoXPipeline
+    return CogVideoXImageToVideoPipeline if family.is_i2v(transformer_config) else CogVideoXPipeline
 
 
 def build_pipeline(model_cfg, transformer=None, vae=None, text_encoder=None, dtype=torch.float32):

@@ -34,9 +34,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 # Transformer parameters as diffusers' CogVideoXTransformer3DModel reports them on the meta device.
-# 2B and 5B equal the SAT counts after the drops (DESIGN.md §5): the 2B sincos position table and the 5B-I2V
-# learned position table are buffers in diffusers, not parameters. The others differ from 5B only in their
-# input/output layers:
+# 2B and 5B equal the SAT counts after the drops (docs/design.md, "SAT checkpoints"): the 2B sincos position
+# table and the 5B-I2V learned position table are buffers in diffusers, not parameters. The others differ from 5B
+# only in their input/output layers:
 P_2B, P_5B = 1_693_783_872, 5_570_283_072
 PATCH_1_0 = 3072 * 16 * 2 * 2  # Conv2d patch embedding weight per 16 input channels
 PARAMS = {

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
+from ..family import DTYPES, LORA_FILE, VARIANTS, family_values, is_i2v, scheduler_config
 from ..weights import LazyTensor, diagnose, materialize, open_state_dict, read_safetensors
 from . import detect
 from .detect import ConversionError, _is_lora_key, expected_shapes, split_sat, transformer_config, vae_config
 from .io import Out, atomic_dir, check_written, write_safetensors, write_torch
 from .mapping import LORA, SAT_PREFIX, TRANSFORMER, VAE
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LORA_FILE = "pytorch_lora_weights.safetensors"
 SAT_MAX_SEQUENCE_LENGTH = 64  # transformer_args.max_sequence_length in CogVideoX's SAT configs
 COGPIPE_LORA_META = "cogpipe_sat_lora"  # safetensors metadata: how the SAT scale was baked in
 
@@ -132,7 +131,7 @@ def plan_to_diffusers(mapping, tensors: dict, ctx: dict, dtype, src) -> tuple[li
             unknown.append(k)
     if unknown:
         raise ConversionError(f"{src}: {len(unknown)} keys match no rule of the CogVideoX mapping "
-                              f"(DESIGN.md §5), refusing to guess: {unknown[:8]}")
+                              f"(docs/design.md, section 'SAT checkpoints'), refusing to guess: {unknown[:8]}")
     return outs, [{"reason": r, "count": len(v), "keys": v} for r, v in dropped.items()]
 
 
@@ -259,10 +258,11 @@ def sat_vae(src: Path, dst: Path, o: Options, family: dict | None = None) -> Sum
     sd = open_state_dict(src, master_weights=False)
     notes = []
     if family is None:
-        family = {"scaling_factor": 0.7, "invert_scale_latents": False}
-        notes.append("a SAT VAE file does not store its latent scaling: wrote scaling_factor 0.7 (CogVideoX-5B); "
-                     "for 2B set vae.scaling_factor=1.15258426, for 1.5 also vae.invert_scale_latents=true "
-                     "(converting the whole SAT folder sets both from the transformer)")
+        five, two = VARIANTS["5b"], VARIANTS["2b"]
+        family = {"scaling_factor": five.scaling_factor, "invert_scale_latents": False}
+        notes.append(f"a SAT VAE file does not store its latent scaling: wrote scaling_factor {five.scaling_factor} "
+                     f"({five.title}); for {two.size} set vae.scaling_factor={two.scaling_factor}, for 1.5 also "
+                     f"vae.invert_scale_latents=true (converting the whole SAT folder sets both from the transformer)")
     cfg = {**vae_config({k: tuple(v.shape) for k, v in sd.items()}, src), **family, **o.vae_config}
     outs, dropped = plan_to_diffusers(VAE, sd, {"n_up": len(cfg["up_block_types"])}, o.dtype, src)
     expected, config_json = expected_shapes("AutoencoderKLCogVideoX", cfg)
@@ -486,11 +486,11 @@ def sat_pipeline(src: Path, dst: Path, o: Options) -> Summary:
 
     with atomic_dir(dst, o.overwrite) as tmp:
         t = sat_transformer(t_src, tmp / "transformer", o, lora_dst=tmp / "lora")
-        fam = detect.family_values(t.config)
+        fam = family_values(t.config)
         v = sat_vae(v_file, tmp / "vae", o, family={k: fam[k] for k in ("scaling_factor", "invert_scale_latents")})
-        diffusers.CogVideoXDDIMScheduler(**detect.scheduler_config(t.config)).save_pretrained(tmp / "scheduler")
+        diffusers.CogVideoXDDIMScheduler(**scheduler_config(t.config)).save_pretrained(tmp / "scheduler")
         te, tok, notes = _copy_text_encoder(o, tmp)
-        pipe = "CogVideoXImageToVideoPipeline" if detect.is_i2v(t.config) else "CogVideoXPipeline"
+        pipe = "CogVideoXImageToVideoPipeline" if is_i2v(t.config) else "CogVideoXPipeline"
         index = {"_class_name": pipe, "_diffusers_version": diffusers.__version__,
                  "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": te, "tokenizer": tok,
                  "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
@@ -501,7 +501,7 @@ def sat_pipeline(src: Path, dst: Path, o: Options) -> Summary:
         part.files = [f.replace(str(tmp), str(dst)) for f in part.files]
         part.notes = [n.replace(str(tmp), str(dst)) for n in part.notes]
     fam_note = (f"{pipe} with CogVideoXDDIMScheduler (v-prediction, snr_shift_scale "
-                f"{detect.scheduler_config(t.config)['snr_shift_scale']}), VAE scaling_factor {fam['scaling_factor']}"
+                f"{fam['snr_shift_scale']}), VAE scaling_factor {fam['scaling_factor']}"
                 f"{', invert_scale_latents' if fam['invert_scale_latents'] else ''}")
     return Summary("sat->diffusers", "pipeline", t.model, str(src), str(dst), t.parameters + v.parameters,
                    t.tensors + v.tensors, sorted(set(t.dtypes + v.dtypes)), notes=[fam_note] + notes,

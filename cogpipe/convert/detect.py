@@ -1,4 +1,6 @@
-"""What a checkpoint is, from its files and tensor shapes alone (DESIGN.md §5 detection rules)."""
+"""What a checkpoint is, from its files and tensor shapes alone (docs/design.md, "SAT checkpoints").
+
+What the shapes do not say (VAE scaling, schedule shift) comes from the family table: cogpipe/family.py."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 import re
 from pathlib import Path
 
+from .. import family
+from ..family import family_values, is_i2v, scheduler_config  # noqa: F401 (detect's API, read from the table)
 from ..weights import open_state_dict, read_safetensors
 from .mapping import SAT_PREFIX
 
@@ -135,32 +139,16 @@ def transformer_config(shapes: dict[str, tuple], src="checkpoint") -> dict:
 
 
 def model_name(cfg: dict) -> str:
-    hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    family = "CogVideoX1.5" if cfg.get("patch_size_t") else "CogVideoX"
-    size = {1920: "2B", 3072: "5B"}.get(hidden, f"custom(hidden={hidden}, layers={cfg['num_layers']})")
-    i2v = "-I2V" if cfg["in_channels"] == 2 * (cfg.get("out_channels") or cfg["in_channels"]) else ""
+    """E.g. "CogVideoX1.5-5B-I2V (RoPE)": version, size (by hidden size), mode and position embedding."""
+    hidden = family.hidden_size(cfg)
+    name = "CogVideoX1.5" if family.version(cfg) == "1.5" else "CogVideoX"
+    known = family.variant_for_hidden(hidden)
+    size = known.size if known else f"custom(hidden={hidden}, layers={cfg['num_layers']})"
+    i2v = "-I2V" if is_i2v(cfg) else ""
     pos = "RoPE" if cfg.get("use_rotary_positional_embeddings") else "3D sin-cos"
     if cfg.get("use_learned_positional_embeddings"):
         pos += " + learned"
-    return f"{family}-{size}{i2v} ({pos})"
-
-
-def is_i2v(cfg: dict) -> bool:
-    return cfg["in_channels"] == 2 * (cfg.get("out_channels") or cfg["in_channels"])
-
-
-def family_values(cfg: dict) -> dict:
-    """Values not stored in the files: VAE scaling and schedule shift (1920 hidden = 2B)."""
-    is_2b = cfg["num_attention_heads"] * cfg["attention_head_dim"] == 1920
-    return dict(scaling_factor=1.15258426 if is_2b else 0.7, snr_shift_scale=3.0 if is_2b else 1.0,
-                invert_scale_latents=bool(cfg.get("patch_size_t")))
-
-
-def scheduler_config(cfg: dict) -> dict:
-    return dict(snr_shift_scale=family_values(cfg)["snr_shift_scale"], beta_start=0.00085, beta_end=0.012,
-                beta_schedule="scaled_linear", clip_sample=False, num_train_timesteps=1000,
-                prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True,
-                timestep_spacing="trailing", steps_offset=0)
+    return f"{name}-{size}{i2v} ({pos})"
 
 
 # --- VAE config from SAT shapes ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The SAT <-> Diffusers key mapping, written once as data (DESIGN.md §5). Both directions derive from it.
+"""The SAT <-> Diffusers key mapping, written once as data (docs/design.md, "SAT checkpoints").
+Both directions derive from it.
 
 A rule maps one SAT tensor to one or more Diffusers tensors. The SAT tensor is cut into n equal pieces along
 dim 0 (n = 1 + the largest piece index named) and each Diffusers tensor is the concatenation of the listed

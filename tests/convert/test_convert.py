@@ -52,7 +52,7 @@ def bits_equal(a, b) -> bool:
                                                                       b.reshape(-1).view(torch.uint8))
 
 
-EXPECT = {  # version -> detected config values (DESIGN.md §4/§5)
+EXPECT = {  # version -> detected config values (docs/design.md: "The CogVideoX family", "SAT checkpoints")
     "2b": dict(in_channels=16, patch_size_t=None, use_rotary_positional_embeddings=False,
                use_learned_positional_embeddings=False, ofs_embed_dim=None),
     "5b": dict(in_channels=16, patch_size_t=None, use_rotary_positional_embeddings=True,

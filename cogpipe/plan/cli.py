@@ -1,0 +1,115 @@
+"""`cogpipe plan --config RECIPE [--gpu-memory GB] [key=value ...] [--json]`: the estimate as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .advice import _with, fit_advice
+from .memory import estimate, needed_gb
+from .model import GB, _stand_in_note, resolve_model
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                        help="memory of one GPU in GB (1e9 bytes); default: this machine's GPU, if any")
+    parser.add_argument("--json", action="store_true", help="print the estimate (and advice) as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train.py")
+
+
+def load(path, overrides=()):
+    """(config, transformer config, note): the recipe, validated against the model's shapes (frames, size,
+    channels); a hub id that cannot be read is checked and planned with its stand-in preset."""
+    from cogpipe.config import load_config, validate_against_model
+
+    cfg = load_config(path, overrides, validate_model=False)
+    tcfg, preset = resolve_model(cfg.model)
+    validate_against_model(cfg if preset is None else _with(cfg, "model", pretrained=None, preset=preset))
+    return cfg, tcfg, _stand_in_note(cfg.model, preset)
+
+
+def _fmt_table(e: dict, advice: dict | None) -> str:
+    g, m, s = e["gb"], e["model"], e["shape"]
+    lines = []
+    name = f"CogVideoX{'1.5' if m['version'] == '1.5' else ''} {m['layers']} layers x {m['hidden']} hidden " \
+           f"({m['params'] / 1e9:.2f} B parameters){', image-to-video' if m['i2v'] else ''}"
+    lines.append(f"model        {name}")
+    if m["note"]:
+        lines.append(f"             note: {m['note']}")
+    lines.append(f"clip         batch {s['batch']} x {s['frames']} frames x {s['height']}x{s['width']} -> latents "
+                 f"{s['latent_frames']}x{s['latent_height']}x{s['latent_width']} -> {s['video_tokens']:,} video + "
+                 f"{s['text_tokens']} text tokens")
+    train = (f"LoRA rank {e['lora_rank']} ({e['trainable_params'] / 1e6:.1f} M trainable), frozen weights "
+             f"{e['weight_dtype']}" if e["mode"] == "lora" else f"full fine-tune ({e['trainable_params'] / 1e9:.2f} B "
+             f"trainable, fp32 master weights)")
+    lines.append(f"training     {train}, mixed precision {e['mixed_precision']}, gradient checkpointing "
+                 f"{'on' if e['gradient_checkpointing'] else 'off'}")
+    lines.append("")
+    lines.append(f"{'GB (1e9 bytes), per GPU':46s} {'checkpointing':>13s} {'none':>9s}")
+    rows = [
+        ("weights (frozen, or fp32 master for full)", g["weights"], g["weights"]),
+        ("trainable params (fp32)", g["trainable_params"], g["trainable_params"]),
+        ("gradients (fp32)", g["grads"], g["grads"]),
+        ("AdamW moments (fp32)", g["adam"], g["adam"]),
+        ("autocast half-precision weight copies", g["autocast_weight_copies"], g["autocast_weight_copies"]),
+        ("activations", g["activations_with_checkpointing"], g["activations_without_checkpointing"]),
+        ("  checkpointed block inputs", g["checkpointed_inputs"], 0.0),
+        ("  blocks kept for backward", g["activations_one_block"], g["activations_all_blocks"]),
+        ("  outside the blocks", g["outside_blocks"], g["outside_blocks"]),
+        ("  backward workspace", g["backward_workspace"], g["backward_workspace"]),
+        ("VAE + T5 (cached away before training)", 0.0, 0.0),
+        ("peak allocated (phases do not all overlap)", g["peak_with_checkpointing"], g["peak_without_checkpointing"]),
+        ("needs (+ CUDA context and allocator slack)", needed_gb(g["peak_with_checkpointing"]),
+         needed_gb(g["peak_without_checkpointing"])),
+    ]
+    for label, a, b in rows:
+        lines.append(f"{label:46s} {a:13.2f} {b:9.2f}")
+    lines.append(f"model FLOPs per step: {e['flops_per_step'] / 1e12:.1f} TFLOP (no recompute counted)")
+    if advice:
+        lines.append("")
+        mem = advice["gpu_memory_gb"]
+        if advice["fits"]:
+            lines.append(f"fits in {mem:g} GB as configured (needs ~{advice['needs_gb']:.1f} GB with the CUDA context)")
+        else:
+            lines.append(f"does not fit in {mem:g} GB as configured (needs ~{advice['needs_gb']:.1f} GB); "
+                         f"switches, cheapest first, applied one after another:")
+            for st in advice["steps"]:
+                mark = "fits" if st["fits"] else "    "
+                lines.append(f"  {mark}  {st['switch']:40s} -> {st['needs_gb']:6.1f} GB   ({st['cost']})")
+            if not advice["fits_after_steps"]:
+                lines.append("  no single-GPU combination of these fits")
+            for u in advice["unavailable"]:
+                saves = f" would save ~{u['saves_gb']:.1f} GB" if u["saves_gb"] is not None else ""
+                lines.append(f"  (n/a)  {u['switch']}{saves} ({u['why']})")
+        for strategy, s in advice["sharded"].items():
+            cfgfile = f"configs/accelerate/{strategy}.yaml"
+            lines.append(f"  or, the recipe{' + checkpointing' if not e['gradient_checkpointing'] else ''} on "
+                         f"{s['num_gpus']} GPUs with {strategy} -> {s['needs_gb']:.1f} GB per GPU "
+                         f"(accelerate launch --config_file {cfgfile} ...)")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from cogpipe.config import ConfigError
+
+    try:
+        cfg, tcfg, note = load(args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"cogpipe plan: {e}", file=sys.stderr)
+        return 2
+    gpu = args.gpu_memory
+    if gpu is None:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_properties(0).total_memory / GB
+    e = estimate(cfg, tcfg=tcfg)
+    e["model"]["note"] = note
+    advice = fit_advice(cfg, gpu, tcfg=tcfg) if gpu else None
+    if args.json:
+        print(json.dumps(dict(config=str(args.config), estimate=e, advice=advice)))
+    else:
+        print(f"cogpipe plan: {args.config}")
+        print(_fmt_table(e, advice))
+    return 0

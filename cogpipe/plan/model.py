@@ -1,0 +1,99 @@
+"""The model a plan is for: its transformer config (or a preset standing in for it), parameter counts, every
+nn.Linear, and the token counts of a clip."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+from cogpipe import family
+
+GB = 1e9
+
+
+def resolve_model(model_cfg) -> tuple[dict, str | None]:
+    """(transformer config with defaults, stand-in preset or None).
+
+    From model.pretrained when it can be read. A hub id that cannot be read (offline, not cached) stands
+    in with the shapes of `model.preset`, or, where the recipe left the preset at tiny, of the released
+    model the id names (family.preset_for_hub_id). Planning an unreadable model with the tiny shapes would be
+    meaningless: that is an error that says what to set.
+    """
+    from cogpipe.models import component_configs, resolve_configs
+
+    if not model_cfg.pretrained:
+        return component_configs(model_cfg)[0], None
+    try:
+        resolved, error = resolve_configs(model_cfg), None  # says whether model.preset stood in
+    except Exception as e:  # a missing local folder, a hub error models.py does not catch, ...
+        resolved, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    if resolved is not None and resolved.stand_in is None:
+        return resolved.transformer, None
+    known = family.preset_for_hub_id(model_cfg.pretrained)
+    preset = model_cfg.preset if model_cfg.preset != "tiny" else known
+    if preset not in family.VARIANTS:
+        raise ValueError(f"model.pretrained: cannot read {model_cfg.pretrained!r}{f' ({error})' if error else ''}; "
+                         f"set model.preset to its size ({', '.join(p for p in family.VARIANTS if p != 'tiny')}) "
+                         f"or pass model.pretrained=null")
+    return component_configs(dataclasses.replace(model_cfg, pretrained=None, preset=preset))[0], preset
+
+
+def _stand_in_note(model_cfg, preset) -> str | None:
+    return None if preset is None else (f"model.pretrained {model_cfg.pretrained!r} could not be read here; "
+                                        f"planned with the shapes of preset {preset!r}")
+
+
+def resolve_transformer_config(model_cfg) -> tuple[dict, str | None]:
+    """(transformer config, note): `resolve_model` with a sentence saying which preset stood in, if any."""
+    tcfg, preset = resolve_model(model_cfg)
+    return tcfg, _stand_in_note(model_cfg, preset)
+
+
+@functools.lru_cache(maxsize=16)
+def _model_stats(tcfg_json: str) -> dict:
+    """Parameter and buffer counts and every nn.Linear of the transformer, from a meta-device build."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+
+    with init_empty_weights():  # parameters on meta; buffers (position tables) are real but small
+        model = CogVideoXTransformer3DModel(**json.loads(tcfg_json))
+    linears = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear)]
+    block = model.transformer_blocks[0]
+    return dict(params=sum(p.numel() for p in model.parameters()),
+                buffers=sum(b.numel() for b in model.buffers() if b.is_floating_point()),
+                block_params=sum(p.numel() for p in block.parameters()),
+                linears=linears)
+
+
+def model_stats(tcfg: dict) -> dict:
+    return _model_stats(json.dumps(tcfg, sort_keys=True, default=list))
+
+
+def lora_targets(linears, target_modules) -> list[tuple[str, int, int]]:
+    """The nn.Linear layers peft wraps: name equal to a target or ending in '.' + target."""
+    return [(n, i, o) for n, i, o in linears if any(n == t or n.endswith("." + t) for t in target_modules)]
+
+
+def token_shape(tcfg: dict, frames: int, height: int, width: int, batch: int = 1) -> dict:
+    """Latent and token counts of one training sample (4x temporal, 8x spatial VAE: cogpipe/family.py)."""
+    p, p_t = tcfg["patch_size"], tcfg.get("patch_size_t")
+    latent_frames = (frames - 1) // family.VAE_TEMPORAL + 1
+    if p_t:  # CogVideoX 1.5 pads an odd latent frame count to a multiple of patch_t
+        latent_frames = math.ceil(latent_frames / p_t) * p_t
+    lh, lw = height // family.VAE_SPATIAL, width // family.VAE_SPATIAL
+    video = (latent_frames // (p_t or 1)) * (lh // p) * (lw // p)
+    text = tcfg["max_text_seq_length"]
+    return dict(batch=batch, frames=frames, height=height, width=width, latent_frames=latent_frames,
+                latent_height=lh, latent_width=lw, video_tokens=video, text_tokens=text, tokens=video + text)
+
+
+def largest_shape(cfg, tcfg: dict) -> dict:
+    """The training shape with the most tokens: data.frames x height x width, or a larger bucket
+    (data.buckets, where the schema has them): the peak is set by the largest batch."""
+    shapes = [(cfg.data.frames, cfg.data.height, cfg.data.width)]
+    shapes += [tuple(b) for b in getattr(cfg.data, "buckets", None) or []]
+    return max((token_shape(tcfg, f, h, w, cfg.train.batch_size) for f, h, w in shapes), key=lambda s: s["tokens"])
