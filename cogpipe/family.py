@@ -250,9 +250,13 @@ def fixed_shape(tcfg: Mapping) -> tuple[int, int, int] | None:
 
 
 def side_limits(tcfg: Mapping) -> tuple[int, int] | None:
-    """(shorter side at least, longer side at most) where the variant limits them (1.5-I2V), else None."""
+    """(shorter side at least, longer side at most) where the variant limits them (1.5-I2V), else None. They are
+    the model card's trained resolutions, so they bind the released model (its hidden size), not a scaled-down
+    model of the same structure (test fixtures, the tiny presets)."""
     v = rules(tcfg)
-    return None if v.min_side is None else (v.min_side, v.max_side)
+    if v.min_side is None or hidden_size(tcfg) != v.hidden:
+        return None
+    return v.min_side, v.max_side
 
 
 def shape_problems(tcfg: Mapping, frames: int, height: int, width: int) -> list[tuple[str, str]]:
