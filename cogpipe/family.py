@@ -224,6 +224,13 @@ def scheduler_config(of: float | str | Variant | Mapping) -> dict:
 # --- frame and size rules --------------------------------------------------------------------------------------
 
 
+def released_variant(tcfg: Mapping) -> Variant | None:
+    """The released model this transformer config is (same version, mode and hidden size), or None for a custom
+    or scaled-down one. Its card's settings (inference dtype, default clip) then apply."""
+    ver, i2v, hidden = version(tcfg), is_i2v(tcfg), hidden_size(tcfg)
+    return next((v for v in _TABLE if v.released and (v.version, v.i2v, v.hidden) == (ver, i2v, hidden)), None)
+
+
 def rules(tcfg: Mapping) -> Variant:
     """The released variant whose frame and size rules a transformer config follows: same version and mode."""
     ver, i2v = version(tcfg), is_i2v(tcfg)

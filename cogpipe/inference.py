@@ -17,10 +17,13 @@ DEFAULT_GUIDANCE = 6.0
 DEFAULT_MODEL = "models/tiny-world"
 
 
-def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.float32, device="cpu"):
+def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype: str | torch.dtype | None = None,
+                  device: str | torch.device | None = None):
     """A CogVideoX (text- or image-to-video) pipeline from a folder or hub id; the shipped tiny model
-    (models/tiny-world) when `model` is None. `lora` is a folder or a .safetensors file."""
-    from cogpipe import models
+    (models/tiny-world) when `model` is None. `lora` is a folder or a .safetensors file. Device and dtype follow
+    cogpipe.devices unless given: the best accelerator, bf16 there (fp16 for CogVideoX-2B), fp32 on the CPU; on
+    a GPU the VAE decodes in slices and tiles."""
+    from cogpipe import devices, family, models
 
     if model is None:
         from cogpipe.paths import repo_path
@@ -29,8 +32,15 @@ def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype=torch.fl
         if not (model / "model_index.json").is_file():
             raise FileNotFoundError(f"{model}: the shipped tiny model is incomplete (a partial checkout?); pass "
                                     f"--model, or rebuild it with `cogpipe world pretrain --ship {model}`")
-    cls = models.pipeline_class(models._read_component_config(str(model), "transformer"))
-    pipe = cls.from_pretrained(str(model), dtype=dtype)
+    transformer_config = models._read_component_config(str(model), "transformer")
+    device = devices.inference_device(device)
+    if not isinstance(dtype, torch.dtype):
+        card = family.released_variant(transformer_config)
+        dtype = devices.inference_dtype(device, dtype, card.dtype if card else None)
+    pipe = models.pipeline_class(transformer_config).from_pretrained(str(model), dtype=dtype)
+    if device.type != "cpu":
+        pipe.vae.enable_slicing()
+        pipe.vae.enable_tiling()
     if lora is not None:
         lora = Path(lora)
         if lora.is_dir():

@@ -217,13 +217,14 @@ def _prepare_optimizer(run: Run, model: Model) -> Optimization:
 
     cfg, acc = run.cfg, run.accelerator
     optimizer = make_optimizer(cfg.train, model.params)
-    ema = ({n: p.detach().clone().float() for n, p in model.transformer.named_parameters() if p.requires_grad}
-           if cfg.train.ema_decay > 0 else None)
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                  num_training_steps=cfg.train.max_steps)
     model.transformer, optimizer = acc.prepare(model.transformer, optimizer)
     acc.register_for_checkpointing(lr_scheduler)
-    model.trainable_names = [n for n, p in acc.unwrap_model(model.transformer).named_parameters() if p.requires_grad]
+    trainable = [(n, p) for n, p in acc.unwrap_model(model.transformer).named_parameters() if p.requires_grad]
+    model.trainable_names = [n for n, _ in trainable]
+    # the EMA lives where the trained parameters live (after prepare: on the accelerator's device), in fp32
+    ema = {n: p.detach().clone().float() for n, p in trainable} if cfg.train.ema_decay > 0 else None
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
 
     def save_hook(models_, weights, directory):
@@ -250,7 +251,7 @@ def _resume(run: Run, opt: Optimization) -> TrainState:
         run.accelerator.load_state(str(run.resume))
         state = TrainState.restored(checkpoint.read_state(run.resume))
         if opt.ema is not None:
-            opt.ema = checkpoint.load_ema(run.resume, opt.ema)
+            opt.ema = {n: t.to(opt.ema[n].device) for n, t in checkpoint.load_ema(run.resume, opt.ema).items()}
         run.log(f"resumed from {run.resume} at step {state.step}")
     tracking.start(run.accelerator, run.cfg, state.step)
     return state
@@ -376,14 +377,21 @@ def train(cfg: Config) -> Path:
 
 
 def _finish(run: Run, state: TrainState) -> None:
-    """Export the final weights as a Diffusers pipeline (+ LoRA) and render the validation videos."""
-    acc = run.accelerator
-    if acc.is_main_process:
-        from cogpipe.export import export
-        from cogpipe.validation import render_validation
+    """Export the final weights as a Diffusers pipeline (+ LoRA) and render the validation videos, on the main
+    process, on its device in the dtype training computed in. The other processes leave first (the final
+    checkpoint is complete: its save ended in a barrier), so none waits in a collective through minutes of
+    single-process work."""
+    from cogpipe.devices import compute_dtype
 
-        export(run.out)
-        render_validation(run.out, run.cfg, state.step)
-        tracking.log_videos(acc, run.cfg, state.step)
-    acc.wait_for_everyone()
-    acc.end_training()  # also ends the process group: no collective after this
+    acc, cfg = run.accelerator, run.cfg
+    if not acc.is_main_process:
+        acc.end_training()  # ends this process's trackers and its part of the process group
+        return
+    from cogpipe.export import export
+    from cogpipe.validation import render_validation
+
+    export(run.out)
+    dtype = compute_dtype(cfg.train.mixed_precision, models.DTYPES[cfg.model.weight_dtype], cfg.train.mode)
+    render_validation(run.out, cfg, state.step, device=acc.device, dtype=dtype)
+    tracking.log_videos(acc, cfg, state.step)
+    acc.end_training()

@@ -17,11 +17,14 @@ from cogpipe import models
 
 
 def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
-    """(prompt, first-frame PIL image or None) pairs; defaults from the dataset's first clip."""
+    """(prompt, first-frame PIL image or None) pairs: `prompts`, else validation.prompts, else, only where the
+    recipe asks for validation during training (validation.every), the dataset's first caption; [] when none."""
     from cogpipe.data import load_clip, scan
 
     samples = scan(cfg.data.root)[0]
-    prompts = prompts or cfg.validation.prompts or [samples[0].caption]
+    prompts = prompts or cfg.validation.prompts or ([samples[0].caption] if cfg.validation.every and samples else [])
+    if not prompts:
+        return []
     tcfg, vcfg = models.component_configs(cfg.model)
     if not models.model_facts(tcfg, vcfg)["i2v"]:
         return [(p, None) for p in prompts]
@@ -52,10 +55,12 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     active) and `embeds` {prompt: prompt_embeds [L, D]} from the cache (with "" for the negative)."""
     from cogpipe.inference import generate
 
+    from cogpipe.devices import compute_dtype
+
     mine = list(enumerate(validation_inputs(cfg)))[rank::world]
     if not mine:
         return []
-    dtype = models.DTYPES[cfg.model.weight_dtype] if cfg.train.mode == "lora" else torch.float32
+    dtype = compute_dtype(cfg.train.mixed_precision, models.DTYPES[cfg.model.weight_dtype], cfg.train.mode)
     vae = models.build_vae(cfg.model, dtype).to(device)
     vae.enable_slicing()
     if cfg.model.vae_tiling:
@@ -68,11 +73,12 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     transformer.eval()
     written = []
     try:
-        for i, (prompt, image) in mine:
-            frames = generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width, cfg.validation.steps,
-                              cfg.validation.guidance, cfg.validation.seed, image=image,
-                              prompt_embeds=embeds[prompt][None].to(device, dtype),
-                              negative_prompt_embeds=embeds[""][None].to(device, dtype))
+        for i, (prompt, image) in mine:  # fp32 master weights (full fine-tune) compute in the autocast dtype
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+                frames = generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width,
+                                  cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed, image=image,
+                                  prompt_embeds=embeds[prompt][None].to(device, dtype),
+                                  negative_prompt_embeds=embeds[""][None].to(device, dtype))
             written.append(_write(Path(cfg.output_dir), step, i, frames, prompt, image, cfg.validation.fps))
     finally:
         transformer.train(was_training)
@@ -82,15 +88,26 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     return written
 
 
-def render_validation(output_dir, cfg, step: int, prompts=None) -> list[Path]:
+def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dtype=None) -> list[Path]:
     """Generate the validation prompts (and first frames, for image-to-video) from the exported
-    pipeline + LoRA, as a user would load them; write mp4s under <output_dir>/validation/."""
+    pipeline + LoRA, as a user would load them, on `device` in `dtype` (the training run's: see
+    cogpipe.devices); write mp4s under <output_dir>/validation/. Nothing when there are no prompts."""
     from cogpipe.inference import generate, load_pipeline
 
+    inputs = validation_inputs(cfg, prompts)
+    if not inputs:
+        return []
     out = Path(output_dir)
     lora = out / "lora" if cfg.train.mode == "lora" else None
-    pipe = load_pipeline(out / "export", lora)
-    return [_write(out, step, i, generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width,
-                                          cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed,
-                                          image=image), prompt, image, cfg.validation.fps)
-            for i, (prompt, image) in enumerate(validation_inputs(cfg, prompts))]
+    pipe = load_pipeline(out / "export", lora, device=device, dtype=dtype)
+    pipe.vae.enable_slicing()
+    if cfg.model.vae_tiling or torch.device(pipe.device).type != "cpu":
+        pipe.vae.enable_tiling()
+    written = [_write(out, step, i, generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width,
+                                             cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed,
+                                             image=image), prompt, image, cfg.validation.fps)
+               for i, (prompt, image) in enumerate(inputs)]
+    del pipe
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return written

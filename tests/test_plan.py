@@ -15,6 +15,7 @@ from cogpipe.cli import main as cli_main
 from cogpipe.config import load_config
 
 from helpers import REPO  # noqa: E402
+
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -224,6 +225,16 @@ def test_estimates_are_positive_and_ordered():
     z2 = plan.estimate(cfg, tcfg=tcfg, strategy="zero2", num_gpus=8)["gb"]["peak"]
     z3 = plan.estimate(cfg, tcfg=tcfg, strategy="zero3", num_gpus=8)["gb"]["peak"]
     assert z3 < z2 < full5["peak"]
+
+
+def test_the_ema_is_counted_where_it_lives():
+    cfg, tcfg = recipe("cogvideox_5b_full", "train.ema_decay=0.999")
+    plain, ema = gb("cogvideox_5b_full"), plan.estimate(cfg, tcfg=tcfg)["gb"]
+    trainable = plan.estimate(cfg, tcfg=tcfg)["trainable_params"]
+    assert ema["ema"] == pytest.approx(4 * trainable / plan.GB) and plain["ema"] == 0
+    assert ema["peak"] == pytest.approx(plain["peak"] + ema["ema"])  # kept all along, beside the weights
+    sharded = plan.estimate(cfg, tcfg=tcfg, strategy="zero3", num_gpus=8)["gb"]["ema"]
+    assert sharded == pytest.approx(ema["ema"] / 8)  # a shard of it with each shard of the weights
 
 
 def test_the_largest_bucket_sets_the_shape():

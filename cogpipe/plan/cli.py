@@ -52,6 +52,7 @@ def _fmt_table(e: dict, advice: dict | None) -> str:
         ("trainable params (fp32)", g["trainable_params"], g["trainable_params"]),
         ("gradients (fp32)", g["grads"], g["grads"]),
         ("AdamW moments (fp32)", g["adam"], g["adam"]),
+        ("EMA of the trained weights (fp32)", g["ema"], g["ema"]),
         ("autocast half-precision weight copies", g["autocast_weight_copies"], g["autocast_weight_copies"]),
         ("activations", g["activations_with_checkpointing"], g["activations_without_checkpointing"]),
         ("  checkpointed block inputs", g["checkpointed_inputs"], 0.0),

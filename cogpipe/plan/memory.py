@@ -137,7 +137,8 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
 
     Memory over a step, as training.py runs it (P = transformer parameters, T = trainable ones):
       kept all along   frozen weights (LoRA: P x weight dtype) or fp32 master weights (full: 4P),
-                       LoRA weights 4T, AdamW moments 8T (present from the first step on)
+                       LoRA weights 4T, AdamW moments 8T (present from the first step on), the EMA 4T
+                       with train.ema_decay
       forward end      + autocast's half-precision copies of trained weights (full: 2P; freed when the
                        autocast region exits, but the saved tensors of the backward keep them)
                        + activations: every block's (no checkpointing) or only each block's inputs
@@ -171,6 +172,7 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     frozen = P * (frozen_bytes or wdt) if mode == "lora" else 0
     buffers = stats["buffers"] * wdt  # position tables (2B sincos, 5B-I2V learned), cast with the model
     master, grads, adam = 4 * T, 4 * T, adam_bytes * T
+    ema = 4 * T if cfg.train.ema_decay > 0 else 0  # fp32 copy of the trained weights, beside them on the GPU
     half_module = 0  # DeepSpeed runs the module itself in half precision, the fp32 master in the optimizer
     copies = P * policy["act"] if (mode == "full" and policy["autocast"]) else 0
     gathered = 0
@@ -182,10 +184,10 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         master, grads, adam = master / N, grads / N, adam / N
         gathered = DEEPSPEED_BUCKETS
         if strategy == "zero3":
-            frozen, half_module = frozen / N, half_module / N
+            frozen, half_module, ema = frozen / N, half_module / N, ema / N
             gathered += 2 * stats["block_params"] * 2  # the running block and the prefetched one, 16-bit
     elif strategy == "fsdp":  # full shard
-        frozen, master, grads, adam = frozen / N, master / N, grads / N, adam / N
+        frozen, master, grads, adam, ema = frozen / N, master / N, grads / N, adam / N, ema / N
         gathered = 2 * stats["block_params"] * (4 if mode == "full" else wdt)
         copies = copies / L  # only the gathered block's weights are cast at a time
     step_buffer = 4 * T / (N if strategy in ("zero2", "zero3", "fsdp") else 1)
@@ -196,7 +198,7 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     work = workspace(tcfg, shape, policy)
     ckpt_inputs = L * shape["batch"] * shape["tokens"] * H * policy["act"]  # hidden + text states per block
 
-    kept = frozen + buffers + master + half_module + adam + gathered
+    kept = frozen + buffers + master + half_module + adam + ema + gathered
     no_ckpt = kept + max(copies + L * block + outside + work, grads + step_buffer)
     with_ckpt = kept + max(copies + ckpt_inputs + outside,
                            max(ckpt_inputs + outside, grads) + block + work + copies / L,
@@ -211,7 +213,7 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         gb=dict(
             weights=(frozen + buffers + half_module + (master if mode == "full" else 0)) / GB,
             trainable_params=(master if mode == "lora" else 0) / GB,
-            grads=grads / GB, adam=adam / GB, optimizer_step_buffer=step_buffer / GB,
+            grads=grads / GB, adam=adam / GB, ema=ema / GB, optimizer_step_buffer=step_buffer / GB,
             autocast_weight_copies=copies / GB, gathered_blocks=gathered / GB,
             activations_one_block=block / GB, activations_all_blocks=L * block / GB,
             checkpointed_inputs=ckpt_inputs / GB, outside_blocks=outside / GB, backward_workspace=work / GB,
