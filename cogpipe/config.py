@@ -16,6 +16,8 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cogpipe import atomic
+
 
 class ConfigError(ValueError):
     """A config value breaks a rule; the message names the key."""
@@ -211,11 +213,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic.write_text(path, to_yaml(cfg))
 
 
 def frame_rule(version: str) -> tuple[int, int]:
