@@ -3,8 +3,8 @@
 A video's key hashes the clip's bytes, the VAE's identity and the preprocessing (frames, size,
 dtype); a prompt's key hashes its text, the tokenizer/T5 identity, the text length and dtype. A
 changed clip, model or resolution gives a new key, so stale entries are never read and nobody
-deletes files by hand. Entries are written to a temporary name and renamed, so an interrupted
-caching pass leaves nothing that reads as valid.
+deletes files by hand. Entries are written to a temporary name and renamed (cogpipe.atomic), so an
+interrupted caching pass leaves nothing that reads as valid; build_cache sweeps what such a pass left.
 
     entries = build_cache(cfg, samples, device)   # encodes what is missing, then frees VAE and T5
 """
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from cogpipe import models
+from cogpipe import atomic, models
 from cogpipe.family import DTYPES
 
 CACHE_FORMAT = 1  # bump when the stored tensors change meaning
@@ -71,13 +71,6 @@ class Entry:
     caption: str
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 class Cache:
     def __init__(self, root, model_cfg, data_cfg, max_text_len: int, dtype: str = "fp32", i2v: bool = False):
         self.root = Path(root).expanduser()
@@ -101,10 +94,7 @@ class Cache:
         if path.exists():
             return tuple(json.loads(path.read_text()))
         shape = probe_clip(sample.video)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(shape))
-        os.replace(tmp, path)
+        atomic.write_json(path, shape)
         return shape
 
     def video_path(self, sample) -> Path:
@@ -176,6 +166,9 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
     from cogpipe.data import load_clip, load_image
 
     cache = Cache.for_config(cfg)
+    if rank == 0:
+        for path in atomic.sweep(cache.root):
+            log(f"cache {cache.root}: removed {path.relative_to(cache.root)}, left by a killed write")
     max_len = cache.max_text_len
     dtype = DTYPES[cfg.model.weight_dtype]
     entries = [Entry(cache.video_path(s), cache.prompt_path(s.caption), s.caption) for s in samples]
@@ -208,15 +201,15 @@ def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barri
                         seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run
                         tensors["image_latents"] = encode_first_frame(vae, image, cfg.data.image_noise_variants,
                                                                       seed)
-                    _atomic_save(tensors, e.latents,
-                                 {"video": str(s.video), "shape": json.dumps([num_frames, height, width])})
+                    atomic.save_safetensors(e.latents, tensors,
+                                            {"video": str(s.video), "shape": json.dumps([num_frames, height, width])})
         del vae
     if mine_p:
         tokenizer = models.build_tokenizer(cfg.model)
         text_encoder = models.build_text_encoder(cfg.model, dtype).to(device).eval()
         for caption, path in mine_p:
             embeds = encode_prompts(tokenizer, text_encoder, [caption], max_len)[0]
-            _atomic_save({"prompt_embeds": embeds.float()}, path, {"caption": caption})
+            atomic.save_safetensors(path, {"prompt_embeds": embeds.float()}, {"caption": caption})
         del text_encoder, tokenizer
     gc.collect()
     if torch.cuda.is_available():

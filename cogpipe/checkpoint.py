@@ -5,18 +5,19 @@
     latest                      the name of the newest complete checkpoint
 
 A checkpoint is written under a temporary name and renamed once complete, and `latest` is replaced
-atomically, so `latest` never names a partial checkpoint.
+atomically (cogpipe.atomic), so `latest` never names a partial checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
+
+from cogpipe import atomic
+from cogpipe.atomic import failpoint  # noqa: F401  (training calls checkpoint.failpoint)
 
 TRAINABLE = "trainable.safetensors"
 STATE = "trainer_state.json"
@@ -24,12 +25,6 @@ STATE = "trainer_state.json"
 
 def checkpoints_dir(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def resolve(output_dir, resume_from) -> Path | None:
@@ -82,18 +77,9 @@ def read_state(directory) -> dict:
     return json.loads((Path(directory) / STATE).read_text())
 
 
-def remove_partial(output_dir) -> None:
-    """Remove temporary folders left by a save that was killed midway."""
-    for tmp in checkpoints_dir(output_dir).glob(".tmp-checkpoint-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def failpoint(name: str) -> None:
-    """Fault injection for the fault tests: COGPIPE_FAILPOINT=<name> sends SIGKILL to this process here,
-    COGPIPE_FAILPOINT=<name>=TERM (or any other signal name) that signal."""
-    point, _, sig = os.environ.get("COGPIPE_FAILPOINT", "").partition("=")
-    if point == name:
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+def remove_partial(output_dir) -> list[Path]:
+    """Remove what writes killed midway left under the output folder (atomic.sweep); returns it."""
+    return atomic.sweep(output_dir)
 
 
 EMA = "ema.safetensors"
@@ -117,7 +103,12 @@ def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, tota
     """
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step:06d}"
-    tmp = root / f".tmp-checkpoint-{step:06d}"
+    tmp = [atomic.temp_path(final)]  # named after the main process, the owner of the folder
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(tmp)
+    tmp = tmp[0]
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -137,10 +128,8 @@ def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, tota
         raise OSError(e.errno, f"writing checkpoint {final} failed ({e.strerror or e}); the previous "
                                f"checkpoint ({previous}) is intact") from e
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / "latest", final.name)
+        atomic.publish(tmp, final)
+        atomic.write_text(root / "latest", final.name)
         if total_limit:
             for old in sorted(root.glob("checkpoint-*"))[:-total_limit]:
                 if old != final:

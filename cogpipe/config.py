@@ -16,7 +16,7 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cogpipe import family
+from cogpipe import atomic, family
 from cogpipe.family import frame_rule  # noqa: F401 (config.frame_rule stays importable)
 
 
@@ -214,11 +214,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(path)
+    atomic.write_text(path, to_yaml(cfg))
 
 
 def validate_against_model(cfg: Config) -> None:

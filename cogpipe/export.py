@@ -1,28 +1,24 @@
 """Export a training output folder: `<output_dir>/export/` (a Diffusers pipeline folder) and, for a
 LoRA run, `<output_dir>/lora/pytorch_lora_weights.safetensors` in diffusers keys. With
-`train.ema_decay > 0` the EMA of the trained weights is exported.
+`train.ema_decay > 0` the EMA of the trained weights is exported. Both folders are written atomically
+(cogpipe.atomic); what an earlier, killed export left is swept first.
 
     cogpipe export <output_dir> [--checkpoint PATH]
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from cogpipe import checkpoint, models
+from cogpipe import atomic, checkpoint, models
 from cogpipe.config import load_config, save_config
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def export(output_dir, from_checkpoint=None) -> Path:
+def export(output_dir, from_checkpoint=None, log=print) -> Path:
     """Write export/ (and lora/) from a checkpoint, `latest` by default; returns the export folder."""
     out = Path(output_dir)
+    for path in atomic.sweep(out):
+        log(f"removed {path}, left by a killed write")
     ckpt = checkpoint.resolve(out, from_checkpoint or "latest")
     if ckpt is None:
         raise FileNotFoundError(f"{out}: no checkpoint to export (checkpoints/latest not found)")
@@ -33,21 +29,17 @@ def export(output_dir, from_checkpoint=None) -> Path:
     if cfg.train.mode == "lora":
         from cogpipe.lora import save_lora
 
-        tmp = out / ".lora.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_lora(tmp, trainable, cfg.lora)
-        _replace_dir(tmp, out / "lora")
+        with atomic.folder(out / "lora") as tmp:
+            save_lora(tmp, trainable, cfg.lora)
     else:
         missing, unexpected = transformer.load_state_dict(trainable, strict=False)
         if missing or unexpected:
             raise KeyError(f"{ckpt}: full fine-tune weights do not match the transformer: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     pipe = models.build_pipeline(cfg.model, transformer=transformer)
-    tmp = out / ".export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    save_config(cfg, tmp / "cogpipe_config.yaml")
-    _replace_dir(tmp, out / "export")
+    with atomic.folder(out / "export") as tmp:
+        pipe.save_pretrained(tmp)
+        save_config(cfg, tmp / "cogpipe_config.yaml")
     return out / "export"
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogpipe import models
+from cogpipe import atomic, models
 from cogpipe.cache import build_cache
 from cogpipe.config import load_config
 from cogpipe.data import discover
@@ -50,6 +50,7 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
     other = build_cache(_cfg(root, cache, "model.init_seed=1"), discover(root), log=lambda *_: None)
     assert other[1].latents != entries[1].latents and other[1].prompt != entries[1].prompt
     assert not list(cache.rglob("*.tmp"))
+    assert not atomic.temps(cache)  # temporary names are cogpipe.atomic's
 
 
 def test_clips_encoded_in_batches_match_one_by_one(tmp_path):

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogpipe import checkpoint
+from cogpipe import atomic, checkpoint
 from cogpipe.config import load_config
 from cogpipe.data import DataError, scan
 from helpers import REPO, SPECS, make_clips, tiny_overrides
@@ -271,10 +271,10 @@ def test_sigkill_during_a_save_then_resume_is_bit_identical(clips, reference, tm
     assert proc.wait(timeout=300) == -signal.SIGKILL
     root = out / "checkpoints"
     assert (root / "latest").read_text() == "checkpoint-000002"  # never names the partial one
-    assert (root / ".tmp-checkpoint-000003").exists() and not (root / "checkpoint-000003").exists()
+    assert atomic.temps(root, "checkpoint-000003") and not (root / "checkpoint-000003").exists()
     proc = _launch(clips, out, cache)
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
-    assert not (root / ".tmp-checkpoint-000003").exists()
+    assert not atomic.temps(root, "checkpoint-000003")
     assert _same(_final(out), expected)
 
 

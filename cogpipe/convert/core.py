@@ -3,7 +3,8 @@
 Each conversion: read the source lazily, detect the model from its tensors, plan every output tensor from the
 mapping (mapping.py), validate the plan against the real Diffusers class instantiated on the meta device,
 stream the tensors into a temporary folder, check what was written, rename the folder into place and return
-a Summary.
+a Summary. A conversion first sweeps the temps that a killed conversion to the same destination left
+(cogpipe.atomic).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..family import DTYPES, LORA_FILE, VARIANTS, family_values, is_i2v, scheduler_config
 from ..weights import LazyTensor, diagnose, materialize, open_state_dict, read_safetensors
 from . import detect
@@ -98,6 +100,7 @@ def convert(src, dst, *, dtype: str | torch.dtype | None = None, lora_mode: str 
                 dict(transformer_config or {}), dict(vae_config or {}), float(sat_lora_alpha), max_shard_size,
                 overwrite)
     src, dst = Path(src), Path(dst)
+    atomic.sweep(dst.parent, dst.name)
     fmt, kind = detect.source_kind(src)
     fn = {("sat", "transformer"): sat_transformer, ("sat", "vae"): sat_vae, ("sat", "lora"): sat_lora,
           ("sat", "pipeline"): sat_pipeline, ("diffusers", "transformer"): diffusers_transformer,
@@ -191,7 +194,7 @@ def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = No
         (tmp / "config.json").write_text(config_json)
         if lora and o.lora_mode == "extract":
             where = lora_dst or dst / "lora"
-            _write_lora(tmp / "lora" if lora_dst is None else lora_dst, lora)
+            _write_lora((tmp / "lora" if lora_dst is None else lora_dst) / LORA_FILE, lora)
             notes.append(f"LoRA ({lora['what']}) extracted to {where}; "
                          f"load it with pipe.load_lora_weights('{where}')")
             notes += lora["notes"]
@@ -354,10 +357,9 @@ def lora_to_diffusers(lora_keys: dict, o: Options, src) -> dict:
             "what": f"rank {rank}, {len(raw)} modules in {layers} layers"}
 
 
-def _write_lora(path: Path, lora: dict) -> Path:
+def _write_lora(file: Path, lora: dict) -> Path:
     from safetensors.torch import save_file
 
-    file = path if path.suffix == ".safetensors" else path / LORA_FILE
     file.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in lora["tensors"].items()}, str(file),
               metadata={"format": "pt", **lora["metadata"]})
@@ -370,13 +372,12 @@ def sat_lora(src: Path, dst: Path, o: Options) -> Summary:
     if dst.suffix == ".safetensors":
         if dst.exists() and not o.overwrite:
             raise ConversionError(f"{dst}: exists (pass overwrite=True / --overwrite)")
-        tmp = dst.with_name(f".{dst.name}.partial")
-        _write_lora(tmp, lora)
-        tmp.replace(dst)
+        with atomic.file(dst, sync=True) as tmp:
+            _write_lora(tmp, lora)
         file = dst
     else:
         with atomic_dir(dst, o.overwrite) as tmp:
-            _write_lora(tmp, lora)
+            _write_lora(tmp / LORA_FILE, lora)
         file = dst / LORA_FILE
     s = Summary("sat->diffusers", "lora", f"SAT LoRA, {lora['what']}", str(src),
                 str(dst), sum(t.numel() for t in lora["tensors"].values()), len(lora["tensors"]),

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from .. import family
+from .. import atomic, family
 from ..family import family_values, is_i2v, scheduler_config  # noqa: F401 (detect's API, read from the table)
 from ..weights import open_state_dict, read_safetensors
 from .mapping import SAT_PREFIX
@@ -212,10 +212,8 @@ def expected_shapes(cls_name: str, cfg: dict) -> tuple[dict[str, tuple], str]:
     shapes, config = {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.to_json_string()
     if cache is not None:
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"shapes": shapes, "config": config}))
-            tmp.replace(cache)
+            atomic.sweep(cache.parent, cache.name)
+            atomic.write_json(cache, {"shapes": shapes, "config": config})
         except OSError:
             pass  # a read-only home only costs the recomputation next time
     return shapes, config

@@ -2,7 +2,8 @@
 
 An `Out` says how to build one output tensor from pieces of lazily-read source tensors (see mapping.Piece);
 `produce_parts(out)` reads its sources. Writers lay out the header from the planned shapes first, then fill
-it tensor by tensor, fsync, and the caller renames the finished folder into place (`atomic_dir`).
+it tensor by tensor, fsync, and the caller renames the finished folder into place (`atomic_dir`, over
+cogpipe.atomic.folder).
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import collections
 import contextlib
 import json
 import math
-import os
 import pickle
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import atomic
 from ..weights import SAFETENSORS_DTYPE_NAMES, STORAGE_NAMES, LazyTensor, materialize, read_safetensors
 from .detect import ConversionError
 
@@ -116,14 +116,6 @@ def _bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- safetensors ------------------------------------------------------------------------------------------------
 
 
@@ -166,7 +158,7 @@ def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_s
                 for block in next(it)[1]:
                     f.write(_bytes(block))
     for name in names:  # once at the end: an fsync per shard would stall reading while a shard drains
-        _fsync(folder / name)
+        atomic.fsync(folder / name)
     if n > 1:
         index = {"metadata": {"total_size": sum(o.nbytes for o in outs)},
                  "weight_map": {o.name: name for name, shard in zip(names, shards) for o in shard}}
@@ -232,7 +224,7 @@ def write_torch(path: Path, outs: list[Out], wrap: Callable[[dict], Any]) -> Non
         writer.write_record(f"data/{k}", t.untyped_storage() if nbytes else b"", nbytes)
     writer.write_end_of_file()
     del writer
-    _fsync(path)
+    atomic.fsync(path)
 
 
 # --- atomic outputs ------------------------------------------------------------------------------------------------
@@ -240,21 +232,12 @@ def write_torch(path: Path, outs: list[Out], wrap: Callable[[dict], Any]) -> Non
 
 @contextlib.contextmanager
 def atomic_dir(dst: Path, overwrite: bool = False):
-    """Yield a temporary sibling folder; on success it replaces `dst`, on error it is removed."""
+    """Yield a temporary sibling folder; on success it replaces `dst`, on error it is removed. A `dst` that is
+    a file, or a non-empty folder unless `overwrite`, is refused before anything is written."""
     dst = Path(dst)
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"{dst}: exists and is not a folder")
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ConversionError(f"{dst}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.folder(dst, sync=True) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)

@@ -14,12 +14,13 @@ colour included) are scored with cogpipe.world.score.
     <output_dir>/vae/             the trained VAE (config.json + diffusion_pytorch_model.safetensors)
     <output_dir>/checkpoint/      the same every `train.save_every` steps (to continue with model.pretrained)
     <output_dir>/config.yaml      the resolved config;  metrics.jsonl: loss per step;  eval.json: the scores
+
+Saves are atomic (cogpipe.atomic); a run first sweeps what a killed one left in its output folder.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 from omegaconf import MISSING
 
+from cogpipe import atomic
 from cogpipe.config import ConfigError, _check, merge_structured, save_config
 
 
@@ -277,11 +279,8 @@ def rotate_hue(video: torch.Tensor, generator) -> torch.Tensor:
 
 
 def _save(vae, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic.folder(folder) as tmp:
+        vae.save_pretrained(tmp)
 
 
 def train_vae(cfg: VaeConfig, log=print) -> Path:
@@ -290,6 +289,8 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for path in atomic.sweep(out):
+        log(f"removed {path}, left by a killed write")
     save_config(cfg, out / "config.yaml")
     train_cfg = cfg.train
     torch.manual_seed(train_cfg.seed)
@@ -346,7 +347,7 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
               "scaling_factor": vae.config.scaling_factor}
     if cfg.eval_clips:
         result.update(evaluate(vae, cfg.eval_clips))
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(out / "eval.json", result, indent=2)
     log(json.dumps(result))
     return out / "vae"
 

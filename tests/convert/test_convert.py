@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from fixtures import sat as F  # noqa: E402
 from helpers import REPO  # noqa: E402
 
+from cogpipe import atomic  # noqa: E402
 from cogpipe.convert import ConversionError, convert, transformer_config, vae_config  # noqa: E402
 from cogpipe.convert.cli import add_arguments, run  # noqa: E402
 from cogpipe.convert.core import plan_to_diffusers  # noqa: E402
@@ -395,6 +396,7 @@ def test_errors_name_the_file_key_or_rule(tmp_path):
     with pytest.raises(ConversionError, match=r"mixins\.mystery\.weight"):
         convert(tmp_path / "bad", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial*"))  # nothing half-written
+    assert not atomic.temps(tmp_path)  # temporary names are cogpipe.atomic's
 
     good = F.sat_transformer("5b")
     F.save_sat_folder(tmp_path / "good", good)
