@@ -39,10 +39,14 @@ _NAME = re.compile(rf"^\.(?P<name>.+)\.{TAG}-(?P<host>.+)-(?P<pid>\d+)-(?P<start
 
 def failpoint(name: str) -> None:
     """Fault injection for the fault tests: COGPIPE_FAILPOINT=<name> sends SIGKILL to this process here,
-    COGPIPE_FAILPOINT=<name>=TERM (or any other signal name) that signal. <name> may hold * wildcards."""
-    point, _, sig = os.environ.get("COGPIPE_FAILPOINT", "").partition("=")
+    COGPIPE_FAILPOINT=<name>=TERM (or any other signal name) that signal, <name>=SLEEP<seconds> a delay (a slow
+    process in a race). <name> may hold * wildcards."""
+    point, _, action = os.environ.get("COGPIPE_FAILPOINT", "").partition("=")
     if point and fnmatch.fnmatchcase(name, point):
-        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
+        if action.startswith("SLEEP"):
+            time.sleep(float(action[5:]))
+        else:
+            os.kill(os.getpid(), getattr(signal, f"SIG{action or 'KILL'}"))
 
 
 def _proc_start(pid: int | str) -> int | None:

@@ -23,23 +23,41 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe import atomic, models
-from cogpipe.family import DTYPES
+from cogpipe.devices import DTYPE_NAMES, encoder_dtype
 
 CACHE_FORMAT = 1  # bump when the stored tensors change meaning
 
 
-def file_digest(path) -> str:
-    st = os.stat(path)
-    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=None)
-def _file_digest(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
+def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_digest(path, memo: Path | None = None) -> str:
+    """The sha256 of a file's bytes, computed once per (path, size, mtime): remembered in this process and, with
+    `memo` (a cache folder), on disk, so a resumed or relaunched run does not read every clip again."""
+    path = Path(path).resolve()
+    st = os.stat(path)
+    return _file_digest(str(path), st.st_size, st.st_mtime_ns, str(memo) if memo else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int, memo: str | None) -> str:
+    record = Path(memo) / "digests" / f"{hashlib.sha256(path.encode()).hexdigest()[:32]}.json" if memo else None
+    if record is not None and record.is_file():
+        try:
+            known = json.loads(record.read_text())
+            if (known["path"], known["size"], known["mtime_ns"]) == (path, size, mtime_ns):
+                return known["sha256"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable record: hash again
+    digest = sha256_file(path)
+    if record is not None:
+        atomic.write_json(record, {"path": path, "size": size, "mtime_ns": mtime_ns, "sha256": digest})
+    return digest
 
 
 def _digest(obj) -> str:
@@ -52,11 +70,7 @@ def encoder_identity(model_cfg, component: str) -> str:
         preset = models.PRESETS[model_cfg.preset]
         return _digest(dict(preset=model_cfg.preset, seed=model_cfg.init_seed, component=component,
                             config=preset.get(component), torch=torch.__version__.split("+")[0]))
-    folder = Path(model_cfg.pretrained).expanduser()
-    if not folder.exists():  # a hub id: the cached snapshot's path holds its commit hash
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(model_cfg.pretrained, allow_patterns=[f"{component}/*"]))
+    folder = models.pretrained_folder(model_cfg.pretrained, [component])  # a hub snapshot's path holds its commit
     files = sorted((folder / component).glob("*"))
     return _digest(dict(component=component, files=[(f.name, f.stat().st_size, f.stat().st_mtime_ns,
                                                      f.read_text() if f.suffix == ".json" else None)
@@ -81,16 +95,19 @@ class Cache:
                                  encoder_identity(model_cfg, "tokenizer")])
 
     @classmethod
-    def for_config(cls, cfg) -> "Cache":
+    def for_config(cls, cfg, device) -> "Cache":
+        """The cache of a recipe whose encoders run on `device` (their dtype, and so the keys, follow from it:
+        cogpipe.devices.encoder_dtype; the same for LoRA and full fine-tunes)."""
         tcfg, vcfg = models.component_configs(cfg.model)
+        dtype = DTYPE_NAMES[encoder_dtype(device)]
         return cls(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data,
-                   tcfg["max_text_seq_length"], cfg.model.weight_dtype, models.model_facts(tcfg, vcfg)["i2v"])
+                   tcfg["max_text_seq_length"], dtype, models.model_facts(tcfg, vcfg)["i2v"])
 
     def probe(self, sample) -> tuple[int, int, int]:
         """(frames, height, width) of a sample's clip, remembered by content in the cache."""
         from cogpipe.data import probe_clip
 
-        path = self.root / "probe" / f"{file_digest(sample.video)}.json"
+        path = self.root / "probe" / f"{file_digest(sample.video, self.root)}.json"
         if path.exists():
             return tuple(json.loads(path.read_text()))
         shape = probe_clip(sample.video)
@@ -103,9 +120,9 @@ class Cache:
         frames, height, width = sample.shape or (d.frames, d.height, d.width)
         image = None
         if self.i2v:
-            image = dict(image=file_digest(sample.image) if sample.image else "first-frame",
+            image = dict(image=file_digest(sample.image, self.root) if sample.image else "first-frame",
                          variants=d.image_noise_variants)
-        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(sample.video), vae=self._vae_id, frames=frames,
+        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(sample.video, self.root), vae=self._vae_id, frames=frames,
                            height=height, width=width, dtype=self.dtype, image=image))
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
@@ -156,71 +173,79 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], max_len: int) -
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def build_cache(cfg, samples, device="cpu", rank: int = 0, world: int = 1, barrier=lambda: None,
+def build_cache(cfg, samples, device, rank: int = 0, world: int = 1, barrier=lambda: None,
                 log=print, extra_prompts=()) -> list[Entry]:
     """Make sure every sample has cached latents and prompt embeddings; return the entries.
 
-    Each process encodes its share (every `world`-th missing item); the encoders are loaded only if
-    something is missing and are freed before returning.
+    Every process lists what is missing, then all meet at a barrier before any writes, so each sees the same
+    work list and encodes its share of it (every `world`-th item). The encoders (in cogpipe.devices.encoder_dtype
+    on `device`) are loaded only if something is missing and are freed before the final barrier, after which
+    every entry must exist (a clear error names what is missing).
     """
-    from cogpipe.data import load_clip, load_image
-
-    cache = Cache.for_config(cfg)
+    cache = Cache.for_config(cfg, device)
     if rank == 0:
         for path in atomic.sweep(cache.root):
             log(f"cache {cache.root}: removed {path.relative_to(cache.root)}, left by a killed write")
-    max_len = cache.max_text_len
-    dtype = DTYPES[cfg.model.weight_dtype]
     entries = [Entry(cache.video_path(s), cache.prompt_path(s.caption), s.caption) for s in samples]
-
-    todo_videos = [(s, e) for s, e in zip(samples, entries) if not e.latents.exists()]
     prompts = {e.caption: e.prompt for e in entries}
     for text in extra_prompts:  # e.g. validation prompts and "" (the unconditional embedding)
         prompts[text] = cache.prompt_path(text)
-    todo_prompts = {c: p for c, p in prompts.items() if not p.exists()}
-    mine_v = todo_videos[rank::world]
-    mine_p = sorted(todo_prompts.items())[rank::world]
+    atomic.failpoint(f"cache-list:{rank}")
+    todo_videos = [(s, e) for s, e in zip(samples, entries) if not e.latents.exists()]
+    todo_prompts = sorted((c, p) for c, p in prompts.items() if not p.exists())
+    barrier()  # the work list is fixed on every process before any process writes
     log(f"cache {cache.root}: {len(samples) - len(todo_videos)}/{len(samples)} clips and "
         f"{len(prompts) - len(todo_prompts)}/{len(prompts)} prompts already encoded")
-    if mine_v:
-        vae = models.build_vae(cfg.model, dtype).to(device).eval()
-        if cfg.model.vae_slicing:
-            vae.enable_slicing()
-        if cfg.model.vae_tiling:
-            vae.enable_tiling()
-        by_shape: dict[tuple, list] = {}
-        for s, e in mine_v:
-            by_shape.setdefault(s.shape or (cfg.data.frames, cfg.data.height, cfg.data.width), []).append((s, e))
-        for (num_frames, height, width), group in by_shape.items():
-            for i in range(0, len(group), ENCODE_BATCH):
-                batch = group[i:i + ENCODE_BATCH]
-                clips = [load_clip(s.video, num_frames, height, width) for s, _ in batch]
-                for (s, e), frames, tensors in zip(batch, clips, encode_videos(vae, clips)):
-                    if cache.i2v:
-                        image = load_image(s.image, height, width) if s.image else frames[0]
-                        seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run
-                        tensors["image_latents"] = encode_first_frame(vae, image, cfg.data.image_noise_variants,
-                                                                      seed)
-                    atomic.save_safetensors(e.latents, tensors,
-                                            {"video": str(s.video), "shape": json.dumps([num_frames, height, width])})
-        del vae
-    if mine_p:
+    dtype = encoder_dtype(device)
+    if todo_videos[rank::world]:
+        _encode_videos(cfg, cache, todo_videos[rank::world], device, dtype)
+    if todo_prompts[rank::world]:
         tokenizer = models.build_tokenizer(cfg.model)
         text_encoder = models.build_text_encoder(cfg.model, dtype).to(device).eval()
-        for caption, path in mine_p:
-            embeds = encode_prompts(tokenizer, text_encoder, [caption], max_len)[0]
+        for caption, path in todo_prompts[rank::world]:
+            embeds = encode_prompts(tokenizer, text_encoder, [caption], cache.max_text_len)[0]
             atomic.save_safetensors(path, {"prompt_embeds": embeds.float()}, {"caption": caption})
         del text_encoder, tokenizer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     barrier()
+    missing = [str(e.latents) for e in entries if not e.latents.exists()]
+    missing += [str(p) for p in prompts.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"cache {cache.root}: {len(missing)} entries missing after every process encoded "
+                                f"its share (a process stopped early, or the cache folder is not shared by all "
+                                f"of them): {missing[:3]}")
     return entries
 
 
-def load_prompt_embeds(cfg, texts) -> dict[str, torch.Tensor]:
-    """Cached embeddings {text: [L, D]} of prompts that build_cache encoded."""
-    cache = Cache.for_config(cfg)
+def _encode_videos(cfg, cache: Cache, todo: list, device, dtype) -> None:
+    from cogpipe.data import load_clip, load_image
+
+    vae = models.build_vae(cfg.model, dtype).to(device).eval()
+    if cfg.model.vae_slicing:
+        vae.enable_slicing()
+    if cfg.model.vae_tiling:
+        vae.enable_tiling()
+    by_shape: dict[tuple, list] = {}
+    for s, e in todo:
+        by_shape.setdefault(s.shape or (cfg.data.frames, cfg.data.height, cfg.data.width), []).append((s, e))
+    for (num_frames, height, width), group in by_shape.items():
+        for i in range(0, len(group), ENCODE_BATCH):
+            batch = group[i:i + ENCODE_BATCH]
+            clips = [load_clip(s.video, num_frames, height, width) for s, _ in batch]
+            for (s, e), frames, tensors in zip(batch, clips, encode_videos(vae, clips)):
+                if cache.i2v:
+                    image = load_image(s.image, height, width) if s.image else frames[0]
+                    seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run
+                    tensors["image_latents"] = encode_first_frame(vae, image, cfg.data.image_noise_variants, seed)
+                atomic.save_safetensors(e.latents, tensors,
+                                        {"video": str(s.video), "shape": json.dumps([num_frames, height, width])})
+
+
+def load_prompt_embeds(cfg, texts, device) -> dict[str, torch.Tensor]:
+    """Cached embeddings {text: [L, D]} of prompts that build_cache encoded on `device`."""
+    cache = Cache.for_config(cfg, device)
     return {t: load_file(str(cache.prompt_path(t)))["prompt_embeds"] for t in texts}
 
 

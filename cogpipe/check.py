@@ -21,13 +21,15 @@ def buckets(cfg) -> list[tuple[int, int, int]]:
     return [tuple(b) for b in cfg.data.buckets] or [(cfg.data.frames, cfg.data.height, cfg.data.width)]
 
 
-def check_dataset(cfg, log=lambda *_: None) -> tuple[list[Sample], list[Problem]]:
+def check_dataset(cfg, log=lambda *_: None, device=None) -> tuple[list[Sample], list[Problem]]:
     """The usable samples, each with the shape of its bucket, and the problems of the rest.
 
     With one shape, a clip too short or too small is a problem. With several buckets, a clip that
     fits none is skipped and counted instead (reported in the log)."""
+    from cogpipe.devices import inference_device
+
     samples, problems = scan(cfg.data.root)
-    cache = Cache.for_config(cfg)
+    cache = Cache.for_config(cfg, device if device is not None else inference_device())
     shapes = buckets(cfg)
     good, unfit = [], {}
     for s in samples:
@@ -64,9 +66,9 @@ def check_dataset(cfg, log=lambda *_: None) -> tuple[list[Sample], list[Problem]
     return good, problems
 
 
-def usable_samples(cfg, log=print) -> list[Sample]:
+def usable_samples(cfg, log=print, device=None) -> list[Sample]:
     """What training trains on: refuses (DataError with the full report) unless `data.skip_bad`."""
-    good, problems = check_dataset(cfg, log)
+    good, problems = check_dataset(cfg, log, device)
     if problems and not cfg.data.skip_bad:
         raise DataError(report(problems, cfg.data.root) + "\nfix them, or set data.skip_bad=true to skip these clips")
     if problems:

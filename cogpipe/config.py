@@ -161,6 +161,13 @@ class ValidationConfig:
 
 
 @dataclass
+class ExportConfig:
+    # a LoRA run on a pretrained base (a folder or hub id): copy the base into <output_dir>/export/ beside the
+    # LoRA (true), or leave the LoRA alone as the output (false; load it onto the base, see the README)
+    copy_base: bool = True
+
+
+@dataclass
 class Config:
     output_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -168,6 +175,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     report_to: str = "wandb"  # wandb | tensorboard | none
     wandb_mode: str = "offline"  # offline | online | disabled (the WANDB_MODE environment variable wins)
     wandb_project: str = "cogpipe"

@@ -1,21 +1,46 @@
-"""Export a training output folder: `<output_dir>/export/` (a Diffusers pipeline folder) and, for a
-LoRA run, `<output_dir>/lora/pytorch_lora_weights.safetensors` in diffusers keys. With
-`train.ema_decay > 0` the EMA of the trained weights is exported. Both folders are written atomically
-(cogpipe.atomic); what an earlier, killed export left is swept first.
+"""Export a training output folder: `<output_dir>/export/` (a Diffusers pipeline folder) and, for a LoRA run,
+`<output_dir>/lora/pytorch_lora_weights.safetensors` in diffusers keys. With `train.ema_decay > 0` the EMA of the
+trained weights is exported.
+
+On a pretrained base (a folder or hub id) the pipeline folder is the base's own files, hard-linked where the
+file system allows it, else copied: the same bytes, dtype and tokenizer files (a hub SentencePiece tokenizer
+keeps its spiece.model), plus what training changed: the transformer of a full fine-tune (its fp32 weights as
+trained). A LoRA run with `export.copy_base: false` writes no pipeline folder: the LoRA alone is the output.
+Built presets (no base to copy) are saved whole, the frozen base in model.weight_dtype. Both folders are
+written atomically (cogpipe.atomic); what an earlier, killed export left is swept first.
 
     cogpipe export <output_dir> [--checkpoint PATH]
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+
+import torch
 
 from cogpipe import atomic, checkpoint, models
 from cogpipe.config import load_config, save_config
 
 
-def export(output_dir, from_checkpoint=None, log=print) -> Path:
-    """Write export/ (and lora/) from a checkpoint, `latest` by default; returns the export folder."""
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Recreate `src` under `dst` (symlinks of a hub snapshot followed): a hard link per file where the file
+    system allows it, else a copy."""
+    for folder, _, files in os.walk(src, followlinks=True):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            source = Path(folder, name).resolve()
+            try:
+                os.link(source, target / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(source, target / name)
+
+
+def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
+    """Write export/ (and lora/) from a checkpoint, `latest` by default; returns the export folder (None when
+    export.copy_base is off for a LoRA on a pretrained base: then only lora/ is written)."""
     out = Path(output_dir)
     for path in atomic.sweep(out):
         log(f"removed {path}, left by a killed write")
@@ -25,20 +50,33 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path:
     cfg = load_config(ckpt / "config.yaml", validate_model=False)
     ema = cfg.train.ema_decay > 0 and (ckpt / checkpoint.EMA).is_file()
     trainable = checkpoint.load_file(str(ckpt / (checkpoint.EMA if ema else checkpoint.TRAINABLE)))
-    transformer = models.build_transformer(cfg.model)
-    if cfg.train.mode == "lora":
+    lora = cfg.train.mode == "lora"
+    if lora:
         from cogpipe.lora import save_lora
 
         with atomic.folder(out / "lora") as tmp:
             save_lora(tmp, trainable, cfg.lora)
-    else:
+        if cfg.model.pretrained and not cfg.export.copy_base:
+            return None
+    transformer = None
+    if not lora:
+        transformer = models.build_transformer(cfg.model)
         missing, unexpected = transformer.load_state_dict(trainable, strict=False)
+        parameters = {n for n, _ in transformer.named_parameters()}
+        missing = [k for k in missing if k in parameters]  # buffers (5B-I2V's position table) keep the base's
         if missing or unexpected:
             raise KeyError(f"{ckpt}: full fine-tune weights do not match the transformer: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    pipe = models.build_pipeline(cfg.model, transformer=transformer)
     with atomic.folder(out / "export") as tmp:
-        pipe.save_pretrained(tmp)
+        if cfg.model.pretrained:
+            base = models.pretrained_folder(cfg.model.pretrained)
+            link_or_copy_tree(base, tmp)
+            if transformer is not None:
+                shutil.rmtree(tmp / "transformer")
+                transformer.save_pretrained(tmp / "transformer")
+        else:
+            dtype = models.DTYPES[cfg.model.weight_dtype] if lora else torch.float32
+            models.build_pipeline(cfg.model, transformer=transformer, dtype=dtype).save_pretrained(tmp)
         save_config(cfg, tmp / "cogpipe_config.yaml")
     return out / "export"
 
@@ -50,6 +88,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     path = export(args.output_dir, args.checkpoint)
-    print(f"exported {path}" + (f" and {Path(args.output_dir) / 'lora'}" if (Path(args.output_dir) / "lora").exists()
-                               else ""))
+    lora = Path(args.output_dir) / "lora"
+    print(" and ".join(str(p) for p in (path, lora if lora.exists() else None) if p) + ": exported")
     return 0

@@ -24,6 +24,19 @@ def _is_local(path: str) -> bool:
     return Path(path).expanduser().exists()
 
 
+PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def pretrained_folder(pretrained: str, parts=PIPELINE_PARTS) -> Path:
+    """The local folder of `model.pretrained`: itself, or the hub cache's snapshot of the id (model_index.json and
+    `parts`; downloaded if missing and the hub is reachable)."""
+    if _is_local(pretrained):
+        return Path(pretrained).expanduser()
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(pretrained, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)]))
+
+
 def _read_component_config(pretrained: str, subfolder: str) -> dict:
     if _is_local(pretrained):
         file = Path(pretrained).expanduser() / subfolder / "config.json"

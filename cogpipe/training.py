@@ -165,10 +165,11 @@ def _prepare_data(run: Run) -> TrainData:
     from cogpipe.validation import validation_inputs
 
     cfg, acc = run.cfg, run.accelerator
-    samples = usable_samples(cfg, run.log)
+    samples = usable_samples(cfg, run.log, run.accelerator.device)
     if acc.is_main_process:
         save_config(cfg, run.out / "config.yaml")
-        checkpoint.remove_partial(run.out)
+        for path in checkpoint.remove_partial(run.out):
+            run.log(f"removed {path}, left by a killed write")
     val_prompts = [p for p, _ in validation_inputs(cfg)] if cfg.validation.every else []
     extra = val_prompts + ([""] if cfg.train.caption_dropout > 0 or val_prompts else [])
     entries = build_cache(cfg, samples, acc.device, acc.process_index, acc.num_processes, acc.wait_for_everyone,
@@ -178,7 +179,7 @@ def _prepare_data(run: Run) -> TrainData:
     if plan.per_epoch == 0:
         raise ValueError(f"data.root: no bucket holds one global batch of train.batch_size "
                          f"{cfg.train.batch_size} x {acc.num_processes} processes ({len(entries)} clips)")
-    extra_embeds = load_prompt_embeds(cfg, extra)
+    extra_embeds = load_prompt_embeds(cfg, extra, acc.device)
     scheduler = models.build_scheduler(cfg.model)
     draws = Draws(seed=cfg.train.seed, num_timesteps=len(scheduler.alphas_cumprod),
                   caption_dropout=cfg.train.caption_dropout, empty_embeds=extra_embeds.get(""),

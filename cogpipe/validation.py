@@ -99,7 +99,8 @@ def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dty
         return []
     out = Path(output_dir)
     lora = out / "lora" if cfg.train.mode == "lora" else None
-    pipe = load_pipeline(out / "export", lora, device=device, dtype=dtype)
+    model = out / "export" if (out / "export").is_dir() else cfg.model.pretrained  # export.copy_base: false
+    pipe = load_pipeline(model, lora, device=device, dtype=dtype)
     pipe.vae.enable_slicing()
     if cfg.model.vae_tiling or torch.device(pipe.device).type != "cpu":
         pipe.vae.enable_tiling()

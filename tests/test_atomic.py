@@ -164,12 +164,12 @@ def test_cache_entry(tmp_path):
     overrides = tiny_overrides(clips, tmp_path / "out", cache)
     _killed(f"from cogpipe.cache import build_cache\nfrom cogpipe.config import load_config\n"
             f"from cogpipe.data import discover\n"
-            f"build_cache(load_config({str(RECIPE)!r}, {overrides!r}), discover({str(clips)!r}))", "*.safetensors")
+            f"build_cache(load_config({str(RECIPE)!r}, {overrides!r}), discover({str(clips)!r}), 'cpu')", "*.safetensors")
     assert not [p for p in cache.rglob("*.safetensors") if not atomic.parse(p)]
     [tmp] = atomic.temps(cache)
     assert tmp.parent.parent.name == "latents" and load_file(tmp)["mean"].shape == (16, 5, 8, 8)
     logs = []
-    [entry] = build_cache(load_config(RECIPE, overrides), discover(clips), log=logs.append)
+    [entry] = build_cache(load_config(RECIPE, overrides), discover(clips), "cpu", log=logs.append)
     assert any("removed" in line and tmp.name in line for line in logs) and not atomic.temps(cache)
     assert load_file(entry.latents)["mean"].shape == (16, 5, 8, 8)
     assert load_file(entry.prompt)["prompt_embeds"].shape == (48, 32)

@@ -58,6 +58,11 @@ def test_lora_trains_exports_and_generates(hub, clips, tmp_path, version):
     index = json.loads((export / "model_index.json").read_text())
     assert index["_class_name"] == PIPELINES[version]
     assert (export / "tokenizer" / "spiece.model").is_file()  # the SentencePiece tokenizer travels with it
+    from transformers import AutoTokenizer
+
+    ids = [AutoTokenizer.from_pretrained(folder, subfolder="tokenizer")("a purple square").input_ids
+           for folder in (hub[version], export)]
+    assert ids[0] == ids[1] and len(ids[0]) > 3
     lora = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     assert lora and all(k.startswith("transformer.") and ".lora_" in k for k in lora)
     image = _first_frame(clips, tmp_path) if version.endswith("i2v") else []
@@ -86,7 +91,10 @@ def test_convert_round_trip_and_plan(hub, tmp_path, capsys, version):
 
     src = hub[version] / "transformer"
     assert main(["convert", str(src), str(tmp_path / "sat")]) == 0
-    assert main(["convert", str(tmp_path / "sat"), str(tmp_path / "back")]) == 0
+    # SAT files do not store the sample shape; a learned position table (5B-I2V) needs the toy's, as any custom size
+    shape = ["--set", "transformer.sample_frames=17", "--set", "transformer.sample_height=8", "--set",
+             "transformer.sample_width=8", "--set", f"transformer.max_text_seq_length={16}"]
+    assert main(["convert", str(tmp_path / "sat"), str(tmp_path / "back"), *(shape if version == "5b-i2v" else [])]) == 0
     from cogpipe import weights
 
     a, b = weights.load_state_dict(src), weights.load_state_dict(tmp_path / "back")
@@ -98,3 +106,32 @@ def test_convert_round_trip_and_plan(hub, tmp_path, capsys, version):
     model = plan["estimate"]["model"]
     assert model["layers"] == 2 and model["hidden"] == 32 and model["i2v"] == version.endswith("i2v")
     assert model["version"] == ("1.5" if version.startswith("1.5") else "1.0") and model["note"] is None
+
+
+def test_lora_export_keeps_the_base_dtype_or_skips_the_base(hub, clips, tmp_path):
+    """A bf16 base stays bf16 in the export (the base's own files, not fp32 copies); export.copy_base=false
+    leaves the LoRA alone, and the end-of-run render loads it onto the base."""
+    import shutil
+
+    from diffusers import CogVideoXTransformer3DModel
+    from transformers import T5EncoderModel
+
+    from cogpipe.training import train
+
+    base = tmp_path / "bf16"
+    shutil.copytree(hub["5b"], base)
+    for part, cls in (("transformer", CogVideoXTransformer3DModel), ("text_encoder", T5EncoderModel)):
+        model = cls.from_pretrained(base / part, dtype=torch.bfloat16)
+        shutil.rmtree(base / part)
+        model.save_pretrained(base / part)
+    overrides = {"model.pretrained": base, "model.weight_dtype": "bf16", "train.max_steps": 1,
+                 "train.checkpoint_every": 0}
+    out = train(load_config(RECIPE, tiny_overrides(clips, tmp_path / "a", tmp_path / "c", **overrides)))
+    for part in ("transformer", "text_encoder"):
+        for f in (out / "export" / part).glob("*.safetensors"):
+            assert {t.dtype for t in load_file(str(f)).values()} == {torch.bfloat16}, f
+            assert f.read_bytes() == (base / part / f.name).read_bytes()
+    out = train(load_config(RECIPE, tiny_overrides(clips, tmp_path / "b", tmp_path / "c",
+                                                    **overrides, **{"export.copy_base": "false"})))
+    assert not (out / "export").exists() and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert len(list((out / "validation").glob("*.mp4"))) == 1  # rendered from the base + the LoRA
