@@ -1,7 +1,8 @@
 """Generate a video with a CogVideoX pipeline folder (default: the shipped tiny model, models/tiny-world),
 optionally with a LoRA.
 
-    python infer.py --prompt "a purple square moving left" --model outputs/tiny_lora/export --lora outputs/tiny_lora/lora
+    python infer.py --prompt "a purple square moving left" \
+        --model outputs/tiny_lora/export --lora outputs/tiny_lora/lora
 """
 
 import argparse

@@ -7,14 +7,13 @@
 import argparse
 import sys
 
-from cogpipe.config import ConfigError, load_config
+from cogpipe.config import ConfigError, add_recipe_arguments, load_config
 from cogpipe.data import DataError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a YAML recipe from configs/")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    add_recipe_arguments(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -235,13 +235,15 @@ def main() -> int:
                                                  or [float("nan")]),
         "convert_peak_rss_mib": max(r["convert_peak_rss_mib"] for r in runs),
         "page_cache": ("whole page cache dropped before each run (cold libraries too)" if args.cold and cold else
-                       "checkpoint file evicted from the page cache before each run (libraries as the OS left them)"), "runs": runs, "write_synthetic_s": round(write_s, 1),
+                       "checkpoint file evicted from the page cache before each run (libraries as the OS left them)"),
+        "runs": runs, "write_synthetic_s": round(write_s, 1),
         "command": f"python bench/convert.py --size {args.size} --repeat {args.repeat}"
                    + (" --entry cogpipe" if args.entry == "cogpipe" else ""),
         "converter_command": " ".join(["cogpipe convert" if args.entry == "cogpipe" else
                                        "python -m cogpipe.convert", "SAT", "OUT", "--json"]),
         "cold_convert_wall_s": runs[0]["convert_wall_s"],
-        "measured": "medians over runs (ratio: median of each run's convert/baseline); wall of `python -m cogpipe.convert SAT OUT` incl. interpreter start and "
+        "measured": "medians over runs (ratio: median of each run's convert/baseline); wall of "
+                    "`python -m cogpipe.convert SAT OUT` incl. interpreter start and "
                     "imports; run 1 starts with an empty expected-shape memo (imports diffusers), later runs reuse "
                     "it; baseline = read the .pt + write a copy + fsync; peak RSS from /usr/bin/time -v; "
                     "system_cpu_busy = share of both cores busy (any process) during the run",

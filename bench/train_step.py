@@ -92,13 +92,13 @@ def parse_args(argv=None):
     return args
 
 
-def build(args, tcfg: dict, device: torch.device):
+def build(args, transformer_config: dict, device: torch.device):
     """The transformer with random weights, built directly on the device (fast init on a GPU)."""
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
     with device:
-        model = CogVideoXTransformer3DModel(**tcfg)
+        model = CogVideoXTransformer3DModel(**transformer_config)
     if args.mode == "lora":
         from cogpipe.lora import add_lora
 
@@ -115,14 +115,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    tcfg, vcfg = component_configs(ModelConfig(preset=args.size))
+    transformer_config, vcfg = component_configs(ModelConfig(preset=args.size))
     if args.like:
         target = VARIANTS[args.like].transformer
-        tcfg.update({k: target[k] for k in LIKE_KEYS if k in target})
+        transformer_config.update({k: target[k] for k in LIKE_KEYS if k in target})
         if target.get("ofs_embed_dim"):  # diffusers adds the ofs embedding to the time embedding: same width
-            tcfg["ofs_embed_dim"] = tcfg["time_embed_dim"]
-    shape = plan.token_shape(tcfg, args.frames, args.height, args.width, args.batch)
-    model = build(args, tcfg, device)
+            transformer_config["ofs_embed_dim"] = transformer_config["time_embed_dim"]
+    shape = plan.token_shape(transformer_config, args.frames, args.height, args.width, args.batch)
+    model = build(args, transformer_config, device)
     dtype = DTYPES[args.dtype]
     amp = dtype != torch.float32
     input_dtype = dtype if args.mode == "lora" else torch.float32
@@ -135,25 +135,27 @@ def main(argv=None) -> dict:
     alphas_cumprod = CogVideoXDDIMScheduler(**scheduler_config(args.size)).alphas_cumprod.to(device)
     B, C = args.batch, vcfg["latent_channels"]
     lf, lh, lw = (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8
-    i2v = is_i2v(tcfg)
+    i2v = is_i2v(transformer_config)
     g = torch.Generator(device=device).manual_seed(0)
 
     def batch():
         x0 = torch.randn(B, lf, C, lh, lw, generator=g, device=device)  # (B, F', C, H/8, W/8)
         noise = torch.randn(x0.shape, generator=g, device=device)
         t = torch.randint(0, len(alphas_cumprod), (B,), generator=g, device=device)
-        x0, noise = pad_for_patch_t(x0, tcfg.get("patch_size_t")), pad_for_patch_t(noise, tcfg.get("patch_size_t"))
+        patch_t = transformer_config.get("patch_size_t")
+        x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
         noisy = add_noise(x0, noise, t, alphas_cumprod)
         inp = noisy
         if i2v:  # first-frame latents, zero over the other frames, concatenated on channels -> 32
             image = torch.zeros_like(noisy)
             image[:, 0] = torch.randn(image[:, 0].shape, generator=g, device=device)
             inp = torch.cat([noisy, image], dim=2)
-        text = torch.randn(B, tcfg["max_text_seq_length"], tcfg["text_embed_dim"], generator=g, device=device)
+        text = torch.randn(B, transformer_config["max_text_seq_length"], transformer_config["text_embed_dim"],
+                           generator=g, device=device)
         return x0, noisy, inp, text, t
 
-    rope = rotary_embeddings(tcfg, shape["latent_frames"], lh, lw, device)
-    ofs = torch.full((B,), 2.0, device=device) if tcfg.get("ofs_embed_dim") else None
+    rope = rotary_embeddings(transformer_config, shape["latent_frames"], lh, lw, device)
+    ofs = torch.full((B,), 2.0, device=device) if transformer_config.get("ofs_embed_dim") else None
 
     def step():
         x0, noisy, inp, text, t = batch()
@@ -189,7 +191,7 @@ def main(argv=None) -> dict:
     else:
         peak_bytes, peak_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (getrusage)"
         name = platform.processor() or platform.machine()
-    flops = plan.train_flops(tcfg, shape, args.mode, args.rank if args.mode == "lora" else 0,
+    flops = plan.train_flops(transformer_config, shape, args.mode, args.rank if args.mode == "lora" else 0,
                              LoraConfig().target_modules)
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(name) if cuda else None)
     import diffusers
@@ -197,7 +199,7 @@ def main(argv=None) -> dict:
     result = {
         "bench": "train_step", "size": args.size, "like": args.like, "mode": args.mode,
         "frames": args.frames, "height": args.height, "width": args.width, "batch": B,
-        "latent_shape": [B, shape["latent_frames"], tcfg["in_channels"], lh, lw],
+        "latent_shape": [B, shape["latent_frames"], transformer_config["in_channels"], lh, lw],
         "tokens": {"video": shape["video_tokens"], "text": shape["text_tokens"], "total": shape["tokens"]},
         "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
         "lora_rank": args.rank if args.mode == "lora" else None,

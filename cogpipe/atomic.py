@@ -157,12 +157,8 @@ def publish(tmp, dst, *, sync: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def file(dst, *, sync: bool = False) -> Iterator[Path]:
-    """Yield the temporary path to write `dst`'s content to; on success it replaces `dst`, on error it is
-    removed. sync: fsync the file before the rename and the folder after."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dst)
+def _published(tmp: Path, dst: Path, sync: bool) -> Iterator[Path]:
+    """Yield `tmp`; on success rename it over `dst` (fsync'd first with `sync`), on error remove it."""
     try:
         yield tmp
         if sync:
@@ -173,23 +169,23 @@ def file(dst, *, sync: bool = False) -> Iterator[Path]:
         raise
 
 
-@contextlib.contextmanager
-def folder(dst, *, sync: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary sibling folder; on success it replaces `dst` (whatever was there), on error it
-    is removed. sync: fsync the folder's entries before the rename and its parent after."""
+def file(dst, *, sync: bool = False):
+    """Context manager: the temporary path to write `dst`'s content to; on success it replaces `dst`, on error
+    it is removed. sync: fsync the file before the rename and the folder after."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return _published(temp_path(dst), dst, sync)
+
+
+def folder(dst, *, sync: bool = False):
+    """Context manager: a fresh temporary sibling folder; on success it replaces `dst` (whatever was there), on
+    error it is removed. sync: fsync the folder's entries before the rename and its parent after."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dst)
     _remove(tmp)
     tmp.mkdir()
-    try:
-        yield tmp
-        if sync:
-            fsync(tmp)
-        publish(tmp, dst, sync=sync)
-    except BaseException:
-        _remove(tmp)
-        raise
+    return _published(tmp, dst, sync)
 
 
 def write_bytes(path, data: bytes, *, sync: bool = False) -> Path:

@@ -98,10 +98,11 @@ class Cache:
     def for_config(cls, cfg, device) -> "Cache":
         """The cache of a recipe whose encoders run on `device` (their dtype, and so the keys, follow from it:
         cogpipe.devices.encoder_dtype; the same for LoRA and full fine-tunes)."""
-        tcfg, vcfg = models.component_configs(cfg.model)
+        transformer_config, vcfg = models.component_configs(cfg.model)
         dtype = DTYPE_NAMES[encoder_dtype(device)]
         return cls(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data,
-                   tcfg["max_text_seq_length"], dtype, models.model_facts(tcfg, vcfg)["i2v"])
+                   transformer_config["max_text_seq_length"], dtype,
+                   models.model_facts(transformer_config, vcfg)["i2v"])
 
     def probe(self, sample) -> tuple[int, int, int]:
         """(frames, height, width) of a sample's clip, remembered by content in the cache."""

@@ -10,9 +10,9 @@ opened again.
 
 from __future__ import annotations
 
-from cogpipe.cache import Cache
 from dataclasses import replace
 
+from cogpipe.cache import Cache
 from cogpipe.data import DataError, Problem, Sample, choose_bucket, load_image, report, scan, shape_problem
 
 
@@ -80,8 +80,9 @@ def usable_samples(cfg, log=print, device=None) -> list[Sample]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="a YAML recipe")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    from cogpipe.config import add_recipe_arguments
+
+    add_recipe_arguments(parser)
 
 
 def run(args) -> int:

@@ -217,6 +217,12 @@ def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
     return config
 
 
+def add_recipe_arguments(parser, example: str = "configs/tiny_lora.yaml") -> None:
+    """The command-line form every recipe command shares: --config FILE [key=value ...]."""
+    parser.add_argument("--config", required=True, help=f"a YAML recipe, e.g. {example}")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. train.max_steps=10")
+
+
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
@@ -229,11 +235,11 @@ def validate_against_model(cfg: Config) -> None:
     """Cross-field rules that need the model's configs: channels, frames and size (cogpipe/family.py)."""
     from cogpipe.models import component_configs
 
-    tcfg, vcfg = component_configs(cfg.model)
-    problem = family.channel_problem(tcfg, vcfg)
+    transformer_config, vcfg = component_configs(cfg.model)
+    problem = family.channel_problem(transformer_config, vcfg)
     _check(problem is None, "model", problem)
     shapes = [("data.frames", "data.height/width", (cfg.data.frames, cfg.data.height, cfg.data.width))]
     shapes += [(f"data.buckets[{i}]", f"data.buckets[{i}]", tuple(b)) for i, b in enumerate(cfg.data.buckets)]
     for frames_key, size_key, (frames, height, width) in shapes:
-        for part, message in family.shape_problems(tcfg, frames, height, width):
+        for part, message in family.shape_problems(transformer_config, frames, height, width):
             raise ConfigError(f"{frames_key if part == 'frames' else size_key}: {message}")

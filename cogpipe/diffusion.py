@@ -64,21 +64,21 @@ def pad_for_patch_t(latents: torch.Tensor, patch_t) -> torch.Tensor:
     return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1)
 
 
-def rotary_embeddings(tcfg: dict, latent_frames: int, latent_h: int, latent_w: int, device):
+def rotary_embeddings(transformer_config: dict, latent_frames: int, latent_h: int, latent_w: int, device):
     """(cos, sin) rotary tables exactly as the CogVideoX pipelines build them; None without RoPE."""
-    if not tcfg.get("use_rotary_positional_embeddings"):
+    if not transformer_config.get("use_rotary_positional_embeddings"):
         return None
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-    p, p_t = tcfg["patch_size"], tcfg.get("patch_size_t")
+    p, p_t = transformer_config["patch_size"], transformer_config.get("patch_size_t")
     grid_h, grid_w = latent_h // p, latent_w // p
-    base_w, base_h = tcfg["sample_width"] // p, tcfg["sample_height"] // p
+    base_w, base_h = transformer_config["sample_width"] // p, transformer_config["sample_height"] // p
     if p_t is None:  # CogVideoX 1.0
         crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
-        return get_3d_rotary_pos_embed(embed_dim=tcfg["attention_head_dim"], crops_coords=crops,
+        return get_3d_rotary_pos_embed(embed_dim=transformer_config["attention_head_dim"], crops_coords=crops,
                                        grid_size=(grid_h, grid_w), temporal_size=latent_frames, device=device)
-    return get_3d_rotary_pos_embed(embed_dim=tcfg["attention_head_dim"], crops_coords=None,
+    return get_3d_rotary_pos_embed(embed_dim=transformer_config["attention_head_dim"], crops_coords=None,
                                    grid_size=(grid_h, grid_w), temporal_size=(latent_frames + p_t - 1) // p_t,
                                    grid_type="slice", max_size=(base_h, base_w), device=device)
 

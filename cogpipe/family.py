@@ -169,23 +169,24 @@ def variant(name: str) -> Variant:
 # --- reading a transformer config ------------------------------------------------------------------------------
 
 
-def _get(tcfg: Mapping, key: str):
-    return tcfg[key] if key in tcfg else _TRANSFORMER_DEFAULTS[key]
+def _get(transformer_config: Mapping, key: str):
+    return transformer_config[key] if key in transformer_config else _TRANSFORMER_DEFAULTS[key]
 
 
-def version(tcfg: Mapping) -> str:
+def version(transformer_config: Mapping) -> str:
     """"1.0" or "1.5": CogVideoX 1.5 patches 2 latent frames together (patch_size_t), 1.0 does not."""
-    return "1.0" if _get(tcfg, "patch_size_t") is None else "1.5"
+    return "1.0" if _get(transformer_config, "patch_size_t") is None else "1.5"
 
 
-def is_i2v(tcfg: Mapping) -> bool:
+def is_i2v(transformer_config: Mapping) -> bool:
     """Image-to-video: the transformer takes the noisy and the first-frame latents, twice what it predicts.
     Missing keys (a table entry's kwargs) take the constructor defaults, an out_channels of None its 16."""
-    return _get(tcfg, "in_channels") == 2 * (_get(tcfg, "out_channels") or _TRANSFORMER_DEFAULTS["out_channels"])
+    out_channels = _get(transformer_config, "out_channels") or _TRANSFORMER_DEFAULTS["out_channels"]
+    return _get(transformer_config, "in_channels") == 2 * out_channels
 
 
-def hidden_size(tcfg: Mapping) -> int:
-    return _get(tcfg, "num_attention_heads") * _get(tcfg, "attention_head_dim")
+def hidden_size(transformer_config: Mapping) -> int:
+    return _get(transformer_config, "num_attention_heads") * _get(transformer_config, "attention_head_dim")
 
 
 def variant_for_hidden(hidden: int, version: str | None = None, i2v: bool | None = None) -> Variant | None:
@@ -197,12 +198,12 @@ def variant_for_hidden(hidden: int, version: str | None = None, i2v: bool | None
     return max(candidates, key=lambda v: (v.version == version, v.i2v == i2v))  # the first of the best
 
 
-def family_values(tcfg: Mapping) -> dict:
+def family_values(transformer_config: Mapping) -> dict:
     """What a transformer config read from SAT shapes does not say: the VAE's scaling_factor and
     invert_scale_latents and the schedule's snr_shift_scale, taken from the released variant of its hidden size
     (a custom size: CogVideoX-5B's). Every 1.5 VAE inverts its scaling."""
-    ver = version(tcfg)
-    v = variant_for_hidden(hidden_size(tcfg), ver, is_i2v(tcfg)) or VARIANTS["5b"]
+    ver = version(transformer_config)
+    v = variant_for_hidden(hidden_size(transformer_config), ver, is_i2v(transformer_config)) or VARIANTS["5b"]
     return dict(scaling_factor=v.scaling_factor, snr_shift_scale=v.snr_shift_scale,
                 invert_scale_latents=ver == "1.5")
 
@@ -224,16 +225,16 @@ def scheduler_config(of: float | str | Variant | Mapping) -> dict:
 # --- frame and size rules --------------------------------------------------------------------------------------
 
 
-def released_variant(tcfg: Mapping) -> Variant | None:
+def released_variant(transformer_config: Mapping) -> Variant | None:
     """The released model this transformer config is (same version, mode and hidden size), or None for a custom
     or scaled-down one. Its card's settings (inference dtype, default clip) then apply."""
-    ver, i2v, hidden = version(tcfg), is_i2v(tcfg), hidden_size(tcfg)
+    ver, i2v, hidden = version(transformer_config), is_i2v(transformer_config), hidden_size(transformer_config)
     return next((v for v in _TABLE if v.released and (v.version, v.i2v, v.hidden) == (ver, i2v, hidden)), None)
 
 
-def rules(tcfg: Mapping) -> Variant:
+def rules(transformer_config: Mapping) -> Variant:
     """The released variant whose frame and size rules a transformer config follows: same version and mode."""
-    ver, i2v = version(tcfg), is_i2v(tcfg)
+    ver, i2v = version(transformer_config), is_i2v(transformer_config)
     for v in _TABLE:
         if v.released and v.version == ver and v.i2v == i2v:
             return v
@@ -248,28 +249,28 @@ def frame_rule(version: str) -> tuple[int, int]:
     return v.frame_multiple, v.max_frames
 
 
-def fixed_shape(tcfg: Mapping) -> tuple[int, int, int] | None:
+def fixed_shape(transformer_config: Mapping) -> tuple[int, int, int] | None:
     """(frames, height, width) a learned position table fixes (CogVideoX-5B-I2V: 49 x 480 x 720), else None."""
-    if not _get(tcfg, "use_learned_positional_embeddings"):
+    if not _get(transformer_config, "use_learned_positional_embeddings"):
         return None
-    return (_get(tcfg, "sample_frames"), _get(tcfg, "sample_height") * VAE_SPATIAL,
-            _get(tcfg, "sample_width") * VAE_SPATIAL)
+    return (_get(transformer_config, "sample_frames"), _get(transformer_config, "sample_height") * VAE_SPATIAL,
+            _get(transformer_config, "sample_width") * VAE_SPATIAL)
 
 
-def side_limits(tcfg: Mapping) -> tuple[int, int] | None:
+def side_limits(transformer_config: Mapping) -> tuple[int, int] | None:
     """(shorter side at least, longer side at most) where the variant limits them (1.5-I2V), else None. They are
     the model card's trained resolutions, so they bind the released model (its hidden size), not a scaled-down
     model of the same structure (test fixtures, the tiny presets)."""
-    v = rules(tcfg)
-    if v.min_side is None or hidden_size(tcfg) != v.hidden:
+    v = rules(transformer_config)
+    if v.min_side is None or hidden_size(transformer_config) != v.hidden:
         return None
     return v.min_side, v.max_side
 
 
-def shape_problems(tcfg: Mapping, frames: int, height: int, width: int) -> list[tuple[str, str]]:
+def shape_problems(transformer_config: Mapping, frames: int, height: int, width: int) -> list[tuple[str, str]]:
     """What is wrong with a (frames, height, width) clip for this transformer: [("frames" | "size", message)],
     in the order the rules are checked; [] when it fits."""
-    ver, kind = version(tcfg), rules(tcfg)
+    ver, kind = version(transformer_config), rules(transformer_config)
     multiple, most = kind.frame_multiple, kind.max_frames
     out = []
     if (frames - 1) % multiple or frames > most:
@@ -278,32 +279,33 @@ def shape_problems(tcfg: Mapping, frames: int, height: int, width: int) -> list[
     if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or min(height, width) <= 0:
         out.append(("size", f"height and width must be positive multiples of {SIZE_MULTIPLE} (VAE {VAE_SPATIAL}x "
                             f"times patch {PATCH}), got {height}x{width}"))
-    limits = side_limits(tcfg)
+    limits = side_limits(transformer_config)
     if limits and not (min(height, width) >= limits[0] and max(height, width) <= limits[1]):
         out.append(("size", f"CogVideoX{'1.5' if ver == '1.5' else ''}-I2V needs the shorter side >= {limits[0]} "
                             f"and the longer <= {limits[1]}, got {height}x{width}"))
-    fixed = fixed_shape(tcfg)
+    fixed = fixed_shape(transformer_config)
     if fixed and (frames, height, width) != fixed:
         out.append(("frames", f"this model's learned positional embeddings fit only {fixed[0]} frames at "
                               f"{fixed[1]}x{fixed[2]}, got {frames} frames at {height}x{width}"))
     return out
 
 
-def check_shape(tcfg: Mapping, frames: int, height: int, width: int) -> None:
+def check_shape(transformer_config: Mapping, frames: int, height: int, width: int) -> None:
     """Raise ValueError with every rule the clip breaks (see shape_problems)."""
-    problems = shape_problems(tcfg, frames, height, width)
+    problems = shape_problems(transformer_config, frames, height, width)
     if problems:
         raise ValueError("; ".join(message for _, message in problems))
 
 
-def channel_problem(tcfg: Mapping, vcfg: Mapping) -> str | None:
+def channel_problem(transformer_config: Mapping, vcfg: Mapping) -> str | None:
     """The transformer must take the VAE's latents (twice as many channels for image-to-video); None if it does."""
     latent = vcfg.get("latent_channels", LATENT_CHANNELS)
-    i2v = is_i2v(tcfg)
+    i2v = is_i2v(transformer_config)
     want = latent * (2 if i2v else 1)
-    if _get(tcfg, "in_channels") == want:
+    if _get(transformer_config, "in_channels") == want:
         return None
-    return (f"the transformer's in_channels ({_get(tcfg, 'in_channels')}) must equal the VAE's latent_channels "
+    return (f"the transformer's in_channels ({_get(transformer_config, 'in_channels')}) must equal the VAE's "
+            f"latent_channels "
             f"({latent}){' x 2 for image-to-video' if i2v else ''} = {want}")
 
 

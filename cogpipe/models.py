@@ -103,9 +103,9 @@ def _with_defaults(cls, config: dict) -> dict:
     return full
 
 
-def model_facts(tcfg: dict, vcfg: dict) -> dict:
+def model_facts(transformer_config: dict, vcfg: dict) -> dict:
     """Version and mode of a transformer config (cogpipe/family.py)."""
-    return dict(version=family.version(tcfg), i2v=family.is_i2v(tcfg))
+    return dict(version=family.version(transformer_config), i2v=family.is_i2v(transformer_config))
 
 
 def _seeded(seed: int, build, dtype):
@@ -166,9 +166,9 @@ def build_on_meta(model_cfg):
     from accelerate import init_empty_weights
     from diffusers import CogVideoXTransformer3DModel
 
-    tcfg, _ = component_configs(model_cfg)
+    transformer_config, _ = component_configs(model_cfg)
     with init_empty_weights():
-        return CogVideoXTransformer3DModel(**tcfg)
+        return CogVideoXTransformer3DModel(**transformer_config)
 
 
 def pipeline_class(transformer_config: dict):

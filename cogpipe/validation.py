@@ -25,8 +25,8 @@ def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
     prompts = prompts or cfg.validation.prompts or ([samples[0].caption] if cfg.validation.every and samples else [])
     if not prompts:
         return []
-    tcfg, vcfg = models.component_configs(cfg.model)
-    if not models.model_facts(tcfg, vcfg)["i2v"]:
+    transformer_config, vcfg = models.component_configs(cfg.model)
+    if not models.model_facts(transformer_config, vcfg)["i2v"]:
         return [(p, None) for p in prompts]
     from PIL import Image
 
@@ -53,9 +53,8 @@ def _write(out: Path, step: int, i: int, frames, prompt: str, image, fps: int) -
 def validate_in_training(cfg, transformer, step: int, rank: int, world: int, device, embeds: dict) -> list[Path]:
     """Render this process's share of the validation prompts with `transformer` (unwrapped, LoRA
     active) and `embeds` {prompt: prompt_embeds [L, D]} from the cache (with "" for the negative)."""
-    from cogpipe.inference import generate
-
     from cogpipe.devices import compute_dtype
+    from cogpipe.inference import generate
 
     mine = list(enumerate(validation_inputs(cfg)))[rank::world]
     if not mine:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe import atomic, checkpoint
+
 from helpers import REPO, SPECS, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
@@ -164,7 +165,8 @@ def test_cache_entry(tmp_path):
     overrides = tiny_overrides(clips, tmp_path / "out", cache)
     _killed(f"from cogpipe.cache import build_cache\nfrom cogpipe.config import load_config\n"
             f"from cogpipe.data import discover\n"
-            f"build_cache(load_config({str(RECIPE)!r}, {overrides!r}), discover({str(clips)!r}), 'cpu')", "*.safetensors")
+            f"build_cache(load_config({str(RECIPE)!r}, {overrides!r}), discover({str(clips)!r}), 'cpu')",
+            "*.safetensors")
     assert not [p for p in cache.rglob("*.safetensors") if not atomic.parse(p)]
     [tmp] = atomic.temps(cache)
     assert tmp.parent.parent.name == "latents" and load_file(tmp)["mean"].shape == (16, 5, 8, 8)
@@ -239,6 +241,7 @@ def test_vae_pretraining_save(tmp_path):
 
 def test_converter_outputs(tmp_path, monkeypatch):
     from cogpipe.convert import convert
+
     from fixtures import sat as F
 
     monkeypatch.setenv("COGPIPE_CONVERT_CACHE", str(tmp_path / "memo"))

@@ -6,7 +6,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from cogpipe import plan
 
 from helpers import REPO  # noqa: E402
+
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
@@ -45,7 +45,8 @@ def test_tiny_cpu_run_prints_one_json_line(tmp_path):
     assert r["samples_per_s"] == pytest.approx(1 / r["step_time_s_median"])
     assert 0.05 < r["peak_memory_gb"] < 20 and r["peak_memory_kind"].startswith("peak RSS")
     assert r["mfu"] is None and r["peak_flops"] is None  # no peak to compare with on CPU
-    assert r["flops_per_step"] > 0 and r["tflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"] / 1e12)
+    assert r["flops_per_step"] > 0
+    assert r["tflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_time_s_median"] / 1e12)
     assert r["trainable_params"] < r["params"] and r["lora_rank"] == 8
     assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
     assert r["torch"] == torch.__version__ and r["diffusers"] and r["python"]
@@ -77,26 +78,26 @@ def test_flop_count_matches_torch_flop_counter(variant, mode):
     from cogpipe.lora import add_lora
 
     extra = dict(patch_size_t=2, patch_bias=False, in_channels=32, ofs_embed_dim=64) if variant == "1.5-i2v" else {}
-    tcfg = _tiny_config(**extra)
+    transformer_config = _tiny_config(**extra)
     torch.manual_seed(0)
-    model = CogVideoXTransformer3DModel(**tcfg)
+    model = CogVideoXTransformer3DModel(**transformer_config)
     if mode == "lora":
         add_lora(model, LoraConfig(rank=4, alpha=4))
     else:
         model.requires_grad_(True)
     B = 2
-    shape = plan.token_shape(tcfg, 17, 128, 128, B)
+    shape = plan.token_shape(transformer_config, 17, 128, 128, B)
     F = shape["latent_frames"]
-    kwargs = dict(hidden_states=torch.randn(B, F, tcfg["in_channels"], 16, 16),
+    kwargs = dict(hidden_states=torch.randn(B, F, transformer_config["in_channels"], 16, 16),
                   encoder_hidden_states=torch.randn(B, 24, 48), timestep=torch.tensor([3, 700]),
-                  ofs=torch.full((B,), 2.0) if tcfg["ofs_embed_dim"] else None,
-                  image_rotary_emb=rotary_embeddings(tcfg, F, 16, 16, "cpu"), return_dict=False)
+                  ofs=torch.full((B,), 2.0) if transformer_config["ofs_embed_dim"] else None,
+                  image_rotary_emb=rotary_embeddings(transformer_config, F, 16, 16, "cpu"), return_dict=False)
     with sdpa_kernel(SDPBackend.MATH):
         with FlopCounterMode(display=False) as forward:
             model(**kwargs)
         with FlopCounterMode(display=False) as step:
             model(**kwargs)[0].float().square().mean().backward()
     rank = 4 if mode == "lora" else 0
-    assert forward.get_total_flops() == plan.forward_flops(tcfg, shape, rank, TARGETS)["total"]
-    formula = plan.train_flops(tcfg, shape, mode, rank, TARGETS)
+    assert forward.get_total_flops() == plan.forward_flops(transformer_config, shape, rank, TARGETS)["total"]
+    formula = plan.train_flops(transformer_config, shape, mode, rank, TARGETS)
     assert step.get_total_flops() <= formula <= step.get_total_flops() * 1.06

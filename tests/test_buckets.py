@@ -2,9 +2,10 @@
 
 import pytest
 
+from cogpipe.batches import epoch_batches
 from cogpipe.config import ConfigError, load_config
 from cogpipe.data import choose_bucket
-from cogpipe.batches import epoch_batches
+
 from helpers import REPO, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
@@ -61,6 +62,7 @@ def test_training_on_two_buckets(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "skipped 1 clip(s) that fit no bucket" in log and "1 too short" in log
     assert "9x64x64: 3" in log and "17x64x64: 3" in log
-    shapes = sorted(tuple(load_file(str(p))["mean"].shape) for p in (tmp_path / "cache" / "latents").rglob("*.safetensors"))
+    files = (tmp_path / "cache" / "latents").rglob("*.safetensors")
+    shapes = sorted(tuple(load_file(str(p))["mean"].shape) for p in files)
     assert shapes == [(16, 3, 8, 8)] * 3 + [(16, 5, 8, 8)] * 3
     assert (out / "checkpoints" / "checkpoint-000003").is_dir()

@@ -1,6 +1,5 @@
 import os
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -8,8 +7,8 @@ from cogpipe import atomic, models
 from cogpipe.cache import build_cache
 from cogpipe.config import load_config
 from cogpipe.data import discover
-from helpers import REPO, SPECS, make_clips, tiny_overrides
 
+from helpers import REPO, SPECS, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 
@@ -50,7 +49,8 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
     changed = build_cache(cfg, discover(root), "cpu", log=lambda *_: None)
     assert changed[0].latents != entries[0].latents and changed[1].latents == entries[1].latents
     assert changed[0].prompt == entries[0].prompt  # same caption, same embedding
-    smaller = build_cache(_cfg(root, cache, "data.height=32", "data.width=32"), discover(root), "cpu", log=lambda *_: None)
+    smaller = build_cache(_cfg(root, cache, "data.height=32", "data.width=32"), discover(root), "cpu",
+                          log=lambda *_: None)
     assert load_file(str(smaller[1].latents))["mean"].shape == (16, 5, 4, 4)
     other = build_cache(_cfg(root, cache, "model.init_seed=1"), discover(root), "cpu", log=lambda *_: None)
     assert other[1].latents != entries[1].latents and other[1].prompt != entries[1].prompt
@@ -83,7 +83,8 @@ from cogpipe.config import load_config
 from cogpipe.data import discover
 rank, init, recipe, root, cache, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-cfg = load_config(recipe, ["model.pretrained=null", f"data.root={root}", f"data.cache_dir={cache}", f"output_dir={out}"])
+overrides = ["model.pretrained=null", f"data.root={root}", f"data.cache_dir={cache}", f"output_dir={out}"]
+cfg = load_config(recipe, overrides)
 build_cache(cfg, discover(root), "cpu", rank, 2, dist.barrier, log=lambda *_: None, extra_prompts=[""])
 dist.destroy_process_group()
 """

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from cogpipe.config import ConfigError, load_config
+
 from helpers import REPO
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"

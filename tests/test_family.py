@@ -162,5 +162,6 @@ def test_stand_in_is_reported_not_matched_from_a_warning():
         component_configs(cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # plan must not need (or show) the warning
-        tcfg, preset = plan.resolve_model(ModelConfig(pretrained="THUDM/CogVideoX1.5-5B-I2V"))
-    assert preset == "1.5-5b-i2v" and tcfg["ofs_embed_dim"] == 512  # preset tiny: the hub id names the variant
+        transformer_config, preset = plan.resolve_model(ModelConfig(pretrained="THUDM/CogVideoX1.5-5B-I2V"))
+    # preset tiny: the hub id names the variant
+    assert preset == "1.5-5b-i2v" and transformer_config["ofs_embed_dim"] == 512

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe import checkpoint, models
+
 from helpers import run_tiny
 
 FULL = {"train.mode": "full", "train.lr": 1e-3}

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe.config import load_config
+
 from fixtures.hub import PIPELINES, VERSIONS, write_hub_pipeline
 from helpers import REPO, tiny_overrides
 
@@ -32,7 +33,6 @@ def _train(hub_folder, clips, base, mode: str):
 
 def _generate(model, tmp_path, name, *extra) -> "torch.Tensor":
     import infer
-
     from cogpipe.video import read_video
 
     out = tmp_path / f"{name}.mp4"
@@ -94,7 +94,8 @@ def test_convert_round_trip_and_plan(hub, tmp_path, capsys, version):
     # SAT files do not store the sample shape; a learned position table (5B-I2V) needs the toy's, as any custom size
     shape = ["--set", "transformer.sample_frames=17", "--set", "transformer.sample_height=8", "--set",
              "transformer.sample_width=8", "--set", f"transformer.max_text_seq_length={16}"]
-    assert main(["convert", str(tmp_path / "sat"), str(tmp_path / "back"), *(shape if version == "5b-i2v" else [])]) == 0
+    extra = shape if version == "5b-i2v" else []
+    assert main(["convert", str(tmp_path / "sat"), str(tmp_path / "back"), *extra]) == 0
     from cogpipe import weights
 
     a, b = weights.load_state_dict(src), weights.load_state_dict(tmp_path / "back")

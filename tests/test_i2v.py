@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe.config import load_config
+
 from helpers import REPO, SPECS, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_i2v_lora.yaml"
@@ -78,8 +79,9 @@ def test_infer_from_an_image(i2v_run, tmp_path):
 
 
 def test_images_column_and_unreadable_image(tmp_path):
-    from cogpipe.check import check_dataset
     from PIL import Image
+
+    from cogpipe.check import check_dataset
 
     root = make_clips(tmp_path / "d", SPECS[:2], layout="jsonl")
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(root / "first.png")
@@ -93,4 +95,5 @@ def test_images_column_and_unreadable_image(tmp_path):
     cfg = load_config(RECIPE, tiny_overrides(root, tmp_path / "o", tmp_path / "c"))
     good, problems = check_dataset(cfg)
     assert [s.image.name for s in good] == ["first.png"]
-    assert len(problems) == 1 and "broken.png" in problems[0].file and "cannot read first-frame image" in problems[0].rule
+    assert len(problems) == 1 and "broken.png" in problems[0].file
+    assert "cannot read first-frame image" in problems[0].rule

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe import checkpoint
+
 from helpers import REPO, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"

@@ -3,7 +3,6 @@ fit advice, the command line, public numbers, and measured GPU peaks where bench
 
 import json
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,13 +29,13 @@ def one_thread():
 
 def recipe(name, *overrides):
     """A shipped recipe as `cogpipe plan` reads it (the hub id falls back to the preset offline)."""
-    cfg, tcfg, note = plan.load(REPO / "configs" / f"{name}.yaml", list(overrides))
-    return cfg, tcfg
+    cfg, transformer_config, note = plan.load(REPO / "configs" / f"{name}.yaml", list(overrides))
+    return cfg, transformer_config
 
 
 def gb(name, *overrides, **kw):
-    cfg, tcfg = recipe(name, *overrides)
-    return plan.estimate(cfg, tcfg=tcfg, **kw)["gb"]
+    cfg, transformer_config = recipe(name, *overrides)
+    return plan.estimate(cfg, transformer_config=transformer_config, **kw)["gb"]
 
 
 # --- the per-block activation formula against autograd's saved tensors --------------------------------------
@@ -52,7 +51,7 @@ def _small_transformer_config(frames_latent, h, w, text, heads=4, layers=3):
         use_rotary_positional_embeddings=True))
 
 
-def saved_bytes(tcfg, mode, checkpointing=False, precision="bf16"):
+def saved_bytes(transformer_config, mode, checkpointing=False, precision="bf16"):
     """Bytes of the tensors autograd saves for backward, per block (and outside the blocks), under CPU bf16
     autocast (or in fp32 with precision "no"); weights and their autocast copies (parameter-shaped) are
     left out: the formula counts them apart."""
@@ -63,7 +62,7 @@ def saved_bytes(tcfg, mode, checkpointing=False, precision="bf16"):
     from cogpipe.lora import add_lora
 
     torch.manual_seed(0)
-    model = CogVideoXTransformer3DModel(**tcfg)
+    model = CogVideoXTransformer3DModel(**transformer_config)
     half = precision == "bf16"
     if mode == "lora":
         if half:
@@ -85,14 +84,15 @@ def saved_bytes(tcfg, mode, checkpointing=False, precision="bf16"):
             seen.setdefault(t.untyped_storage().data_ptr(), (where[0], t.untyped_storage().nbytes()))
         return t
 
-    F, h, w = (tcfg["sample_frames"] - 1) // 4 + 1, tcfg["sample_height"], tcfg["sample_width"]
+    F = (transformer_config["sample_frames"] - 1) // 4 + 1
+    h, w = transformer_config["sample_height"], transformer_config["sample_width"]
     dtype = torch.bfloat16 if (mode == "lora" and half) else torch.float32
     x = torch.randn(1, F, 16, h, w, dtype=dtype)
-    text = torch.randn(1, tcfg["max_text_seq_length"], tcfg["text_embed_dim"], dtype=dtype)
+    text = torch.randn(1, transformer_config["max_text_seq_length"], transformer_config["text_embed_dim"], dtype=dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", torch.bfloat16, enabled=half):
         model(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
-              image_rotary_emb=rotary_embeddings(tcfg, F, h, w, "cpu"), return_dict=False)
+              image_rotary_emb=rotary_embeddings(transformer_config, F, h, w, "cpu"), return_dict=False)
     per = {}
     for place, nbytes in seen.values():
         per[place] = per.get(place, 0) + nbytes
@@ -103,28 +103,30 @@ def saved_bytes(tcfg, mode, checkpointing=False, precision="bf16"):
 @pytest.mark.parametrize("precision", ["bf16", "no"])
 @pytest.mark.parametrize("grid", [(5, 16, 16, 32), (9, 16, 24, 64)])
 def test_block_activation_formula_matches_autograd(mode, precision, grid):
-    tcfg = _small_transformer_config(*grid)
-    shape = plan.token_shape(tcfg, tcfg["sample_frames"], tcfg["sample_height"] * 8, tcfg["sample_width"] * 8)
+    transformer_config = _small_transformer_config(*grid)
+    shape = plan.token_shape(transformer_config, transformer_config["sample_frames"],
+                             transformer_config["sample_height"] * 8, transformer_config["sample_width"] * 8)
     policy = plan.precision_policy(precision, device="cpu")  # CPU autocast keeps LayerNorm in bf16
-    formula = sum(plan.block_activations(tcfg, shape, mode, policy, 8, TARGETS).values())
-    measured = saved_bytes(tcfg, mode, precision=precision)
+    formula = sum(plan.block_activations(transformer_config, shape, mode, policy, 8, TARGETS).values())
+    measured = saved_bytes(transformer_config, mode, precision=precision)
     for block in (1, 2):  # block 0 also holds what all blocks share (the RoPE tables): counted outside
         assert measured[block] == pytest.approx(formula, rel=0.03), (block, measured[block], formula)
     total = sum(measured.values())
-    outside = plan.outside_activations(tcfg, shape, mode, policy, loss=False)
-    assert total == pytest.approx(tcfg["num_layers"] * formula + outside, rel=0.05)
+    outside = plan.outside_activations(transformer_config, shape, mode, policy, loss=False)
+    assert total == pytest.approx(transformer_config["num_layers"] * formula + outside, rel=0.05)
 
 
 def test_checkpointing_keeps_only_each_blocks_inputs():
-    tcfg = _small_transformer_config(5, 16, 16, 32)
-    shape = plan.token_shape(tcfg, tcfg["sample_frames"], tcfg["sample_height"] * 8, tcfg["sample_width"] * 8)
-    plain = saved_bytes(tcfg, "lora")
-    ckpt = saved_bytes(tcfg, "lora", checkpointing=True)
+    transformer_config = _small_transformer_config(5, 16, 16, 32)
+    shape = plan.token_shape(transformer_config, transformer_config["sample_frames"],
+                             transformer_config["sample_height"] * 8, transformer_config["sample_width"] * 8)
+    plain = saved_bytes(transformer_config, "lora")
+    ckpt = saved_bytes(transformer_config, "lora", checkpointing=True)
     assert not any(isinstance(k, int) for k in ckpt)  # nothing saved inside a block during the forward
     inputs = ckpt["outside"] - plain["outside"]  # what the checkpoints hold: each block's two inputs
-    H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    H = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
     # bf16 hidden + text states per block (+ the tiny time embedding)
-    assert inputs == pytest.approx(tcfg["num_layers"] * shape["tokens"] * H * 2, rel=0.01)
+    assert inputs == pytest.approx(transformer_config["num_layers"] * shape["tokens"] * H * 2, rel=0.01)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -168,9 +170,9 @@ def test_peak_estimate_matches_a_measured_training_step(mode, checkpointing):
     from cogpipe.diffusion import add_noise, diffusion_loss, rotary_embeddings
     from cogpipe.lora import add_lora
 
-    tcfg = _small_transformer_config(5, 16, 16, 32, heads=2, layers=3)
+    transformer_config = _small_transformer_config(5, 16, 16, 32, heads=2, layers=3)
     torch.manual_seed(0)
-    model = CogVideoXTransformer3DModel(**tcfg)
+    model = CogVideoXTransformer3DModel(**transformer_config)
     if mode == "lora":
         model.to(torch.bfloat16)
         add_lora(model, LoraConfig(rank=8, alpha=8))
@@ -183,7 +185,7 @@ def test_peak_estimate_matches_a_measured_training_step(mode, checkpointing):
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     dtype = torch.bfloat16 if mode == "lora" else torch.float32
     alphas = torch.linspace(0.99, 0.01, 1000)
-    rope = rotary_embeddings(tcfg, 5, 16, 16, "cpu")
+    rope = rotary_embeddings(transformer_config, 5, 16, 16, "cpu")
     with LiveBytes(list(model.parameters()) + list(model.buffers())) as live:
         for _ in range(2):  # the second step has the AdamW state
             x0, t = torch.randn(1, 5, 16, 16, 16), torch.tensor([500])
@@ -200,7 +202,7 @@ def test_peak_estimate_matches_a_measured_training_step(mode, checkpointing):
                              "data.width=128", f"train.gradient_checkpointing={str(checkpointing).lower()}",
                              "lora.rank=8", "train.mixed_precision=bf16",
                              f"model.weight_dtype={'bf16' if mode == 'lora' else 'fp32'}"], validate_model=False)
-    estimated = plan.estimate(cfg, tcfg=tcfg, device="cpu")["gb"]["peak"] * plan.GB
+    estimated = plan.estimate(cfg, transformer_config=transformer_config, device="cpu")["gb"]["peak"] * plan.GB
     assert estimated == pytest.approx(live.peak, rel=0.10), (estimated, live.peak)
 
 
@@ -221,29 +223,30 @@ def test_estimates_are_positive_and_ordered():
     # 1.5 at 81 x 768 x 1360 has ~2.5x the tokens of 1.0 at 49 x 480 x 720
     assert gb("cogvideox1.5_5b_lora")["activations_with_checkpointing"] > 2 * lora5["activations_with_checkpointing"]
     # sharding a full fine-tune over 8 GPUs cuts the per-GPU peak, ZeRO-3 more than ZeRO-2
-    cfg, tcfg = recipe("cogvideox_5b_full")
-    z2 = plan.estimate(cfg, tcfg=tcfg, strategy="zero2", num_gpus=8)["gb"]["peak"]
-    z3 = plan.estimate(cfg, tcfg=tcfg, strategy="zero3", num_gpus=8)["gb"]["peak"]
+    cfg, transformer_config = recipe("cogvideox_5b_full")
+    z2 = plan.estimate(cfg, transformer_config=transformer_config, strategy="zero2", num_gpus=8)["gb"]["peak"]
+    z3 = plan.estimate(cfg, transformer_config=transformer_config, strategy="zero3", num_gpus=8)["gb"]["peak"]
     assert z3 < z2 < full5["peak"]
 
 
 def test_the_ema_is_counted_where_it_lives():
-    cfg, tcfg = recipe("cogvideox_5b_full", "train.ema_decay=0.999")
-    plain, ema = gb("cogvideox_5b_full"), plan.estimate(cfg, tcfg=tcfg)["gb"]
-    trainable = plan.estimate(cfg, tcfg=tcfg)["trainable_params"]
+    cfg, transformer_config = recipe("cogvideox_5b_full", "train.ema_decay=0.999")
+    plain, ema = gb("cogvideox_5b_full"), plan.estimate(cfg, transformer_config=transformer_config)["gb"]
+    trainable = plan.estimate(cfg, transformer_config=transformer_config)["trainable_params"]
     assert ema["ema"] == pytest.approx(4 * trainable / plan.GB) and plain["ema"] == 0
     assert ema["peak"] == pytest.approx(plain["peak"] + ema["ema"])  # kept all along, beside the weights
-    sharded = plan.estimate(cfg, tcfg=tcfg, strategy="zero3", num_gpus=8)["gb"]["ema"]
+    sharded = plan.estimate(cfg, transformer_config=transformer_config, strategy="zero3", num_gpus=8)["gb"]["ema"]
     assert sharded == pytest.approx(ema["ema"] / 8)  # a shard of it with each shard of the weights
 
 
 def test_the_largest_bucket_sets_the_shape():
     from types import SimpleNamespace
 
-    _, tcfg = recipe("cogvideox1.5_5b_lora")
-    cfg = SimpleNamespace(data=SimpleNamespace(frames=49, height=480, width=848, buckets=[[81, 768, 1360], [33, 480, 848]]),
+    _, transformer_config = recipe("cogvideox1.5_5b_lora")
+    buckets = [[81, 768, 1360], [33, 480, 848]]
+    cfg = SimpleNamespace(data=SimpleNamespace(frames=49, height=480, width=848, buckets=buckets),
                           train=SimpleNamespace(batch_size=2))
-    shape = plan.largest_shape(cfg, tcfg)
+    shape = plan.largest_shape(cfg, transformer_config)
     assert (shape["frames"], shape["height"], shape["width"], shape["batch"]) == (81, 768, 1360, 2)
     assert shape["video_tokens"] == 11 * 48 * 85  # 21 latent frames padded to 22, / patch_t 2; 96/2 x 170/2
 
@@ -254,12 +257,12 @@ def test_lora_parameter_count_is_what_peft_adds():
     from cogpipe.config import LoraConfig
     from cogpipe.lora import add_lora
 
-    tcfg = _small_transformer_config(5, 16, 16, 32)
-    model = CogVideoXTransformer3DModel(**tcfg)
+    transformer_config = _small_transformer_config(5, 16, 16, 32)
+    model = CogVideoXTransformer3DModel(**transformer_config)
     add_lora(model, LoraConfig(rank=8, alpha=8))
     added = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = load_config(None, ["output_dir=x", "data.root=x", "lora.rank=8"], validate_model=False)
-    est = plan.estimate(cfg, tcfg=tcfg)
+    est = plan.estimate(cfg, transformer_config=transformer_config)
     assert est["trainable_params"] == added
 
 
@@ -275,19 +278,19 @@ def test_public_numbers():
 # --- advice ---------------------------------------------------------------------------------------------------
 
 def test_advice_names_gradient_checkpointing_when_only_that_makes_it_fit():
-    cfg, tcfg = recipe("cogvideox_2b_lora", "train.gradient_checkpointing=false")
-    advice = plan.fit_advice(cfg, 24, tcfg=tcfg)
+    cfg, transformer_config = recipe("cogvideox_2b_lora", "train.gradient_checkpointing=false")
+    advice = plan.fit_advice(cfg, 24, transformer_config=transformer_config)
     assert not advice["fits"]
     assert [s["switch"] for s in advice["steps"]] == ["train.gradient_checkpointing=true"]
     assert advice["steps"][0]["fits"] and advice["fits_after_steps"]
     assert advice["sharded"] == {}  # one GPU is enough once checkpointing is on
-    cfg, tcfg = recipe("cogvideox_2b_lora")
-    assert plan.fit_advice(cfg, 24, tcfg=tcfg)["fits"]
+    cfg, transformer_config = recipe("cogvideox_2b_lora")
+    assert plan.fit_advice(cfg, 24, transformer_config=transformer_config)["fits"]
 
 
 def test_advice_for_a_full_fine_tune_that_does_not_fit():
-    cfg, tcfg = recipe("cogvideox_5b_full")
-    advice = plan.fit_advice(cfg, 80, tcfg=tcfg)
+    cfg, transformer_config = recipe("cogvideox_5b_full")
+    advice = plan.fit_advice(cfg, 80, transformer_config=transformer_config)
     assert not advice["fits"]
     lora = [st for st in advice["steps"] if st["switch"].startswith("train.mode=lora")]
     assert lora == [advice["steps"][-1]] and lora[0]["fits"]  # 5B full does not fit 80 GB, its LoRA does
@@ -301,8 +304,8 @@ def test_advice_for_a_full_fine_tune_that_does_not_fit():
 
 
 def test_advice_lowers_frames_only_as_far_as_needed():
-    cfg, tcfg = recipe("cogvideox1.5_5b_lora")
-    advice = plan.fit_advice(cfg, 24, tcfg=tcfg)
+    cfg, transformer_config = recipe("cogvideox1.5_5b_lora")
+    advice = plan.fit_advice(cfg, 24, transformer_config=transformer_config)
     labels = [s["switch"] for s in advice["steps"]]
     frames = [i for i, label in enumerate(labels) if label.startswith("data.frames=")]
     assert len(frames) == 1 and advice["steps"][frames[0]]["fits"]
@@ -311,9 +314,9 @@ def test_advice_lowers_frames_only_as_far_as_needed():
     # the advice is a list of overrides: with the earlier ones, 16 more frames would not fit
     earlier = [kv for label in labels[:frames[0]] for kv in label.split()]
     before, _ = recipe("cogvideox1.5_5b_lora", *earlier, f"data.frames={chosen + 16}")
-    assert plan.needed_gb(plan.estimate(before, tcfg=tcfg)["gb"]["peak"]) > 24
+    assert plan.needed_gb(plan.estimate(before, transformer_config=transformer_config)["gb"]["peak"]) > 24
     after, _ = recipe("cogvideox1.5_5b_lora", *earlier, f"data.frames={chosen}")
-    assert plan.needed_gb(plan.estimate(after, tcfg=tcfg)["gb"]["peak"]) <= 24
+    assert plan.needed_gb(plan.estimate(after, transformer_config=transformer_config)["gb"]["peak"]) <= 24
 
 
 def test_switches_are_found_by_name_in_the_schema():

@@ -3,7 +3,6 @@ the accelerate launch configs are what accelerate's launcher reads."""
 
 import functools
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint, models
 from cogpipe.config import ConfigError, load_config
+
 from helpers import REPO, run_tiny
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
@@ -109,8 +110,8 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_do(monkeypatch):
 
 
 def test_logit_normal_timesteps_follow_their_distribution():
-    from cogpipe.diffusion import sample_timestep
     from cogpipe.batches import Draws, draw_batch
+    from cogpipe.diffusion import sample_timestep
 
     g = torch.Generator().manual_seed(0)
     t = torch.cat([sample_timestep(1000, g, "logit_normal", 0.5, 1.0) for _ in range(4000)]).float()

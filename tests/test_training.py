@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint, models
 from cogpipe.config import load_config
-from helpers import REPO, run_tiny as _run
+
+from helpers import REPO
+from helpers import run_tiny as _run
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 

@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,12 +13,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fixtures import sat as F  # noqa: E402
-
 from cogpipe import weights as W  # noqa: E402
 from cogpipe.weights import (  # noqa: E402
-    ChecksumError, CorruptCheckpointError, UnsafeCheckpointError, WeightsMismatchError, expand_patch_embed_for_i2v,
-    load_into, load_state_dict, open_state_dict, verify_sha256)
+    ChecksumError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    WeightsMismatchError,
+    expand_patch_embed_for_i2v,
+    load_into,
+    load_state_dict,
+    open_state_dict,
+    verify_sha256,
+)
+
+from fixtures import sat as F  # noqa: E402
 
 
 def same(a: dict, b: dict) -> bool:
@@ -94,7 +101,8 @@ def test_code_carrying_pickles_are_refused_and_never_run(tmp_path, legacy):
     # a SAT folder with a code-carrying object is refused too, by the converter as well
     module = {"model.diffusion_model.x": torch.zeros(1)}
     (tmp_path / "sat" / "1").mkdir(parents=True)
-    torch.save({"module": module, "hook": _Evil(f"touch {marker}")}, tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt")
+    torch.save({"module": module, "hook": _Evil(f"touch {marker}")},
+               tmp_path / "sat" / "1" / "mp_rank_00_model_states.pt")
     (tmp_path / "sat" / "latest").write_text("1")
     with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt"):
         load_state_dict(tmp_path / "sat")
@@ -259,7 +267,8 @@ def test_mismatch_diagnosis_names_key_shapes_cause_and_fix():
         load_into(_tiny(16, patch_size_t=2), t2v.state_dict())
     wide = {k: v for k, v in t2v.state_dict().items()}
     wide["proj_out.weight"] = torch.zeros(64, 3072)
-    with pytest.raises(WeightsMismatchError, match=r"wrong model size: the file has hidden 3072 \(CogVideoX-5B\), the model 32"):
+    rule = r"wrong model size: the file has hidden 3072 \(CogVideoX-5B\), the model 32"
+    with pytest.raises(WeightsMismatchError, match=rule):
         load_into(t2v, wide)
     sat_keys = {F.PREFIX + "transformer.layers.0.attention.dense.weight": torch.zeros(1)}
     with pytest.raises(WeightsMismatchError, match="SAT keys.*cogpipe convert"):

@@ -24,10 +24,20 @@ from __future__ import annotations
 from .advice import _switch_on, _with, fit_advice  # noqa: F401 (_switch_on: tests)
 from .cli import add_arguments, load, run
 from .flops import forward_flops, train_flops
-from .memory import (DEEPSPEED_BUCKETS, RESERVE_FRACTION, RESERVE_GB, STRATEGIES, block_activations, estimate,
-                     memory_switches, needed_gb, outside_activations, precision_policy, workspace)
-from .model import (GB, largest_shape, lora_targets, model_stats, resolve_model, resolve_transformer_config,
-                    token_shape)
+from .memory import (
+                     DEEPSPEED_BUCKETS,
+                     RESERVE_FRACTION,
+                     RESERVE_GB,
+                     STRATEGIES,
+                     block_activations,
+                     estimate,
+                     memory_switches,
+                     needed_gb,
+                     outside_activations,
+                     precision_policy,
+                     workspace,
+)
+from .model import GB, largest_shape, lora_targets, model_stats, resolve_model, resolve_transformer_config, token_shape
 
 __all__ = [
     "GB", "RESERVE_GB", "RESERVE_FRACTION", "DEEPSPEED_BUCKETS", "STRATEGIES",

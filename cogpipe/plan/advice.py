@@ -35,7 +35,7 @@ def _with(cfg, section: str, **changes):
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
 
 
-def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "cuda") -> dict:
+def fit_advice(cfg, gpu_memory: float, transformer_config: dict | None = None, device: str = "cuda") -> dict:
     """What makes `cfg` fit in `gpu_memory` GB: switches in order of cost, applied one after another until
     it fits, and the fewest GPUs each sharding strategy needs for the recipe (with checkpointing).
 
@@ -44,9 +44,9 @@ def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "
     fine-tune (trains less), a lower LoRA rank, fewer frames, a lower resolution (each changes what is
     learned). Rank, frames and resolution are lowered only as far as needed, and only if that makes it fit.
     """
-    if tcfg is None:
-        tcfg, _ = resolve_transformer_config(cfg.model)
-    opts = dict(tcfg=tcfg, device=device)
+    if transformer_config is None:
+        transformer_config, _ = resolve_transformer_config(cfg.model)
+    opts = dict(transformer_config=transformer_config, device=device)
 
     def needs(c):
         return needed_gb(estimate(c, **opts)["gb"]["peak"])
@@ -96,15 +96,15 @@ def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "
         if hit:
             fits = add(hit[1], "less adapter capacity (alpha scaled with it)", hit[0])
     bucketed = bool(getattr(cur.data, "buckets", None))  # then the largest bucket, not data.frames, sets it
-    learned = family.fixed_shape(tcfg)  # 5B-I2V: a position table for 49 x 480 x 720 only
-    limits = family.side_limits(tcfg)  # 1.5-I2V: the shorter side at least 768
+    learned = family.fixed_shape(transformer_config)  # 5B-I2V: a position table for 49 x 480 x 720 only
+    limits = family.side_limits(transformer_config)  # 1.5-I2V: the shorter side at least 768
     if not fits and (bucketed or learned):
         unavailable.append(dict(switch="fewer frames / lower resolution", saves_gb=None,
                                 why="the largest data.buckets entry sets the peak: lower its frames or size"
                                 if bucketed else f"the learned position table is for {learned[0]} frames at "
                                                  f"{learned[1]}x{learned[2]} only"))
     if not fits and not (bucketed or learned):
-        multiple, _ = family.frame_rule(family.version(tcfg))
+        multiple, _ = family.frame_rule(family.version(transformer_config))
         frames = list(range(cur.data.frames - multiple, 0, -multiple))
         hit = first_fit([(_with(cur, "data", frames=f), f"data.frames={f}") for f in frames])
         if hit:
@@ -127,11 +127,11 @@ def fit_advice(cfg, gpu_memory: float, tcfg: dict | None = None, device: str = "
 
     sharded = {}
     base = cfg if cfg.train.gradient_checkpointing else _with(cfg, "train", gradient_checkpointing=True)
-    if needed_gb(estimate(base, tcfg=tcfg, device=device)["gb"]["peak"]) > gpu_memory:
+    if needed_gb(estimate(base, transformer_config=transformer_config, device=device)["gb"]["peak"]) > gpu_memory:
         # sharding is worth naming only where checkpointing alone is not enough
         for strategy in ("zero2", "zero3", "fsdp"):
             for n in (2, 4, 8, 16, 32, 64):
-                e = estimate(base, strategy=strategy, num_gpus=n, tcfg=tcfg, device=device)
+                e = estimate(base, strategy=strategy, num_gpus=n, transformer_config=transformer_config, device=device)
                 if needed_gb(e["gb"]["peak"]) <= gpu_memory:
                     sharded[strategy] = dict(num_gpus=n, needs_gb=needed_gb(e["gb"]["peak"]))
                     break

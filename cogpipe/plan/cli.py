@@ -11,11 +11,12 @@ from .model import GB, _stand_in_note, resolve_model
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="recipe YAML (configs/*.yaml)")
+    from cogpipe.config import add_recipe_arguments
+
+    add_recipe_arguments(parser, "configs/cogvideox_5b_lora.yaml")
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                         help="memory of one GPU in GB (1e9 bytes); default: this machine's GPU, if any")
     parser.add_argument("--json", action="store_true", help="print the estimate (and advice) as JSON")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train.py")
 
 
 def load(path, overrides=()):
@@ -24,9 +25,9 @@ def load(path, overrides=()):
     from cogpipe.config import load_config, validate_against_model
 
     cfg = load_config(path, overrides, validate_model=False)
-    tcfg, preset = resolve_model(cfg.model)
+    transformer_config, preset = resolve_model(cfg.model)
     validate_against_model(cfg if preset is None else _with(cfg, "model", pretrained=None, preset=preset))
-    return cfg, tcfg, _stand_in_note(cfg.model, preset)
+    return cfg, transformer_config, _stand_in_note(cfg.model, preset)
 
 
 def _fmt_table(e: dict, advice: dict | None) -> str:
@@ -95,7 +96,7 @@ def run(args) -> int:
     from cogpipe.config import ConfigError
 
     try:
-        cfg, tcfg, note = load(args.config, args.overrides)
+        cfg, transformer_config, note = load(args.config, args.overrides)
     except (ConfigError, ValueError) as e:
         print(f"cogpipe plan: {e}", file=sys.stderr)
         return 2
@@ -105,9 +106,9 @@ def run(args) -> int:
 
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_properties(0).total_memory / GB
-    e = estimate(cfg, tcfg=tcfg)
+    e = estimate(cfg, transformer_config=transformer_config)
     e["model"]["note"] = note
-    advice = fit_advice(cfg, gpu, tcfg=tcfg) if gpu else None
+    advice = fit_advice(cfg, gpu, transformer_config=transformer_config) if gpu else None
     if args.json:
         print(json.dumps(dict(config=str(args.config), estimate=e, advice=advice)))
     else:

@@ -34,7 +34,7 @@ def precision_policy(mixed_precision: str, device: str = "cuda") -> dict:
                 sdpa_out_shared=device == "cuda")
 
 
-def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_rank: int = 0,
+def block_activations(transformer_config: dict, shape: dict, mode: str, policy: dict, lora_rank: int = 0,
                       target_modules=()) -> dict:
     """Bytes autograd keeps for the backward of ONE CogVideoXBlock, itemised (S = video + text tokens).
 
@@ -58,7 +58,8 @@ def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_ran
     Small terms (LayerNorm statistics, attention log-sum-exp: fp32 per row) are included.
     """
     B, S = shape["batch"], shape["tokens"]
-    heads, H = tcfg["num_attention_heads"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    heads = transformer_config["num_attention_heads"]
+    H = heads * transformer_config["attention_head_dim"]
     X = B * S * H
     F = 4 * X  # MLP inner width is 4H in CogVideoX (FeedForward default)
     a, n = policy["act"], policy["norm"]
@@ -77,7 +78,7 @@ def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_ran
         items["Linear input: ff.net.2"] = F * a
         items["gated outputs (adaLN gates)"] = 2 * X * a
     elif lora_rank:
-        in_block = [(nm, i, o) for nm, i, o in lora_targets(model_stats(tcfg)["linears"], target_modules)
+        in_block = [(nm, i, o) for nm, i, o in lora_targets(model_stats(transformer_config)["linears"], target_modules)
                     if nm.startswith("transformer_blocks.0.") and not nm.endswith(("norm1.linear", "norm2.linear"))]
         if policy["autocast"] or a != 4:
             # peft casts the input to the fp32 adapter dtype and autocast casts it back (or, without autocast,
@@ -96,25 +97,26 @@ def block_activations(tcfg: dict, shape: dict, mode: str, policy: dict, lora_ran
     return items
 
 
-def outside_activations(tcfg: dict, shape: dict, mode: str, policy: dict, loss: bool = True) -> int:
+def outside_activations(transformer_config: dict, shape: dict, mode: str, policy: dict, loss: bool = True) -> int:
     """Bytes kept outside the blocks: the LayerNorm inputs of norm_final and norm_out over the video
     tokens; (full) norm_out's normalized output and proj_out's input; the fp32 RoPE cos/sin tables
     (shared by all blocks); and (loss=True) ~3 fp32 tensors of the latents' size in the loss."""
     B, Sv = shape["batch"], shape["video_tokens"]
-    H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    H = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
     a, n = policy["act"], policy["norm"]
     Xv = B * Sv * H
     kept = 2 * Xv * n + (Xv * n + Xv * a if mode == "full" else 0)
-    if tcfg.get("use_rotary_positional_embeddings"):
-        kept += 2 * Sv * tcfg["attention_head_dim"] * 4
+    if transformer_config.get("use_rotary_positional_embeddings"):
+        kept += 2 * Sv * transformer_config["attention_head_dim"] * 4
     latents = B * shape["latent_frames"] * 16 * shape["latent_height"] * shape["latent_width"]
     return kept + (3 * latents * 4 if loss else 0)
 
 
-def workspace(tcfg: dict, shape: dict, policy: dict) -> int:
+def workspace(transformer_config: dict, shape: dict, policy: dict) -> int:
     """Transient peak inside one block's backward: the MLP's two B*S*4H gradient buffers plus an fp32
     B*S*H cast (LoRA inputs, LayerNorm under autocast)."""
-    X = shape["batch"] * shape["tokens"] * tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    H = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    X = shape["batch"] * shape["tokens"] * H
     return 2 * 4 * X * policy["act"] + 4 * X
 
 
@@ -126,7 +128,8 @@ STRATEGIES = ("single", "ddp", "zero2", "zero3", "fsdp")
 
 
 def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: int = 1,
-             adam_bytes: int | None = None, frozen_bytes: int | None = None, tcfg: dict | None = None) -> dict:
+             adam_bytes: int | None = None, frozen_bytes: int | None = None,
+             transformer_config: dict | None = None) -> dict:
     """Peak GPU memory (per GPU) of training `cfg`, with and without gradient checkpointing.
 
     strategy: single | ddp | zero2 | zero3 | fsdp across `num_gpus`. adam_bytes: AdamW state per trainable
@@ -152,15 +155,15 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     note = None
-    if tcfg is None:
-        tcfg, note = resolve_transformer_config(cfg.model)
-    stats = model_stats(tcfg)
-    shape = largest_shape(cfg, tcfg)
+    if transformer_config is None:
+        transformer_config, note = resolve_transformer_config(cfg.model)
+    stats = model_stats(transformer_config)
+    shape = largest_shape(cfg, transformer_config)
     mode, mp = cfg.train.mode, cfg.train.mixed_precision
     policy = precision_policy(mp, device)
     N = max(1, num_gpus) if strategy != "single" else 1
-    P, L = stats["params"], tcfg["num_layers"]
-    H = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    P, L = stats["params"], transformer_config["num_layers"]
+    H = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
 
     switched_adam, switched_frozen = memory_switches(cfg)
     adam_bytes = adam_bytes or switched_adam
@@ -192,10 +195,10 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         copies = copies / L  # only the gathered block's weights are cast at a time
     step_buffer = 4 * T / (N if strategy in ("zero2", "zero3", "fsdp") else 1)
 
-    blk = block_activations(tcfg, shape, mode, policy, rank, cfg.lora.target_modules)
+    blk = block_activations(transformer_config, shape, mode, policy, rank, cfg.lora.target_modules)
     block = sum(blk.values())
-    outside = outside_activations(tcfg, shape, mode, policy)
-    work = workspace(tcfg, shape, policy)
+    outside = outside_activations(transformer_config, shape, mode, policy)
+    work = workspace(transformer_config, shape, policy)
     ckpt_inputs = L * shape["batch"] * shape["tokens"] * H * policy["act"]  # hidden + text states per block
 
     kept = frozen + buffers + master + half_module + adam + ema + gathered
@@ -205,8 +208,9 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
                            grads + step_buffer)
     chosen = with_ckpt if cfg.train.gradient_checkpointing else no_ckpt
     return dict(
-        model=dict(version=family.version(tcfg), i2v=family.is_i2v(tcfg), layers=L, hidden=H,
-                   heads=tcfg["num_attention_heads"], params=P, note=note),
+        model=dict(version=family.version(transformer_config), i2v=family.is_i2v(transformer_config), layers=L,
+                   hidden=H,
+                   heads=transformer_config["num_attention_heads"], params=P, note=note),
         shape=shape, mode=mode, lora_rank=rank or None, trainable_params=T,
         weight_dtype=cfg.model.weight_dtype if mode == "lora" else "fp32", mixed_precision=mp,
         gradient_checkpointing=cfg.train.gradient_checkpointing, strategy=strategy, num_gpus=N, device=device,
@@ -222,7 +226,7 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
             peak_without_checkpointing=no_ckpt / GB, peak_with_checkpointing=with_ckpt / GB, peak=chosen / GB,
             vae_and_text_encoder=0.0),
         block_items_gb={k: v / GB for k, v in blk.items()},
-        flops_per_step=train_flops(tcfg, shape, mode, rank, cfg.lora.target_modules),
+        flops_per_step=train_flops(transformer_config, shape, mode, rank, cfg.lora.target_modules),
     )
 
 

@@ -47,19 +47,19 @@ def _stand_in_note(model_cfg, preset) -> str | None:
 
 def resolve_transformer_config(model_cfg) -> tuple[dict, str | None]:
     """(transformer config, note): `resolve_model` with a sentence saying which preset stood in, if any."""
-    tcfg, preset = resolve_model(model_cfg)
-    return tcfg, _stand_in_note(model_cfg, preset)
+    transformer_config, preset = resolve_model(model_cfg)
+    return transformer_config, _stand_in_note(model_cfg, preset)
 
 
 @functools.lru_cache(maxsize=16)
-def _model_stats(tcfg_json: str) -> dict:
+def _model_stats(transformer_config_json: str) -> dict:
     """Parameter and buffer counts and every nn.Linear of the transformer, from a meta-device build."""
     import torch
     from accelerate import init_empty_weights
     from diffusers import CogVideoXTransformer3DModel
 
     with init_empty_weights():  # parameters on meta; buffers (position tables) are real but small
-        model = CogVideoXTransformer3DModel(**json.loads(tcfg_json))
+        model = CogVideoXTransformer3DModel(**json.loads(transformer_config_json))
     linears = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)]
     block = model.transformer_blocks[0]
@@ -69,8 +69,8 @@ def _model_stats(tcfg_json: str) -> dict:
                 linears=linears)
 
 
-def model_stats(tcfg: dict) -> dict:
-    return _model_stats(json.dumps(tcfg, sort_keys=True, default=list))
+def model_stats(transformer_config: dict) -> dict:
+    return _model_stats(json.dumps(transformer_config, sort_keys=True, default=list))
 
 
 def lora_targets(linears, target_modules) -> list[tuple[str, int, int]]:
@@ -78,22 +78,23 @@ def lora_targets(linears, target_modules) -> list[tuple[str, int, int]]:
     return [(n, i, o) for n, i, o in linears if any(n == t or n.endswith("." + t) for t in target_modules)]
 
 
-def token_shape(tcfg: dict, frames: int, height: int, width: int, batch: int = 1) -> dict:
+def token_shape(transformer_config: dict, frames: int, height: int, width: int, batch: int = 1) -> dict:
     """Latent and token counts of one training sample (4x temporal, 8x spatial VAE: cogpipe/family.py)."""
-    p, p_t = tcfg["patch_size"], tcfg.get("patch_size_t")
+    p, p_t = transformer_config["patch_size"], transformer_config.get("patch_size_t")
     latent_frames = (frames - 1) // family.VAE_TEMPORAL + 1
     if p_t:  # CogVideoX 1.5 pads an odd latent frame count to a multiple of patch_t
         latent_frames = math.ceil(latent_frames / p_t) * p_t
     lh, lw = height // family.VAE_SPATIAL, width // family.VAE_SPATIAL
     video = (latent_frames // (p_t or 1)) * (lh // p) * (lw // p)
-    text = tcfg["max_text_seq_length"]
+    text = transformer_config["max_text_seq_length"]
     return dict(batch=batch, frames=frames, height=height, width=width, latent_frames=latent_frames,
                 latent_height=lh, latent_width=lw, video_tokens=video, text_tokens=text, tokens=video + text)
 
 
-def largest_shape(cfg, tcfg: dict) -> dict:
+def largest_shape(cfg, transformer_config: dict) -> dict:
     """The training shape with the most tokens: data.frames x height x width, or a larger bucket
     (data.buckets, where the schema has them): the peak is set by the largest batch."""
     shapes = [(cfg.data.frames, cfg.data.height, cfg.data.width)]
     shapes += [tuple(b) for b in getattr(cfg.data, "buckets", None) or []]
-    return max((token_shape(tcfg, f, h, w, cfg.train.batch_size) for f, h, w in shapes), key=lambda s: s["tokens"])
+    return max((token_shape(transformer_config, f, h, w, cfg.train.batch_size) for f, h, w in shapes),
+               key=lambda s: s["tokens"])

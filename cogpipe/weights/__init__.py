@@ -26,15 +26,12 @@ sources (files, sharded and SAT/DeepSpeed folders, sha256), deepspeed (ZeRO cons
 from __future__ import annotations
 
 from .diagnose import LoadResult, diagnose, expand_patch_embed_for_i2v, load_into
-from .errors import (CheckpointError, ChecksumError, CorruptCheckpointError, UnsafeCheckpointError,
-                     WeightsMismatchError)
-from .lazy import LazyTensor, read_safetensors, safetensors_metadata
-from .sources import load_state_dict, open_state_dict, verify_sha256
-from .unpickle import read_pickle
+from .errors import CheckpointError, ChecksumError, CorruptCheckpointError, UnsafeCheckpointError, WeightsMismatchError
 
 # also importable from here, outside __all__: what convert/ and the tests reach for
-from .lazy import SAFETENSORS_DTYPE_NAMES, LazyCat, materialize  # noqa: F401, E402
-from .unpickle import INERT_MODULES, STORAGE_NAMES, Inert  # noqa: F401, E402
+from .lazy import SAFETENSORS_DTYPE_NAMES, LazyCat, LazyTensor, materialize, read_safetensors, safetensors_metadata  # noqa: F401, E402
+from .sources import load_state_dict, open_state_dict, verify_sha256
+from .unpickle import INERT_MODULES, STORAGE_NAMES, Inert, read_pickle  # noqa: F401, E402
 
 __all__ = [
     "CheckpointError", "UnsafeCheckpointError", "CorruptCheckpointError", "ChecksumError", "WeightsMismatchError",

@@ -82,10 +82,12 @@ def assemble(vae_dir, out, preset: str = "tiny-world", seed: int = 0) -> Path:
     model_cfg = ModelConfig(preset=preset, init_seed=seed)
     pipe = CogVideoXPipeline(tokenizer=ByT5Tokenizer(), text_encoder=ngram_text_encoder(seed=seed),
                              vae=AutoencoderKLCogVideoX.from_pretrained(str(vae_dir)),
-                             transformer=models.build_transformer(model_cfg), scheduler=models.build_scheduler(model_cfg))
+                             transformer=models.build_transformer(model_cfg),
+                             scheduler=models.build_scheduler(model_cfg))
     text_dim = pipe.text_encoder.config.d_model
     if pipe.transformer.config.text_embed_dim != text_dim:
-        raise ValueError(f"preset {preset}: text_embed_dim {pipe.transformer.config.text_embed_dim} != T5 d_model {text_dim}")
+        raise ValueError(f"preset {preset}: text_embed_dim {pipe.transformer.config.text_embed_dim} "
+                         f"!= T5 d_model {text_dim}")
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     pipe.save_pretrained(out)

@@ -298,7 +298,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--frames", type=int, default=17)
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--limit", type=int, default=None, help="score only this many prompts, spread evenly over the set")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="score only this many prompts, spread evenly over the set")
     parser.add_argument("--videos", default=None, help="also write each generated video here as mp4")
     parser.add_argument("--details", action="store_true", help="include what was detected for every prompt")
 

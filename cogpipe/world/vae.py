@@ -31,7 +31,7 @@ import torch
 from omegaconf import MISSING
 
 from cogpipe import atomic
-from cogpipe.config import ConfigError, _check, merge_structured, save_config
+from cogpipe.config import ConfigError, _check, add_recipe_arguments, merge_structured, save_config
 
 
 @dataclass
@@ -94,7 +94,7 @@ class VaeTrainConfig:
     seed: int = 0
     log_every: int = 10
     save_every: int = 200  # steps between saves of <output_dir>/checkpoint; 0 = only at the end
-    max_minutes: Optional[float] = None  # time budget: the LR schedule follows whichever of steps or time runs out first
+    max_minutes: Optional[float] = None  # time budget: the LR schedule follows steps or time, whichever ends first
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "log_every"):
@@ -185,7 +185,8 @@ def vae_loss(vae, video: torch.Tensor, train_cfg: VaeTrainConfig, generator=None
     kl = 0.5 * (posterior.mean**2 + posterior.var - 1.0 - posterior.logvar).mean()  # per latent element
     edge = ((recon.diff(dim=-1) - video.diff(dim=-1)).abs().mean()
             + (recon.diff(dim=-2) - video.diff(dim=-2)).abs().mean())
-    loss = train_cfg.l1_weight * l1 + train_cfg.mse_weight * mse + train_cfg.edge_weight * edge + train_cfg.kl_weight * kl
+    loss = (train_cfg.l1_weight * l1 + train_cfg.mse_weight * mse + train_cfg.edge_weight * edge
+            + train_cfg.kl_weight * kl)
     return loss, {"l1": l1.item(), "mse": mse.item(), "edge": edge.item(), "kl": kl.item()}
 
 
@@ -283,6 +284,10 @@ def _save(vae, folder: Path) -> None:
         vae.save_pretrained(tmp)
 
 
+def _stack_frames(items: list[dict]) -> dict:
+    return {"frames": torch.stack([it["frames"] for it in items])}
+
+
 def train_vae(cfg: VaeConfig, log=print) -> Path:
     """Train as configured; returns <output_dir>/vae (a save_pretrained folder)."""
     from cogpipe.data import VideoDataset
@@ -297,7 +302,7 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
     dataset = InMemory(VideoDataset(cfg.data.root, cfg.data.frames, cfg.data.height, cfg.data.width))
     loader = torch.utils.data.DataLoader(dataset, batch_size=train_cfg.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(train_cfg.seed),
-                                         collate_fn=lambda items: {"frames": torch.stack([it["frames"] for it in items])})
+                                         collate_fn=_stack_frames)
     if len(loader) == 0:
         raise ValueError(f"data.root: {len(dataset)} clips, fewer than one batch of {train_cfg.batch_size}")
     vae = new_vae(cfg.model).train()
@@ -353,8 +358,7 @@ def train_vae(cfg: VaeConfig, log=print) -> Path:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--config", required=True, help="a VAE recipe, e.g. configs/world/tiny_world_vae.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10")
+    add_recipe_arguments(parser, "configs/world/tiny_world_vae.yaml")
 
 
 def run(args) -> int:

@@ -12,9 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures import sat as F  # noqa: E402
-from helpers import REPO  # noqa: E402
-
 from cogpipe import atomic  # noqa: E402
 from cogpipe.convert import ConversionError, convert, transformer_config, vae_config  # noqa: E402
 from cogpipe.convert.cli import add_arguments, run  # noqa: E402
@@ -22,6 +19,9 @@ from cogpipe.convert.core import plan_to_diffusers  # noqa: E402
 from cogpipe.convert.detect import diffusers_model, expected_shapes  # noqa: E402
 from cogpipe.convert.mapping import TRANSFORMER, VAE  # noqa: E402
 from cogpipe.weights import CorruptCheckpointError, load_state_dict  # noqa: E402
+
+from fixtures import sat as F  # noqa: E402
+from helpers import REPO  # noqa: E402
 
 P = F.PREFIX
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cogpipe.world import render as world
 from cogpipe.inference import generate, load_pipeline
+from cogpipe.world import render as world
 from cogpipe.world.score import score_model, score_video
+
 from helpers import REPO
 
 SHIPPED = REPO / "models" / "tiny-world"
@@ -155,6 +156,7 @@ def test_train_vae_runs_and_saves_a_loadable_vae(tmp_path):
     from diffusers import AutoencoderKLCogVideoX
 
     from cogpipe.world.vae import load_vae_config, train_vae
+
     from helpers import make_clips
 
     clips = make_clips(tmp_path / "clips", [("square", "red", "up"), ("circle", "blue", "left")], frames=9)
@@ -229,13 +231,14 @@ def test_tiny_lora_recipe_teaches_the_held_out_colour(tmp_path, pipe):
     """configs/tiny_lora.yaml as shipped (200 steps on data/tiny's purple clips): the colour the base model
     never saw goes from mostly wrong to mostly right on held-out prompts."""
     from cogpipe.config import load_config
-    from cogpipe.world.score import held_out_prompts, spread
     from cogpipe.training import train
+    from cogpipe.world.score import held_out_prompts, spread
 
     prompts = spread(held_out_prompts(), 4)
     before, _ = score_model(pipe, prompts, seed=0)
     cfg = load_config(REPO / "configs" / "tiny_lora.yaml", [
-        f"output_dir={tmp_path / 'run'}", "report_to=none", f"data.cache_dir={tmp_path / 'cache'}", "validation.prompts=[]"])
+        f"output_dir={tmp_path / 'run'}", "report_to=none", f"data.cache_dir={tmp_path / 'cache'}",
+        "validation.prompts=[]"])
     out = train(cfg)
     after, rows = score_model(load_pipeline(SHIPPED, out / "lora"), prompts, seed=0)
     assert before["colour"] <= 0.25 and after["colour"] >= 0.75, (before, after, rows)

@@ -1,4 +1,5 @@
-"""The synthetic world (cogpipe/world/render.py), the scorer (cogpipe/world/score.py) and the shipped data/tiny/ dataset."""
+"""The synthetic world (cogpipe/world/render.py), the scorer (cogpipe/world/score.py) and the shipped data/tiny/
+dataset."""
 
 import functools
 import itertools
@@ -7,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cogpipe.video import read_video, write_mp4
 from cogpipe.world import render as world
 from cogpipe.world.score import fixed_prompts, held_out_prompts, score_many, score_video
-from cogpipe.video import read_video, write_mp4
 
 from helpers import REPO  # noqa: E402
+
 TINY = REPO / "data" / "tiny"
 ALL_SPECS = list(itertools.product(world.SHAPES, world.ALL_COLOURS, world.DIRECTIONS))  # 60
 
