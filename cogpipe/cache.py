@@ -199,10 +199,10 @@ def build_cache(cfg, samples, device, rank: int = 0, world: int = 1, barrier=lam
         f"{len(prompts) - len(todo_prompts)}/{len(prompts)} prompts already encoded")
     dtype = encoder_dtype(device)
     if todo_videos[rank::world]:
-        _encode_videos(cfg, cache, todo_videos[rank::world], device, dtype)
+        _encode_videos(cfg, cache, todo_videos[rank::world], device, dtype, log)
     if todo_prompts[rank::world]:
         tokenizer = models.build_tokenizer(cfg.model)
-        text_encoder = models.build_text_encoder(cfg.model, dtype).to(device).eval()
+        text_encoder = models.build_text_encoder(cfg.model, dtype, device).to(device).eval()
         for caption, path in todo_prompts[rank::world]:
             embeds = encode_prompts(tokenizer, text_encoder, [caption], cache.max_text_len)[0]
             atomic.save_safetensors(path, {"prompt_embeds": embeds.float()}, {"caption": caption})
@@ -220,10 +220,33 @@ def build_cache(cfg, samples, device, rank: int = 0, world: int = 1, barrier=lam
     return entries
 
 
-def _encode_videos(cfg, cache: Cache, todo: list, device, dtype) -> None:
+def latent_shape(vae_config, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(frames, height, width) of the latents of a clip: 4x in time (first frame kept), 2^(levels - 1) in space."""
+    spatial = 2 ** (len(vae_config.block_out_channels) - 1)
+    return (frames - 1) // vae_config.temporal_compression_ratio + 1, height // spatial, width // spatial
+
+
+def _encode_checked(vae, clips: list[torch.Tensor], log) -> list[dict]:
+    """encode_videos, checked against the VAE's compression. The VAE's tiled encode (model.vae_tiling) gives
+    latents of another size where its tiles do not partition the clip (small clips); those are encoded whole."""
+    encoded = encode_videos(vae, clips)
+    want = latent_shape(vae.config, *clips[0].shape[:1], *clips[0].shape[2:])
+    got = tuple(encoded[0]["mean"].shape[1:])
+    if got != want and getattr(vae, "use_tiling", False):
+        log(f"cache: the VAE's tiled encode gave latents {got} for clips {tuple(clips[0].shape)}, not {want}: "
+            f"encoding them whole (model.vae_tiling is for clips larger than its tiles)")
+        vae.disable_tiling()
+        encoded = encode_videos(vae, clips)
+        got = tuple(encoded[0]["mean"].shape[1:])
+    if got != want:
+        raise ValueError(f"the VAE encoded clips {tuple(clips[0].shape)} to latents {got}, expected {want}")
+    return encoded
+
+
+def _encode_videos(cfg, cache: Cache, todo: list, device, dtype, log=print) -> None:
     from cogpipe.data import load_clip, load_image
 
-    vae = models.build_vae(cfg.model, dtype).to(device).eval()
+    vae = models.build_vae(cfg.model, dtype, device).to(device).eval()
     if cfg.model.vae_slicing:
         vae.enable_slicing()
     if cfg.model.vae_tiling:
@@ -235,7 +258,7 @@ def _encode_videos(cfg, cache: Cache, todo: list, device, dtype) -> None:
         for i in range(0, len(group), ENCODE_BATCH):
             batch = group[i:i + ENCODE_BATCH]
             clips = [load_clip(s.video, num_frames, height, width) for s, _ in batch]
-            for (s, e), frames, tensors in zip(batch, clips, encode_videos(vae, clips)):
+            for (s, e), frames, tensors in zip(batch, clips, _encode_checked(vae, clips, log)):
                 if cache.i2v:
                     image = load_image(s.image, height, width) if s.image else frames[0]
                     seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run

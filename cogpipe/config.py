@@ -207,9 +207,24 @@ def merge_structured(schema, path=None, overrides=()):
         raise ConfigError(f"{key or 'config'}: {e.msg if hasattr(e, 'msg') else e}{source}") from None
 
 
+def _recipe_relative(value: str | None, recipe) -> str | None:
+    """A relative path in a recipe that does not exist from the current folder, but does from the checkout the
+    recipe lives in (the folder above its configs/), as the shipped recipes' models/tiny-world and data/tiny do
+    when a run starts elsewhere: that path. Anything else (hub ids included) is left as written."""
+    if not value or recipe is None or Path(value).is_absolute() or Path(value).expanduser().exists():
+        return value
+    for root in Path(recipe).resolve().parents:
+        if (root / "configs").is_dir():
+            candidate = root / value
+            return str(candidate) if candidate.exists() else value
+    return value
+
+
 def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
     """Merge the schema defaults, the YAML at `path` and `key=value` overrides; validate."""
     config = merge_structured(Config, path, overrides)
+    config.model.pretrained = _recipe_relative(config.model.pretrained, path)
+    config.data.root = _recipe_relative(config.data.root, path)
     if validate_model:
         validate_against_model(config)
     _check(not (config.model.fp8_frozen and config.train.mode != "lora"), "model.fp8_frozen",

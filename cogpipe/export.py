@@ -60,7 +60,7 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
             return None
     transformer = None
     if not lora:
-        transformer = models.build_transformer(cfg.model)
+        transformer = models.build_transformer(cfg.model, torch.float32)  # the fp32 master weights trained
         missing, unexpected = transformer.load_state_dict(trainable, strict=False)
         parameters = {n for n, _ in transformer.named_parameters()}
         missing = [k for k in missing if k in parameters]  # buffers (5B-I2V's position table) keep the base's
@@ -76,7 +76,7 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
                 transformer.save_pretrained(tmp / "transformer")
         else:
             dtype = models.DTYPES[cfg.model.weight_dtype] if lora else torch.float32
-            models.build_pipeline(cfg.model, transformer=transformer, dtype=dtype).save_pretrained(tmp)
+            models.build_pipeline(cfg.model, dtype, transformer=transformer).save_pretrained(tmp)
         save_config(cfg, tmp / "cogpipe_config.yaml")
     return out / "export"
 

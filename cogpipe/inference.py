@@ -52,6 +52,19 @@ def load_pipeline(model=None, lora=None, lora_scale: float = 1.0, dtype: str | t
     return pipe.to(device)
 
 
+def tiled_decode_size(vae, latent_height: int, latent_width: int, scale: int) -> tuple[int, int]:
+    """The frame size AutoencoderKLCogVideoX.tiled_decode gives for a latent grid: overlapping tiles, each cut to
+    its row/column limit. Real sizes (480 x 720, 768 x 1360) come out exact; small ones, whose tiles do not
+    partition the grid, come out larger."""
+    def side(n, tile_latent, tile_sample, overlap_factor):
+        step = int(tile_latent * (1 - overlap_factor))
+        limit = tile_sample - int(tile_sample * overlap_factor)
+        return sum(min(scale * min(tile_latent, n - i), limit) for i in range(0, n, step))
+
+    return (side(latent_height, vae.tile_latent_min_height, vae.tile_sample_min_height, vae.tile_overlap_factor_height),
+            side(latent_width, vae.tile_latent_min_width, vae.tile_sample_min_width, vae.tile_overlap_factor_width))
+
+
 def generate(pipe, prompt: str, num_frames: int = 17, height: int = 64, width: int = 64, steps: int = 50,
              guidance: float = 6.0, seed: int = 0, image=None, prompt_embeds=None,
              negative_prompt_embeds=None) -> np.ndarray:
@@ -66,7 +79,15 @@ def generate(pipe, prompt: str, num_frames: int = 17, height: int = 64, width: i
         kwargs.update(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds)
     if image is not None:
         kwargs["image"] = image
-    frames = pipe(**kwargs).frames[0]  # (F, H, W, 3) floats in [0, 1]
+    vae, scale = pipe.vae, pipe.vae_scale_factor_spatial
+    tiled = getattr(vae, "use_tiling", False)
+    if tiled and tiled_decode_size(vae, height // scale, width // scale, scale) != (height, width):
+        vae.disable_tiling()  # its tiles would not partition this size: decode whole
+    try:
+        frames = pipe(**kwargs).frames[0]  # (F, H, W, 3) floats in [0, 1]
+    finally:
+        if tiled:
+            vae.enable_tiling()
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 

@@ -9,6 +9,7 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -108,10 +109,14 @@ def model_facts(transformer_config: dict, vcfg: dict) -> dict:
     return dict(version=family.version(transformer_config), i2v=family.is_i2v(transformer_config))
 
 
-def _seeded(seed: int, build, dtype):
-    with torch.random.fork_rng(devices=[]):
+def _seeded(seed: int, cls, kwargs: dict, dtype: torch.dtype, device=None):
+    """A preset's component, randomly initialised from `seed`: built on `device` (None: torch's default, the CPU)
+    so a real-size preset never materialises where it will not run, then cast to `dtype`."""
+    device = torch.device(device) if device is not None else None
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = build().eval()  # as from_pretrained returns it: no dropout until training asks
+        with device or contextlib.nullcontext():
+            model = cls(**kwargs).eval()  # as from_pretrained returns it: no dropout until training asks
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -125,32 +130,34 @@ def build_tokenizer(model_cfg):
     return ByT5Tokenizer()  # byte-level: no vocabulary file needed
 
 
-def build_text_encoder(model_cfg, dtype=torch.float32):
+# Every builder takes the dtype from its caller (cogpipe.devices says which); a pretrained component loads on the
+# CPU and its caller moves it, a preset is built on `device` directly.
+
+def build_text_encoder(model_cfg, dtype: torch.dtype, device=None):
     from transformers import T5Config, T5EncoderModel
 
     if model_cfg.pretrained:
         return T5EncoderModel.from_pretrained(model_cfg.pretrained, subfolder="text_encoder", dtype=dtype)
-    cfg = T5Config(**family.variant(model_cfg.preset).text_encoder)
-    return _seeded(model_cfg.init_seed + 1, lambda: T5EncoderModel(cfg), dtype)
+    config = T5Config(**family.variant(model_cfg.preset).text_encoder)
+    return _seeded(model_cfg.init_seed + 1, T5EncoderModel, {"config": config}, dtype, device)
 
 
-def build_vae(model_cfg, dtype=torch.float32):
+def build_vae(model_cfg, dtype: torch.dtype, device=None):
     from diffusers import AutoencoderKLCogVideoX
 
     if model_cfg.pretrained:
         return AutoencoderKLCogVideoX.from_pretrained(model_cfg.pretrained, subfolder="vae", dtype=dtype)
-    cfg = family.variant(model_cfg.preset).vae
-    return _seeded(model_cfg.init_seed + 2, lambda: AutoencoderKLCogVideoX(**cfg), dtype)
+    return _seeded(model_cfg.init_seed + 2, AutoencoderKLCogVideoX, family.variant(model_cfg.preset).vae, dtype, device)
 
 
-def build_transformer(model_cfg, dtype=torch.float32):
+def build_transformer(model_cfg, dtype: torch.dtype, device=None):
     from diffusers import CogVideoXTransformer3DModel
 
     if model_cfg.pretrained:
         return CogVideoXTransformer3DModel.from_pretrained(model_cfg.pretrained, subfolder="transformer",
                                                            dtype=dtype)
-    cfg = family.variant(model_cfg.preset).transformer
-    return _seeded(model_cfg.init_seed + 3, lambda: CogVideoXTransformer3DModel(**cfg), dtype)
+    return _seeded(model_cfg.init_seed + 3, CogVideoXTransformer3DModel, family.variant(model_cfg.preset).transformer,
+                   dtype, device)
 
 
 def build_scheduler(model_cfg):
@@ -177,7 +184,7 @@ def pipeline_class(transformer_config: dict):
     return CogVideoXImageToVideoPipeline if family.is_i2v(transformer_config) else CogVideoXPipeline
 
 
-def build_pipeline(model_cfg, transformer=None, vae=None, text_encoder=None, dtype=torch.float32):
+def build_pipeline(model_cfg, dtype: torch.dtype, transformer=None, vae=None, text_encoder=None):
     """A diffusers CogVideoX(ImageToVideo)Pipeline from the configured components (built if not given)."""
     transformer = transformer if transformer is not None else build_transformer(model_cfg, dtype)
     cls = pipeline_class(dict(transformer.config))

@@ -60,7 +60,7 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     if not mine:
         return []
     dtype = compute_dtype(cfg.train.mixed_precision, models.DTYPES[cfg.model.weight_dtype], cfg.train.mode)
-    vae = models.build_vae(cfg.model, dtype).to(device)
+    vae = models.build_vae(cfg.model, dtype, device).to(device)
     vae.enable_slicing()
     if cfg.model.vae_tiling:
         vae.enable_tiling()

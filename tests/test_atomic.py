@@ -185,7 +185,7 @@ def test_export_and_lora_folders(tmp_path):
 
     out = tmp_path / "out"
     cfg = load_config(RECIPE, tiny_overrides(tmp_path, out, tmp_path / "cache", **{"lora.rank": 2}))
-    transformer = models.build_transformer(cfg.model)
+    transformer = models.build_transformer(cfg.model, torch.float32)
     add_lora(transformer, cfg.lora)
     ckpt = checkpoint.checkpoints_dir(out) / "checkpoint-000001"
     ckpt.mkdir(parents=True)

@@ -101,3 +101,22 @@ def test_flop_count_matches_torch_flop_counter(variant, mode):
     assert forward.get_total_flops() == plan.forward_flops(transformer_config, shape, rank, TARGETS)["total"]
     formula = plan.train_flops(transformer_config, shape, mode, rank, TARGETS)
     assert step.get_total_flops() <= formula <= step.get_total_flops() * 1.06
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_its_code_paths_tiny_on_the_cpu(tmp_path):
+    """bench/gpu_check.py --tiny: the real-path run (hub layout, train with validation, export, render, infer.py)
+    and every recipe's step benchmark, at toy sizes, so the script a GPU session runs is known to work."""
+    out = tmp_path / "gpu_check.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--tiny", "--out", str(out),
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads(out.read_text())
+    run = report["parts"]["run"]
+    assert run["train"]["steps"] == 2 and run["train"]["video_shape"] == [17, 64, 64, 3]
+    assert run["train"]["validation_videos"] == ["step-000001-0.mp4", "step-000002-0.mp4"]
+    assert run["infer"]["exit"] == 0 and run["infer"]["video_shape"] == [17, 64, 64, 3]
+    steps = report["parts"]["steps"]
+    assert [(s["like"], s["mode"]) for s in steps] == [("2b", "lora"), ("5b", "lora"), ("5b-i2v", "lora"),
+                                                       ("1.5-5b", "lora"), ("1.5-5b-i2v", "lora"), ("2b", "full")]
+    assert all(s["step_time_s_median"] > 0 and s["flops_per_step"] > 0 for s in steps)

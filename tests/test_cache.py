@@ -27,7 +27,7 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
     assert (lat["std"] > 0).all()
     emb = load_file(str(entries[0].prompt))["prompt_embeds"]
     assert emb.shape == (48, 32)
-    vae = models.build_vae(cfg.model)
+    vae = models.build_vae(cfg.model, torch.float32)
     x = torch.zeros(1, 3, 17, 64, 64)
     assert vae.encode(x).latent_dist.mean.shape == (1, 16, 5, 8, 8)
 
@@ -67,7 +67,7 @@ def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
     root = make_clips(tmp_path / "d", SPECS[:3])
     cfg = _cfg(root, tmp_path / "cache")
     entries = build_cache(cfg, discover(root), "cpu", log=lambda *_: None)
-    vae = models.build_vae(cfg.model).eval()
+    vae = models.build_vae(cfg.model, torch.float32).eval()
     for sample, entry in zip(discover(root), entries):
         alone = cache_mod.encode_videos(vae, [load_clip(sample.video, 17, 64, 64)])[0]
         cached = load_file(str(entry.latents))
@@ -144,3 +144,14 @@ def test_lora_and_full_runs_share_the_cache_and_gpus_encode_in_bf16(tmp_path):
     assert Cache.for_config(lora, "cpu").video_path(sample) == Cache.for_config(full, "cpu").video_path(sample)
     assert Cache.for_config(lora, "cpu").dtype == "fp32"  # encoders run in fp32 on a CPU ...
     assert Cache.for_config(full, "cuda").dtype == "bf16"  # ... and in bf16 on a GPU, whatever the recipe trains in
+
+
+def test_tiled_encoding_that_misses_the_latent_size_is_redone_whole(tmp_path):
+    """diffusers' tiled VAE encode gives 9x9 latents for a 64x64 clip whose tiles (32 px) do not partition it;
+    the cache checks every encoding against the VAE's compression and encodes such clips whole."""
+    root = make_clips(tmp_path / "d", SPECS[:1])
+    logs = []
+    [entry] = build_cache(_cfg(root, tmp_path / "cache", "model.vae_tiling=true"), discover(root), "cpu",
+                          log=logs.append)
+    assert load_file(str(entry.latents))["mean"].shape == (16, 5, 8, 8)
+    assert any("tiled encode gave latents (5, 9, 9)" in line for line in logs)

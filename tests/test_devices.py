@@ -49,3 +49,20 @@ def test_rendering_computes_in_the_training_dtype():
     assert devices.compute_dtype("bf16", torch.float32, "full") == torch.bfloat16  # autocast dtype, not fp32 masters
     assert devices.compute_dtype("no", torch.bfloat16, "lora") == torch.bfloat16  # the frozen base's dtype
     assert devices.compute_dtype("no", torch.bfloat16, "full") == torch.float32
+
+
+def test_tiled_decoding_is_used_only_where_its_tiles_give_the_exact_size():
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogpipe.inference import tiled_decode_size
+
+    real = AutoencoderKLCogVideoX.from_config({"block_out_channels": [128, 256, 256, 512], "layers_per_block": 3})
+    real.enable_tiling()
+    assert tiled_decode_size(real, 60, 90, 8) == (480, 720)  # CogVideoX 1.0
+    assert tiled_decode_size(real, 96, 170, 8) == (768, 1360)  # CogVideoX 1.5
+    tiny = AutoencoderKLCogVideoX.from_config({"block_out_channels": [16, 16, 16, 16], "norm_num_groups": 4,
+                                               "sample_height": 64, "sample_width": 64})
+    tiny.enable_tiling()
+    assert tiled_decode_size(tiny, 8, 8, 8) == (70, 68)  # what the tiled decode really gives: not 64 x 64
+    with torch.no_grad():
+        assert tiny.decode(torch.zeros(1, 16, 2, 8, 8)).sample.shape[-2:] == (70, 68)

@@ -23,7 +23,7 @@ def test_every_weight_trains_and_exports(full_run):
 
     out, cfg = full_run
     state = load_file(str(out / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))
-    fresh = models.build_transformer(cfg.model).state_dict()
+    fresh = models.build_transformer(cfg.model, torch.float32).state_dict()
     assert set(state) == set(fresh)
     changed = [k for k in fresh if not torch.equal(state[k], fresh[k])]
     assert len(changed) > 0.9 * len(fresh)

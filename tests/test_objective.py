@@ -82,8 +82,8 @@ def test_image_latents_are_placed_as_the_image_to_video_pipeline_places_them(pat
     if patch_t:
         changes.update(patch_size_t=2, patch_bias=False, ofs_embed_dim=32)
     config = _tiny_config(**changes)
-    vae = models.build_vae(ModelConfig(preset="tiny"))
-    transformer = models.build_transformer(ModelConfig(preset="tiny-i2v")) if not patch_t else None
+    vae = models.build_vae(ModelConfig(preset="tiny"), torch.float32)
+    transformer = models.build_transformer(ModelConfig(preset="tiny-i2v"), torch.float32) if not patch_t else None
     if transformer is None:
         from diffusers import CogVideoXTransformer3DModel
 

@@ -45,7 +45,7 @@ def test_only_lora_weights_trained(trained):
     assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
     assert len(state) == 2 * 4 * 2  # 2 blocks x (to_q, to_k, to_v, to_out.0) x (A, B)
     assert all(v.abs().max() > 0 for k, v in state.items() if "lora_B" in k)  # B starts at zero: it moved
-    fresh = models.build_transformer(cfg.model).state_dict()
+    fresh = models.build_transformer(cfg.model, torch.float32).state_dict()
     exported = load_file(str(out / "export" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert set(exported) == set(fresh)
     assert all(torch.equal(exported[k], fresh[k]) for k in fresh)  # the base did not change
@@ -56,10 +56,10 @@ def test_export_reload_reproduces_in_memory_model(trained):
     from cogpipe.lora import add_lora
 
     out, cfg, _ = trained
-    transformer = models.build_transformer(cfg.model)
+    transformer = models.build_transformer(cfg.model, torch.float32)
     add_lora(transformer, cfg.lora)
     checkpoint.load_trainable(transformer, out / "checkpoints" / "checkpoint-000004")
-    in_memory = models.build_pipeline(cfg.model, transformer=transformer)
+    in_memory = models.build_pipeline(cfg.model, torch.float32, transformer=transformer)
     in_memory.set_progress_bar_config(disable=True)
     kw = dict(prompt="a purple circle moving up", num_frames=9, steps=3, seed=3)
     expected = generate(in_memory, **kw)

@@ -82,7 +82,7 @@ def assemble(vae_dir, out, preset: str = "tiny-world", seed: int = 0) -> Path:
     model_cfg = ModelConfig(preset=preset, init_seed=seed)
     pipe = CogVideoXPipeline(tokenizer=ByT5Tokenizer(), text_encoder=ngram_text_encoder(seed=seed),
                              vae=AutoencoderKLCogVideoX.from_pretrained(str(vae_dir)),
-                             transformer=models.build_transformer(model_cfg),
+                             transformer=models.build_transformer(model_cfg, torch.float32),
                              scheduler=models.build_scheduler(model_cfg))
     text_dim = pipe.text_encoder.config.d_model
     if pipe.transformer.config.text_embed_dim != text_dim:

@@ -1,0 +1,199 @@
+"""The GPU check: what the CPU cannot show, in one run of a few minutes on one CUDA GPU; writes one JSON file.
+
+    bash bench/gpu_check.sh                       # on the GPU machine (installs the carried wheels first)
+    python bench/gpu_check.py --out bench/results/gpu_check_<device>.json [--budget-min 9]
+    python bench/gpu_check.py --tiny --out /tmp/gpu_check.json      # the same code paths, tiny, on a CPU
+
+Parts, in this order, each timed and recorded even when another fails:
+  run     the real path end to end: a CogVideoX-2B pipeline folder laid out as the hub's (random weights, bf16,
+          SentencePiece tokenizer, T5-XXL), two 49 x 480 x 720 clips, `train.py` on configs/cogvideox_2b_lora.yaml
+          for 2 steps with one in-training validation, the export, the end-of-run render, then `infer.py` with the
+          LoRA at the model's own size: wall time and peak GPU memory of each
+  steps   bench/train_step.py for each LoRA recipe at its real size (2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v: bf16,
+          gradient checkpointing, rank 128) and one full fine-tune (2b): step time, peak memory, MFU
+Parts are skipped, and say so, once the time budget would be overrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # fixtures/hub.py: the hub's folder layout
+
+import torch  # noqa: E402
+
+STEP_RUNS = [("2b", "lora"), ("5b", "lora"), ("5b-i2v", "lora"), ("1.5-5b", "lora"), ("1.5-5b-i2v", "lora"),
+             ("2b", "full")]
+PROMPT = "a red ball bouncing on a wooden floor"
+
+
+def write_pipeline(folder: Path, tiny: bool, device) -> Path:
+    """A CogVideoX-2B pipeline folder in the hub's layout with random weights in bf16 (tiny: the toy 2B of the
+    test fixtures), built on `device`."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from cogpipe import family
+
+    from fixtures.hub import write_hub_pipeline, write_tokenizer
+
+    if tiny:
+        return write_hub_pipeline(folder, "2b")
+    variant = family.VARIANTS["2b"]
+    write_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    with torch.device(device):
+        parts = {"text_encoder": T5EncoderModel(T5Config(**variant.text_encoder)),
+                 "transformer": CogVideoXTransformer3DModel(**variant.transformer),
+                 "vae": AutoencoderKLCogVideoX(**variant.vae)}
+    for name, model in parts.items():
+        model.to(torch.bfloat16).save_pretrained(folder / name, max_shard_size="5GB")
+        del model
+    parts.clear()
+    CogVideoXDDIMScheduler(**family.scheduler_config("2b")).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "CogVideoXPipeline", "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    return folder
+
+
+def write_clips(root: Path, frames: int, height: int, width: int) -> Path:
+    """Two clips of a moving gradient, in the prompts.txt + videos.txt layout."""
+    import numpy as np
+
+    from cogpipe.video import write_mp4
+
+    y, x = np.mgrid[0:height, 0:width]
+    for i in range(2):
+        video = np.stack([np.stack([(x + 8 * t + 40 * i) % 256, (y + 4 * t) % 256, np.full_like(x, 90 * i)], -1)
+                          for t in range(frames)]).astype(np.uint8)
+        write_mp4(video, root / "videos" / f"{i}.mp4", fps=8)
+    (root / "videos.txt").write_text("videos/0.mp4\nvideos/1.mp4\n")
+    (root / "prompts.txt").write_text(f"{PROMPT}\na blue gradient sliding left\n")
+    return root
+
+
+class Peak:
+    """Wall time and peak GPU memory of a block."""
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.tic = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.result = {"wall_s": round(time.perf_counter() - self.tic, 2),
+                       "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available()
+                       else None}
+
+
+def part_run(work: Path, tiny: bool) -> dict:
+    import infer
+    from cogpipe.config import load_config
+    from cogpipe.training import train
+    from cogpipe.video import read_video
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    frames, height, width = (17, 64, 64) if tiny else (49, 480, 720)
+    out: dict = {}
+    with Peak() as p:
+        model = write_pipeline(work / "pipeline", tiny, device)
+    out["write_pipeline"] = p.result
+    clips = write_clips(work / "clips", frames, height, width)
+    overrides = [f"model.pretrained={model}", f"data.root={clips}", f"output_dir={work / 'run'}",
+                 f"data.frames={frames}", f"data.height={height}", f"data.width={width}", "report_to=none",
+                 "train.max_steps=2", "train.checkpoint_every=0", "validation.every=1", "validation.steps=4",
+                 f"validation.prompts=[{PROMPT}]"]
+    if tiny:
+        overrides += ["lora.rank=4", "train.mixed_precision=no", "model.weight_dtype=fp32"]
+    cfg = load_config(REPO / "configs" / "cogvideox_2b_lora.yaml", overrides)
+    with Peak() as p:
+        run = train(cfg)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    videos = sorted((run / "validation").glob("*.mp4"))
+    out["train"] = {**p.result, "steps": len(metrics), "loss": [m["loss"] for m in metrics],
+                    "validation_videos": [v.name for v in videos],
+                    "video_shape": list(read_video(videos[-1]).shape) if videos else None}
+    with Peak() as p:
+        code = infer.main(["--model", str(model), "--lora", str(run / "lora"), "--prompt", PROMPT, "--steps", "4",
+                           "--num-frames", str(frames), "--height", str(height), "--width", str(width),
+                           "--output", str(work / "infer.mp4")])
+    out["infer"] = {**p.result, "exit": code, "video_shape": list(read_video(work / "infer.mp4").shape)}
+    return out
+
+
+def part_steps(work: Path, tiny: bool, deadline: float) -> list[dict]:
+    results = []
+    for size, mode in STEP_RUNS:
+        left = deadline - time.perf_counter()
+        if left < 60:
+            results.append({"size": size, "mode": mode, "skipped": f"time budget: {left:.0f} s left"})
+            continue
+        target = work / f"steps-{size}-{mode}.json"
+        args = (["--size", "tiny", "--like", size, "--steps", "2", "--warmup", "1"] if tiny
+                else ["--size", size, "--steps", "5", "--warmup", "2"])
+        args += ["--mode", mode, "--gradient-checkpointing", "--out", str(target)]
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), *args], capture_output=True,
+                           text=True, timeout=max(30, int(left - 20)), cwd=REPO)
+        results.append(json.loads(target.read_text()) if r.returncode == 0 and target.is_file()
+                       else {"size": size, "mode": mode, "error": r.stderr[-1500:]})
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_check.json")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/cogpipe_gpu_check"))
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes: the same code paths on a CPU")
+    ap.add_argument("--budget-min", type=float, default=9.0)
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    deadline = start + 60 * args.budget_min
+    args.work.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    import diffusers
+    import transformers
+
+    report = {"bench": "gpu_check", "tiny": args.tiny,
+              "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+              "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(), "parts": {}}
+
+    def save():
+        report["total_s"] = round(time.perf_counter() - start, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    parts = {"run": functools.partial(part_run, args.work, args.tiny),
+             "steps": functools.partial(part_steps, args.work, args.tiny, deadline)}
+    for name, run in parts.items():
+        try:
+            report["parts"][name] = run()
+        except Exception:
+            report["parts"][name] = {"error": traceback.format_exc()[-3000:]}
+        save()
+        print(json.dumps({name: report["parts"][name]})[:2000], flush=True)
+    ok = all("error" not in (p if isinstance(p, dict) else {}) for p in report["parts"].values())
+    print(f"wrote {args.out} in {report['total_s']} s" + ("" if ok else " (a part failed: see its error)"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.exit(main())
