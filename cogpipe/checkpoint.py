@@ -95,7 +95,8 @@ def load_ema(directory, like: dict) -> dict:
     return ema
 
 
-def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None, ema=None) -> Path:
+def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None, ema=None,
+         save_kwargs=None) -> Path:
     """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it.
 
     Rotation keeps the newest `total_limit` complete checkpoints, never the one just written. A failed
@@ -114,7 +115,7 @@ def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, tota
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(tmp), **(save_kwargs or {}))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / "config.yaml").write_text(config_yaml)

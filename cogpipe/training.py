@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models, tracking
+from cogpipe import checkpoint, models, sharding, tracking
 from cogpipe.batches import Draws, EpochPlan, collate, draw_batch
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.config import Config, ConfigError, save_config, to_yaml
@@ -73,6 +73,7 @@ class Model:
     transformer: torch.nn.Module  # wrapped by accelerate after _prepare_optimizer
     transformer_config: dict
     weight_dtype: torch.dtype
+    input_dtype: torch.dtype  # what the prepared model takes (DeepSpeed: its engine's dtype)
     alphas_cumprod: torch.Tensor
     rotary: RotaryTables
     params: list  # the trainable parameters
@@ -151,6 +152,7 @@ def _start(cfg: Config) -> Run:
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     out = Path(cfg.output_dir)
+    sharding.allow_cpu_deepspeed()
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_min))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
@@ -207,7 +209,7 @@ def _prepare_model(run: Run) -> Model:
     transformer_config = dict(transformer.config)
     alphas_cumprod = models.build_scheduler(cfg.model).alphas_cumprod.to(run.accelerator.device)
     return Model(transformer=transformer, transformer_config=transformer_config, weight_dtype=weight_dtype,
-                 alphas_cumprod=alphas_cumprod, rotary=RotaryTables(transformer_config),
+                 input_dtype=weight_dtype, alphas_cumprod=alphas_cumprod, rotary=RotaryTables(transformer_config),
                  params=[p for p in transformer.parameters() if p.requires_grad])
 
 
@@ -221,7 +223,9 @@ def _prepare_optimizer(run: Run, model: Model) -> Optimization:
     optimizer = make_optimizer(cfg.train, model.params)
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                  num_training_steps=cfg.train.max_steps)
+    sharding.configure(acc, cfg.train)
     model.transformer, optimizer = acc.prepare(model.transformer, optimizer)
+    model.input_dtype = sharding.input_dtype(acc, model.weight_dtype)
     acc.register_for_checkpointing(lr_scheduler)
     trainable = [(n, p) for n, p in acc.unwrap_model(model.transformer).named_parameters() if p.requires_grad]
     model.trainable_names = [n for n, _ in trainable]
@@ -250,7 +254,7 @@ def _resume(run: Run, opt: Optimization) -> TrainState:
     """The state to start from: a fresh one, or the checkpoint's (weights, optimizer, schedule, RNG, EMA)."""
     state = TrainState()
     if run.resume is not None:
-        run.accelerator.load_state(str(run.resume))
+        run.accelerator.load_state(str(run.resume), **sharding.load_state_kwargs(run.accelerator, run.cfg.train.mode))
         state = TrainState.restored(checkpoint.read_state(run.resume))
         if opt.ema is not None:
             opt.ema = {n: t.to(opt.ema[n].device) for n, t in checkpoint.load_ema(run.resume, opt.ema).items()}
@@ -271,8 +275,16 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
             v_pred = model.transformer(**inputs.kwargs)[0]
         loss = diffusion_loss(v_pred, inputs.x0, inputs.noisy, inputs.kwargs["timestep"], model.alphas_cumprod)
         checkpoint.failpoint(f"train-step:{step + 1}")
-        acc.backward(loss)
         meter.bad |= not bool(torch.isfinite(loss.detach()))
+        deepspeed = sharding.deepspeed_update(acc, loss)  # DeepSpeed: its backward, and its update at a boundary
+        if deepspeed is not None:
+            if acc.sync_gradients:
+                applied, grad_norm = deepspeed
+                skipped = not applied or acc.reduce(torch.tensor(float(meter.bad), device=acc.device), "sum") > 0
+                if not skipped and opt.ema is not None:
+                    update_ema(opt.ema, acc.unwrap_model(model.transformer), cfg.train.ema_decay)
+            return loss, skipped, grad_norm
+        acc.backward(loss)
         if acc.sync_gradients:
             skipped = acc.reduce(torch.tensor(float(meter.bad), device=acc.device), "sum").item() > 0
             if not skipped:
@@ -326,7 +338,7 @@ def train(cfg: Config) -> Path:
 
     def save() -> Path:
         return checkpoint.save(acc, run.out, state.step, state.saved(), config_yaml, tc.checkpoints_total_limit,
-                               opt.ema)
+                               opt.ema, sharding.save_state_kwargs(acc, tc.mode))
 
     bar = tqdm(total=tc.max_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
     meter = StepMeter(tc.grad_accum)
@@ -340,7 +352,7 @@ def train(cfg: Config) -> Path:
                 inputs = model_inputs(batch.x0, batch.noise, batch.timesteps, batch.prompt_embeds, batch.image_latents,
                                       transformer_config=model.transformer_config,
                                       alphas_cumprod=model.alphas_cumprod, rotary=model.rotary,
-                                      dtype=model.weight_dtype)
+                                      dtype=model.input_dtype)
                 try:
                     loss, skipped, grad_norm = _micro_step(run, model, opt, inputs, meter, state.step)
                 except torch.OutOfMemoryError as e:
@@ -374,6 +386,7 @@ def train(cfg: Config) -> Path:
         bar.close()
     model.transformer = opt.optimizer = None  # the export reads the final checkpoint: free the training copies
     acc.free_memory()
+    sharding.end_sharded_setup()
     _finish(run, state)
     return run.out
 

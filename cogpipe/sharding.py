@@ -1,0 +1,119 @@
+"""What differs between the launchers (configs/accelerate/: DDP, DeepSpeed ZeRO-2/3, FSDP), in one place.
+
+    DeepSpeed    the engine steps inside its own backward: the recipe's micro-batch, accumulation and clipping
+                 go into its config before `prepare` (accelerate would take them from a dataloader this loop
+                 does not use, and clip at 1.0); inputs go in the engine's dtype (it runs the module in bf16/fp16
+                 itself, autocast does nothing); a non-finite window is discarded by ZeRO's own overflow check
+                 (`engine.was_step_applied()` says so on every rank alike); LoRA checkpoints leave the frozen
+                 weights out; only trainable weights are gathered for `trainable.safetensors`.
+    FSDP         trainable weights are gathered from the shards with a full state dict (every rank takes part).
+    ZeRO-3/FSDP  parameters are shards: the EMA keeps a shard beside each, gathered only to be saved.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def allow_cpu_deepspeed() -> None:
+    """DeepSpeed ZeRO on CPU processes (DS_ACCELERATOR=cpu, gloo): how the launcher tests run ZeRO-2/3 without a
+    GPU, and a way to debug a sharded recipe on a laptop. accelerate joins DeepSpeed's process group there but
+    finds no backend of its own for a machine without an accelerator, and so counts one process; telling it the
+    backend is gloo (what DeepSpeed's CPU accelerator uses) makes it count the ranks. No effect where CUDA exists or
+    DS_ACCELERATOR is not "cpu"."""
+    import os
+
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or torch.cuda.is_available():
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+    if getattr(original, "_cogpipe_cpu_deepspeed", False):
+        return
+
+    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        chosen, distributed_type = original(self, cpu, sagemaker_dp, backend)
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if chosen is None and deepspeed and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return chosen, distributed_type
+
+    prepare_backend._cogpipe_cpu_deepspeed = True
+    PartialState._prepare_backend = prepare_backend
+
+
+def kind(accelerator) -> str:
+    """ "deepspeed" | "fsdp" | "ddp" (one process included)."""
+    from accelerate.utils import DistributedType
+
+    t = accelerator.distributed_type
+    return "deepspeed" if t == DistributedType.DEEPSPEED else "fsdp" if t == DistributedType.FSDP else "ddp"
+
+
+def zero_stage(accelerator) -> int:
+    plugin = accelerator.state.deepspeed_plugin
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def configure(accelerator, train_cfg) -> None:
+    """Before `prepare`: the recipe's micro-batch, accumulation and clipping in DeepSpeed's config."""
+    if kind(accelerator) != "deepspeed":
+        return
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
+    config["gradient_accumulation_steps"] = train_cfg.grad_accum
+    config["train_batch_size"] = train_cfg.batch_size * train_cfg.grad_accum * accelerator.num_processes
+    config["gradient_clipping"] = train_cfg.max_grad_norm
+
+
+def engine(accelerator):
+    """The DeepSpeed engine after `prepare`, else None."""
+    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    return wrapped.engine if wrapped is not None else None
+
+
+def input_dtype(accelerator, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the prepared model takes its inputs in: DeepSpeed's module dtype (bf16/fp16 when its mixed
+    precision is on), else the frozen base's (autocast casts inside)."""
+    e = engine(accelerator)
+    if e is None:
+        return weight_dtype
+    return torch.bfloat16 if e.bfloat16_enabled() else torch.float16 if e.fp16_enabled() else torch.float32
+
+
+def deepspeed_update(accelerator, loss: torch.Tensor) -> tuple[bool, float | None] | None:
+    """Backward (and, at the accumulation boundary, the update) through the DeepSpeed engine; None off DeepSpeed.
+    Returns (applied, grad norm) at a boundary, (True, None) between: ZeRO skips an update whose gradients are not
+    finite and clears them, the same on every rank."""
+    e = engine(accelerator)
+    if e is None:
+        return None
+    e.set_gradient_accumulation_boundary(accelerator.sync_gradients)
+    e.backward(loss)
+    if not accelerator.sync_gradients:
+        return True, None
+    e.step()
+    norm = e.get_global_grad_norm()
+    return e.was_step_applied(), float(norm) if norm is not None else None
+
+
+def save_state_kwargs(accelerator, mode: str) -> dict:
+    """accelerate.save_state keyword arguments: DeepSpeed leaves a LoRA's frozen weights out of its checkpoint."""
+    return {"exclude_frozen_parameters": True} if kind(accelerator) == "deepspeed" and mode == "lora" else {}
+
+
+def load_state_kwargs(accelerator, mode: str) -> dict:
+    """accelerate.load_state keyword arguments matching save_state_kwargs (the frozen weights come from the base)."""
+    return {"load_module_strict": False} if kind(accelerator) == "deepspeed" and mode == "lora" else {}
+
+
+def end_sharded_setup() -> None:
+    """After training: forget the ZeRO-3 config accelerate registered with transformers, so single-process work
+    (the export and render on the main process) loads models plainly instead of partitioning them with
+    collectives the other, finished, processes would never join."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:
+        return
+    unset_hf_deepspeed_config()
