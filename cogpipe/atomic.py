@@ -37,16 +37,20 @@ DAY = 24 * 3600.0
 _NAME = re.compile(rf"^\.(?P<name>.+)\.{TAG}-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)$")
 
 
-def failpoint(name: str) -> None:
+def failpoint(name: str) -> str | None:
     """Fault injection for the fault tests: COGPIPE_FAILPOINT=<name> sends SIGKILL to this process here,
     COGPIPE_FAILPOINT=<name>=TERM (or any other signal name) that signal, <name>=SLEEP<seconds> a delay (a slow
-    process in a race). <name> may hold * wildcards."""
+    process in a race), <name>=NAN returns "NAN" for the caller to poison a value. <name> may hold * wildcards."""
     point, _, action = os.environ.get("COGPIPE_FAILPOINT", "").partition("=")
-    if point and fnmatch.fnmatchcase(name, point):
-        if action.startswith("SLEEP"):
-            time.sleep(float(action[5:]))
-        else:
-            os.kill(os.getpid(), getattr(signal, f"SIG{action or 'KILL'}"))
+    if not point or not fnmatch.fnmatchcase(name, point):
+        return None
+    if action == "NAN":
+        return action
+    if action.startswith("SLEEP"):
+        time.sleep(float(action[5:]))
+    else:
+        os.kill(os.getpid(), getattr(signal, f"SIG{action or 'KILL'}"))
+    return None
 
 
 def _proc_start(pid: int | str) -> int | None:

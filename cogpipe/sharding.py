@@ -117,3 +117,32 @@ def end_sharded_setup() -> None:
     except ImportError:
         return
     unset_hf_deepspeed_config()
+
+
+def trainable_state_dict(accelerator, model, names: list[str]) -> dict[str, torch.Tensor] | None:
+    """Full copies of the trainable weights `names` on the main process (None on the others); every process
+    calls it. DeepSpeed: each parameter's fp32 master, gathered one at a time (ZeRO-3 shards included), never the
+    frozen base; FSDP: the full state dict, gathered on the main process; DDP: the parameters as they are."""
+    unwrapped = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+    if kind(accelerator) == "deepspeed":
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = dict(unwrapped.named_parameters())
+        out = {}
+        for name in names:
+            full = safe_get_full_fp32_param(params[name])  # a collective: every process, same order
+            if main:
+                out[name] = full.detach().cpu().clone()
+        return out if main else None
+    if kind(accelerator) == "fsdp":
+        state = accelerator.get_state_dict(model)  # a collective; full weights on the main process
+        return {clean_name(n): t for n, t in state.items() if clean_name(n) in set(names)} if main else None
+    return {n: p.detach() for n, p in unwrapped.named_parameters() if n in set(names)}
+
+
+def clean_name(name: str) -> str:
+    """A parameter name as the plain model has it (FSDP and activation checkpointing insert wrapper names)."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name

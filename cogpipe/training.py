@@ -228,15 +228,15 @@ def _prepare_optimizer(run: Run, model: Model) -> Optimization:
     model.input_dtype = sharding.input_dtype(acc, model.weight_dtype)
     acc.register_for_checkpointing(lr_scheduler)
     trainable = [(n, p) for n, p in acc.unwrap_model(model.transformer).named_parameters() if p.requires_grad]
-    model.trainable_names = [n for n, _ in trainable]
+    model.trainable_names = [sharding.clean_name(n) for n, _ in trainable]
     # the EMA lives where the trained parameters live (after prepare: on the accelerator's device), in fp32
     ema = {n: p.detach().clone().float() for n, p in trainable} if cfg.train.ema_decay > 0 else None
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
 
     def save_hook(models_, weights, directory):
-        # trainable.safetensors holds full weights for export and resume under any launcher:
-        # get_state_dict gathers ZeRO-3 / FSDP shards (a collective: every process calls it).
-        state_dict = acc.get_state_dict(models_[0])
+        # trainable.safetensors holds the full trainable weights, for export and resume under any launcher; only
+        # they are gathered (a collective: every process calls it), never the frozen base
+        state_dict = sharding.trainable_state_dict(acc, models_[0], model.trainable_names)
         if acc.is_main_process:
             checkpoint.save_trainable(state_dict, model.trainable_names, directory)
         weights.clear()  # only the trainable weights are saved, not the frozen base
@@ -275,6 +275,8 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
             v_pred = model.transformer(**inputs.kwargs)[0]
         loss = diffusion_loss(v_pred, inputs.x0, inputs.noisy, inputs.kwargs["timestep"], model.alphas_cumprod)
         checkpoint.failpoint(f"train-step:{step + 1}")
+        if checkpoint.failpoint(f"loss:{step + 1}:{acc.process_index}") == "NAN":  # the fault tests' non-finite loss
+            loss = loss * float("nan")
         meter.bad |= not bool(torch.isfinite(loss.detach()))
         deepspeed = sharding.deepspeed_update(acc, loss)  # DeepSpeed: its backward, and its update at a boundary
         if deepspeed is not None:
