@@ -153,6 +153,17 @@ def build_vae(model_cfg, dtype: torch.dtype, device=None):
 def build_transformer(model_cfg, dtype: torch.dtype, device=None):
     from diffusers import CogVideoXTransformer3DModel
 
+    from cogpipe.sharding import weights_from_main_process
+
+    if model_cfg.pretrained and weights_from_main_process():
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():  # parameters on meta, buffers (position tables) real: the shards come from rank 0
+            model = CogVideoXTransformer3DModel.from_config(_read_component_config(model_cfg.pretrained, "transformer"))
+        for module in model.modules():  # uninitialised storage: its pages stay untouched until the shards arrive
+            for name, p in module.named_parameters(recurse=False):
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), p.requires_grad)
+        return model
     if model_cfg.pretrained:
         return CogVideoXTransformer3DModel.from_pretrained(model_cfg.pretrained, subfolder="transformer",
                                                            dtype=dtype)

@@ -23,7 +23,7 @@ def allow_cpu_deepspeed() -> None:
     DS_ACCELERATOR is not "cpu"."""
     import os
 
-    if os.environ.get("DS_ACCELERATOR") != "cpu" or torch.cuda.is_available():
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or torch.cuda.is_available():  # also set for FSDP on CPUs
         return
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
@@ -34,13 +34,24 @@ def allow_cpu_deepspeed() -> None:
 
     def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         chosen, distributed_type = original(self, cpu, sagemaker_dp, backend)
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        if chosen is None and deepspeed and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        sharded = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP"))
+        if chosen is None and sharded and int(os.environ.get("LOCAL_RANK", -1)) != -1:
             return "gloo", DistributedType.MULTI_CPU
         return chosen, distributed_type
 
     prepare_backend._cogpipe_cpu_deepspeed = True
     PartialState._prepare_backend = prepare_backend
+
+
+def weights_from_main_process() -> bool:
+    """True on every process but the first of an FSDP launch with fsdp_cpu_ram_efficient_loading: there the
+    pretrained transformer is built with its parameters on the meta device (nothing read from disk) and
+    accelerate broadcasts the first process's weights into each shard, so a machine holds one copy in host RAM."""
+    import os
+
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+            and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("true", "1")
+            and int(os.environ.get("RANK", "0")) != 0)
 
 
 def kind(accelerator) -> str:
@@ -146,3 +157,39 @@ def clean_name(name: str) -> str:
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name
+
+
+def zero3_full_fine_tune(accelerator, model_cfg) -> bool:
+    """Whether the transformer is built partitioned (ZeRO-3 init): a full fine-tune of a pretrained model under
+    ZeRO-3, where every process holding the whole fp32 model would take 4 bytes a parameter of host RAM per GPU."""
+    return kind(accelerator) == "deepspeed" and zero_stage(accelerator) == 3 and bool(model_cfg.pretrained)
+
+
+def zero3_transformer(accelerator, model_cfg, train_cfg):
+    """The pretrained transformer built under deepspeed.zero.Init (each process allocates only its shard of every
+    parameter) and filled module by module from the first process, which reads the weights lazily one module at a
+    time: host RAM stays at a shard per process plus one module. Buffers (position tables) load on every process."""
+    import deepspeed
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogpipe import models
+    from cogpipe.weights import materialize, open_state_dict
+
+    configure(accelerator, train_cfg)  # zero.Init reads the (complete) DeepSpeed config
+    config = models._read_component_config(model_cfg.pretrained, "transformer")
+    with deepspeed.zero.Init(config_dict_or_path=accelerator.state.deepspeed_plugin.deepspeed_config):
+        model = CogVideoXTransformer3DModel.from_config(config)
+    source = open_state_dict(models.pretrained_folder(model_cfg.pretrained, ["transformer"]) / "transformer")
+    main = accelerator.is_main_process
+    for prefix, module in model.named_modules():
+        params = list(module.named_parameters(recurse=False))
+        if params:
+            with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+                if main:
+                    for name, p in params:
+                        p.data.copy_(materialize(source[f"{prefix}.{name}" if prefix else name]).to(p.dtype))
+        for name, b in module.named_buffers(recurse=False):
+            key = f"{prefix}.{name}" if prefix else name
+            if key in source:
+                b.copy_(materialize(source[key]).to(b.dtype))
+    return model.requires_grad_(True)

@@ -52,13 +52,19 @@ def _write(out: Path, step: int, i: int, frames, prompt: str, image, fps: int) -
 @torch.no_grad()
 def validate_in_training(cfg, transformer, step: int, rank: int, world: int, device, embeds: dict) -> list[Path]:
     """Render this process's share of the validation prompts with `transformer` (unwrapped, LoRA
-    active) and `embeds` {prompt: prompt_embeds [L, D]} from the cache (with "" for the negative)."""
+    active) and `embeds` {prompt: prompt_embeds [L, D]} from the cache (with "" for the negative).
+
+    The prompt list is padded to a multiple of `world` (repeating prompts, whose videos are not written), so every
+    process runs the same number of denoising passes: under ZeRO-3 each forward gathers weight shards with
+    collectives that every process must join."""
     from cogpipe.devices import compute_dtype
     from cogpipe.inference import generate
 
-    mine = list(enumerate(validation_inputs(cfg)))[rank::world]
-    if not mine:
+    inputs = validation_inputs(cfg)
+    if not inputs:
         return []
+    padded = -(-len(inputs) // world) * world
+    mine = [(i, inputs[i % len(inputs)]) for i in range(rank, padded, world)]  # i >= len(inputs): a pad
     dtype = compute_dtype(cfg.train.mixed_precision, models.DTYPES[cfg.model.weight_dtype], cfg.train.mode)
     vae = models.build_vae(cfg.model, dtype, device).to(device)
     vae.enable_slicing()
@@ -78,7 +84,8 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
                                   cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed, image=image,
                                   prompt_embeds=embeds[prompt][None].to(device, dtype),
                                   negative_prompt_embeds=embeds[""][None].to(device, dtype))
-            written.append(_write(Path(cfg.output_dir), step, i, frames, prompt, image, cfg.validation.fps))
+            if i < len(inputs):
+                written.append(_write(Path(cfg.output_dir), step, i, frames, prompt, image, cfg.validation.fps))
     finally:
         transformer.train(was_training)
         del pipe, vae
