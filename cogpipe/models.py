@@ -136,8 +136,10 @@ def build_tokenizer(model_cfg):
 def build_text_encoder(model_cfg, dtype: torch.dtype, device=None):
     from transformers import T5Config, T5EncoderModel
 
-    if model_cfg.pretrained:
-        return T5EncoderModel.from_pretrained(model_cfg.pretrained, subfolder="text_encoder", dtype=dtype)
+    if model_cfg.pretrained:  # onto its device shard by shard: T5-XXL is 9.5 GB in bf16, never whole in host RAM
+        device_map = {"": str(device)} if device is not None and torch.device(device).type != "cpu" else None
+        return T5EncoderModel.from_pretrained(model_cfg.pretrained, subfolder="text_encoder", dtype=dtype,
+                                              device_map=device_map)
     config = T5Config(**family.variant(model_cfg.preset).text_encoder)
     return _seeded(model_cfg.init_seed + 1, T5EncoderModel, {"config": config}, dtype, device)
 

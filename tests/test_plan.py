@@ -393,3 +393,17 @@ def test_estimates_match_measured_gpu_peaks():
             overrides.append(f"lora.rank={r['lora_rank']}")
         est = plan.estimate(load_config(None, overrides))["gb"]["peak"]
         assert est == pytest.approx(r["peak_memory_gb"], rel=TOLERANCE), (path.name, est, r["peak_memory_gb"])
+
+
+def test_plan_names_gpu_memory_and_host_ram_for_each_launcher(capsys):
+    assert cli_main(["plan", "--config", str(REPO / "configs" / "cogvideox_5b_full.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    launchers, params = report["launchers"], report["estimate"]["model"]["params"]
+    assert list(launchers) == ["ddp", "zero2", "zero3", "fsdp"]
+    gpu = {k: v["gpu_needs_gb"] for k, v in launchers.items()}
+    assert gpu["fsdp"] < gpu["zero2"] < gpu["ddp"] and gpu["zero3"] < gpu["zero2"]
+    loading = {k: v["host_ram_gb"]["loading"] for k, v in launchers.items()}
+    assert loading["ddp"] == loading["zero2"] == pytest.approx(8 * 4 * params / plan.GB)  # 8 fp32 copies: ~178 GB
+    assert loading["fsdp"] == pytest.approx(4 * params / plan.GB)  # the first process reads, the others receive
+    assert loading["zero3"] < 1.0  # built partitioned, filled one block at a time
+    assert all(v["host_ram_gb"]["peak"] >= v["host_ram_gb"]["caching"] for v in launchers.values())

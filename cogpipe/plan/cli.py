@@ -17,6 +17,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                         help="memory of one GPU in GB (1e9 bytes); default: this machine's GPU, if any")
     parser.add_argument("--json", action="store_true", help="print the estimate (and advice) as JSON")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs a machine, for the per-launcher table (default 8)")
 
 
 def load(path, overrides=()):
@@ -109,9 +110,14 @@ def run(args) -> int:
     e = estimate(cfg, transformer_config=transformer_config)
     e["model"]["note"] = note
     advice = fit_advice(cfg, gpu, transformer_config=transformer_config) if gpu else None
+    from .launchers import format_table, per_launcher
+
+    launchers = per_launcher(cfg, transformer_config, args.gpus)
     if args.json:
-        print(json.dumps(dict(config=str(args.config), estimate=e, advice=advice)))
+        print(json.dumps(dict(config=str(args.config), estimate=e, advice=advice, launchers=launchers)))
     else:
         print(f"cogpipe plan: {args.config}")
         print(_fmt_table(e, advice))
+        print()
+        print(format_table(launchers, args.gpus))
     return 0
