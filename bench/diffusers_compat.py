@@ -81,6 +81,8 @@ print(json.dumps({"diffusers": diffusers.__version__, "torch": torch.__version__
 
 def make_artefacts(work: Path) -> list[dict]:
     """Write every artefact and its reference video with the diffusers of this environment; returns the jobs."""
+    import shutil
+
     import numpy as np
     import torch
     from PIL import Image
@@ -93,6 +95,8 @@ def make_artefacts(work: Path) -> list[dict]:
 
     from fixtures.hub import VERSIONS, write_hub_pipeline
 
+    for stale in ("pipeline", "sat", "lora", "reference", "cache"):  # a fresh set; the virtual environments stay
+        shutil.rmtree(work / stale, ignore_errors=True)
     os.environ["COGPIPE_MODEL_CACHE"] = str(work / "cache")
     image = work / "first.png"
     Image.fromarray((np.indices((64, 64)).sum(0) % 255).astype(np.uint8)).convert("RGB").save(image)

@@ -91,7 +91,7 @@ def write_card(folder: Path, cfg, step: int, videos: list[Path] = (), notes: lis
     lines += [f"- note: {n}" for n in notes]
     lines += ["", "## Use", "", "```python",
               "from diffusers import CogVideoXPipeline  # or CogVideoXImageToVideoPipeline",
-              f"pipe = CogVideoXPipeline.from_pretrained(\"{base}\")",
+              f"pipe = CogVideoXPipeline.from_pretrained(\"{cfg.model.pretrained or 'path/to/the/run/export'}\")",
               f"pipe.load_lora_weights(\"path/to/this/folder\", weight_name=\"{LORA_FILE}\")", "```", "",
               "or `python infer.py --model BASE --lora path/to/this/folder --prompt \"...\"` (any of the three "
               "files works with `--lora`).", ""]
