@@ -36,7 +36,8 @@ def _one_of(value, choices, key: str) -> None:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | 2b | 5b | 5b-i2v | 1.5-5b | 1.5-5b-i2v | ... (the table in cogpipe/family.py)
-    pretrained: Optional[str] = None  # Diffusers pipeline folder or hub id; None builds `preset`
+    pretrained: Optional[str] = None  # Diffusers folder, hub id, SAT checkpoint, single-file transformer; None: preset
+    base: Optional[str] = None  # SAT/single-file pretrained: where VAE, T5, tokenizer come from (default: released)
     latent_input: bool = True  # the transformer trains on VAE latents, never on RGB frames
     init_seed: int = 0  # seed of a preset's random initialisation
     weight_dtype: str = "fp32"  # storage dtype of frozen weights: fp32 | fp16 | bf16
@@ -220,10 +221,26 @@ def _recipe_relative(value: str | None, recipe) -> str | None:
     return value
 
 
+def _converted(pretrained: str | None, base: str | None) -> str | None:
+    """A SAT checkpoint or single-file transformer in model.pretrained -> its converted pipeline folder in the
+    checkpoint cache (cogpipe.model_sources: converted once, verified on every later load)."""
+    if not pretrained or not Path(pretrained).expanduser().exists():
+        return pretrained
+    from cogpipe import model_sources
+
+    try:
+        if model_sources.kind_of(pretrained) == "diffusers":
+            return pretrained
+        return model_sources.resolve(pretrained, base=base).folder
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"model.pretrained: {e}".replace("--model ", "").replace("--base", "model.base")) from None
+
+
 def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
     """Merge the schema defaults, the YAML at `path` and `key=value` overrides; validate."""
     config = merge_structured(Config, path, overrides)
     config.model.pretrained = _recipe_relative(config.model.pretrained, path)
+    config.model.pretrained = _converted(config.model.pretrained, config.model.base)
     config.data.root = _recipe_relative(config.data.root, path)
     if validate_model:
         validate_against_model(config)

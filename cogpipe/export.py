@@ -1,5 +1,6 @@
 """Export a training output folder: `<output_dir>/export/` (a Diffusers pipeline folder) and, for a LoRA run,
-`<output_dir>/lora/pytorch_lora_weights.safetensors` in diffusers keys. With `train.ema_decay > 0` the EMA of the
+`<output_dir>/lora/pytorch_lora_weights.safetensors` in diffusers keys, with its ComfyUI and SAT forms and a model
+card beside it (cogpipe.modelcard). With `train.ema_decay > 0` the EMA of the
 trained weights is exported.
 
 On a pretrained base (a folder or hub id) the pipeline folder is the base's own files, hard-linked where the
@@ -52,10 +53,15 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
     trainable = checkpoint.load_file(str(ckpt / (checkpoint.EMA if ema else checkpoint.TRAINABLE)))
     lora = cfg.train.mode == "lora"
     if lora:
+        from cogpipe import modelcard
         from cogpipe.lora import save_lora
 
+        step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt.name.rsplit("-", 1)[-1].isdigit() else cfg.train.max_steps
+        videos = sorted((out / "validation").glob(f"step-{step:06d}-*.mp4"))
         with atomic.folder(out / "lora") as tmp:
             save_lora(tmp, trainable, cfg.lora)
+            notes = modelcard.write_formats(tmp, out.resolve().name)
+            modelcard.write_card(tmp, cfg, step, videos, notes)
         if cfg.model.pretrained and not cfg.export.copy_base:
             return None
     transformer = None

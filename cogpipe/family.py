@@ -323,3 +323,44 @@ def preset_for_hub_id(pretrained: str | None) -> str | None:
         return None
     last = str(pretrained).rstrip("/").split("/")[-1].lower()
     return next((v.name for v in _TABLE if v.released and v.hub_id.split("/")[-1].lower() == last), None)
+
+
+# --- the clip a model generates by default ---------------------------------------------------------------------
+
+
+def vae_spatial_scale(vae_config: Mapping) -> int:
+    """How many pixels one latent pixel spans: 2 ** (levels - 1), as the diffusers pipelines compute it (8 for the
+    released VAE, 4 for tiny-world's three levels)."""
+    return 2 ** (len(vae_config.get("block_out_channels", (128, 256, 256, 512))) - 1)
+
+
+def size_for_image(image_width: int, image_height: int, shorter: int, longest: int) -> tuple[int, int]:
+    """(height, width) for an image under the 1.5-I2V card's rule: the shorter side `shorter`, the aspect kept, the
+    longer side at most `longest`, both multiples of 16 (the nearest multiple, clamped to the limits)."""
+    portrait = image_height > image_width
+    short_px, long_px = (image_width, image_height) if portrait else (image_height, image_width)
+    other = round(shorter * long_px / short_px / SIZE_MULTIPLE) * SIZE_MULTIPLE
+    other = max(shorter, min(longest // SIZE_MULTIPLE * SIZE_MULTIPLE, other))
+    return (other, shorter) if portrait else (shorter, other)
+
+
+def default_clip(transformer_config: Mapping, vae_config: Mapping, image_size: tuple[int, int] | None = None,
+                 fps: int | None = None) -> dict:
+    """{frames, height, width, fps} a model generates unless told otherwise.
+
+    A released model (its version, mode and hidden size): its card's (1.0: 49 frames at 480x720, 8 fps; 1.5: 81 at
+    768x1360, 16 fps); 1.5-I2V takes the size from the image (`image_size` = (width, height)) within its card's
+    side limits. Any other model (tiny-world, scaled-down test models): what it was trained at, as its transformer
+    config says (sample_frames; sample_height/width x the VAE's spatial scale), at `fps` when its folder records
+    one, else its version's."""
+    card = released_variant(transformer_config)
+    if card is not None:
+        clip = dict(frames=card.frames, height=card.height, width=card.width, fps=card.fps)
+        limits = side_limits(transformer_config)
+        if limits and image_size is not None:
+            clip["height"], clip["width"] = size_for_image(*image_size, *limits)
+        return clip
+    scale = vae_spatial_scale(vae_config)
+    return dict(frames=_get(transformer_config, "sample_frames"),
+                height=_get(transformer_config, "sample_height") * scale,
+                width=_get(transformer_config, "sample_width") * scale, fps=fps or rules(transformer_config).fps)

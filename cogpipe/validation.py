@@ -70,9 +70,12 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     vae.enable_slicing()
     if cfg.model.vae_tiling:
         vae.enable_tiling()
+    from cogpipe.inference.pipeline import set_scheduler
+
     cls = models.pipeline_class(dict(transformer.config))
     pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                scheduler=models.build_scheduler(cfg.model))
+    set_scheduler(pipe, "auto", dict(transformer.config))  # the sampler infer.py uses for this model
     pipe.set_progress_bar_config(disable=True)
     was_training = transformer.training
     transformer.eval()
@@ -106,10 +109,8 @@ def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dty
     out = Path(output_dir)
     lora = out / "lora" if cfg.train.mode == "lora" else None
     model = out / "export" if (out / "export").is_dir() else cfg.model.pretrained  # export.copy_base: false
-    pipe = load_pipeline(model, lora, device=device, dtype=dtype)
+    pipe = load_pipeline(model, lora, device=device, dtype=dtype, vae_tiling=True if cfg.model.vae_tiling else None)
     pipe.vae.enable_slicing()
-    if cfg.model.vae_tiling or torch.device(pipe.device).type != "cpu":
-        pipe.vae.enable_tiling()
     written = [_write(out, step, i, generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width,
                                              cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed,
                                              image=image), prompt, image, cfg.validation.fps)
@@ -117,4 +118,13 @@ def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dty
     del pipe
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if lora is not None and (lora / "README.md").is_file():  # the model card shows what was rendered
+        from cogpipe import modelcard
+
+        modelcard.write_card(lora, cfg, step, written, _card_notes(lora))
     return written
+
+
+def _card_notes(lora: Path) -> list[str]:
+    text = (lora / "README.md").read_text()
+    return [line[len("- note: "):] for line in text.splitlines() if line.startswith("- note: ")]

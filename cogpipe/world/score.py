@@ -302,6 +302,9 @@ def add_arguments(parser) -> None:
                         help="score only this many prompts, spread evenly over the set")
     parser.add_argument("--videos", default=None, help="also write each generated video here as mp4")
     parser.add_argument("--details", action="store_true", help="include what was detected for every prompt")
+    parser.add_argument("--scheduler", default="auto", help="auto | keep | ddim | dpm (infer.py's)")
+    parser.add_argument("--device", default=None, help="default: CUDA, then MPS, then the CPU (infer.py's)")
+    parser.add_argument("--dtype", default=None, help="fp32 | fp16 | bf16 (default: infer.py's)")
 
 
 def run(args) -> int:
@@ -312,7 +315,7 @@ def run(args) -> int:
     prompts = fixed_prompts() if args.prompts == "fixed" else held_out_prompts()
     if args.limit is not None and args.limit < len(prompts):
         prompts = spread(prompts, args.limit)
-    pipe = load_pipeline(args.model, args.lora, args.lora_scale)
+    pipe = load_pipeline(args.model, args.lora, args.lora_scale, args.dtype, args.device, scheduler=args.scheduler)
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     acc, rows = score_model(pipe, prompts, steps, guidance, args.seed, args.frames, args.height, args.width,

@@ -1,0 +1,131 @@
+"""infer.py: generate videos from any CogVideoX checkpoint, at the model's own settings unless told otherwise.
+
+Every check that needs no weights (the frame and size rules of the model's version, image- vs text-to-video, the
+flags' values) runs before any weights load; the run ends with the time taken and, on a GPU, the peak memory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .pipeline import OFFLOADS, QUANTIZE, SCHEDULERS
+from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (default: the empty prompt)")
+    p.add_argument("--model", default=None,
+                   help="a Diffusers pipeline folder, a hub id, a SAT checkpoint folder or a single-file transformer "
+                        "(.safetensors/.pt/.pth); default: the shipped models/tiny-world")
+    p.add_argument("--base", default=None, help="for a SAT or single-file --model: the pipeline folder or hub id "
+                                                "that supplies VAE, T5, tokenizer, scheduler (default: the released "
+                                                "model of its version)")
+    p.add_argument("--lora", action="append", default=None,
+                   help="LoRA folder or file in diffusers, peft, SAT or ComfyUI keys (repeatable)")
+    p.add_argument("--lora-scale", type=float, action="append", default=None,
+                   help="multiplier of each LoRA's own alpha/rank scale (one, or one per --lora; default 1)")
+    p.add_argument("--image", default=None, help="first frame, for image-to-video models")
+    p.add_argument("--video", default=None, help="a clip to transform (video-to-video, text-to-video 1.0 models)")
+    p.add_argument("--strength", type=float, default=0.8, help="video-to-video: how much noise covers the clip")
+    p.add_argument("--num-frames", type=int, default=None, help="default: the model's own (1.0: 49, 1.5: 81)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's own (1.0: 480, 1.5: 768)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's own (1.0: 720, 1.5: 1360)")
+    p.add_argument("--fps", type=int, default=None, help="default: the model's own (1.0: 8, 1.5: 16)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="auto",
+                   help="auto: DPM for released models (the official demo's), the folder's own for others")
+    p.add_argument("--dynamic-cfg", action=argparse.BooleanOptionalAction, default=None,
+                   help="guidance rising over the steps (use_dynamic_cfg); default: on with the DPM scheduler")
+    p.add_argument("--num-videos", type=int, default=1, help="videos per prompt: OUTPUT-0.mp4, OUTPUT-1.mp4, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: CUDA, then MPS, then the CPU")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: bf16 on a GPU (fp16 for CogVideoX-2B), fp32 on the CPU")
+    p.add_argument("--offload", choices=OFFLOADS, default="none",
+                   help="model / sequential CPU offload (an accelerator's memory is short)")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="weight-only quantization of transformer and T5 (torchao; fp8 needs compute capability 8.9+)")
+    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
+                   help="VAE slicing and tiling (default: on on an accelerator)")
+    p.add_argument("--output", default="output.mp4")
+
+
+def _fail(message: str) -> int:
+    print(f"infer.py: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(a: argparse.Namespace) -> int:
+    import torch
+
+    from cogpipe import devices, family, model_sources
+    from cogpipe.inference import generate_videos, load_pipeline, resolve_clip
+    from cogpipe.inference.pipeline import shipped_model
+    from cogpipe.inference.sampling import v2v_problem
+    from cogpipe.video import write_mp4
+
+    start = time.perf_counter()
+    try:  # everything that needs no weights, first
+        if a.num_videos < 1:
+            raise ValueError(f"--num-videos must be at least 1, got {a.num_videos}")
+        if a.image and a.video:
+            raise ValueError("--image and --video: give one (image-to-video or video-to-video)")
+        for flag, path in (("--image", a.image), ("--video", a.video)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path}: no such file")
+        source = model_sources.resolve(shipped_model() if a.model is None else a.model, base=a.base)
+        config = source.transformer_config
+        i2v = family.is_i2v(config)
+        name = family.released_variant(config).title if family.released_variant(config) else "this model"
+        if i2v and not a.image:
+            raise ValueError(f"--image: {name} is image-to-video: pass its first frame with --image FILE")
+        if not i2v and a.image:
+            raise ValueError(f"--image: {name} is text-to-video; image-to-video needs an I2V model")
+        if a.video and v2v_problem(config):
+            raise ValueError(v2v_problem(config))
+        image = None
+        if a.image:
+            from diffusers.utils import load_image
+
+            image = load_image(a.image)
+        clip = resolve_clip(config, source.vae_config, a.num_frames, a.height, a.width, a.fps,
+                            image.size if image is not None else None,
+                            source.folder if source.kind == "diffusers" else None)
+        device = devices.inference_device(a.device)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e))
+    print(f"{source.spec}: {clip.frames} frames at {clip.height}x{clip.width}, {clip.fps} fps "
+          f"(defaults from {clip.source}) on {device}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        pipe = load_pipeline(source, a.lora, a.lora_scale or 1.0, a.dtype, device, base=a.base, scheduler=a.scheduler,
+                             offload_mode=a.offload, quantization=a.quantize, vae_tiling=a.vae_tiling)
+        pipe.set_progress_bar_config(disable=False, desc="denoising")
+        videos = generate_videos(pipe, a.prompt, clip.frames, clip.height, clip.width, a.steps, a.guidance, a.seed,
+                                 image=image, negative_prompt=a.negative_prompt, num_videos=a.num_videos,
+                                 dynamic_cfg=a.dynamic_cfg, video=a.video, strength=a.strength)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        return _fail(str(e))
+    out = Path(a.output)
+    paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(videos))]
+    for video, path in zip(videos, paths):
+        write_mp4(video, path, fps=clip.fps)
+    took = time.perf_counter() - start
+    memory = ""
+    if device.type == "cuda":
+        memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    print(f"wrote {', '.join(str(p) for p in paths)} ({pipe.cogpipe_scheduler} scheduler, {a.steps} steps, "
+          f"{devices.DTYPE_NAMES.get(pipe.transformer.dtype, pipe.transformer.dtype)}) in {took:.1f} s{memory}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="infer.py", description="Generate a video with a CogVideoX model (default: the "
+                                                             "shipped tiny model, models/tiny-world).")
+    add_arguments(p)
+    return run(p.parse_args(argv))

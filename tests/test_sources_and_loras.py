@@ -1,0 +1,210 @@
+"""Any checkpoint in (cogpipe/model_sources.py: SAT folders and single-file transformers converted once into a
+content-keyed, verified cache) and LoRAs in any key format (cogpipe/lora_formats.py), through infer.py."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cogpipe import model_sources
+
+from fixtures.hub import write_hub_pipeline
+
+PROMPT = "a purple square moving left"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_hub_pipeline(tmp_path_factory.mktemp("hub") / "5b", "5b")
+
+
+@pytest.fixture(scope="module")
+def sat(base, tmp_path_factory):
+    """The fixture's transformer and VAE in the official SAT layout (transformer/latest + 1/mp_rank_00..., vae/)."""
+    from cogpipe.convert import convert
+
+    root = tmp_path_factory.mktemp("sat") / "CogVideoX-toy-sat"
+    convert(base / "transformer", root / "transformer")
+    convert(base / "vae", root / "vae")
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("COGPIPE_MODEL_CACHE", str(tmp_path / "model-cache"))
+    return tmp_path / "model-cache"
+
+
+def _frames(model, tmp_path, *args):
+    import cogpipe.video
+    from cogpipe.inference import cli
+
+    seen, original = [], cogpipe.video.write_mp4
+    cogpipe.video.write_mp4 = lambda frames, path, fps=8, **kw: seen.append(np.asarray(frames)) or \
+        original(frames, path, fps=fps, **kw)
+    try:
+        code = cli.main(["--model", str(model), "--prompt", PROMPT, "--steps", "2", "--output",
+                         str(tmp_path / "out.mp4"), *args])
+    finally:
+        cogpipe.video.write_mp4 = original
+    return code, (seen[0] if seen else None)
+
+
+def test_a_sat_folder_converts_once_and_generates_what_the_diffusers_folder_does(base, sat, cache, tmp_path, capsys):
+    before = model_sources.conversions
+    code, reference = _frames(base, tmp_path)
+    code, first = _frames(sat, tmp_path, "--base", str(base))
+    assert code == 0 and model_sources.conversions == before + 1
+    assert "converting" in capsys.readouterr().out
+    np.testing.assert_array_equal(first, reference)  # SAT <-> Diffusers is bit-exact
+    code, second = _frames(sat, tmp_path, "--base", str(base))
+    assert code == 0 and model_sources.conversions == before + 1  # the cache, not a second conversion
+    np.testing.assert_array_equal(second, reference)
+    entry, = [p for p in cache.iterdir() if p.is_dir()]
+    manifest = json.loads((entry / model_sources.MANIFEST).read_text())
+    assert manifest["kind"] == "sat-pipeline" and any(f.startswith("transformer/") for f in manifest["files"])
+    assert (entry / "model_index.json").is_file() and (entry / "tokenizer" / "spiece.model").is_file()
+
+
+def test_a_changed_source_is_converted_anew(base, sat, cache, tmp_path):
+    import shutil
+
+    source = tmp_path / "sat"
+    shutil.copytree(sat, source)
+    first = model_sources.resolve(source, base=str(base))
+    assert first.converted
+    model_file = source / "transformer" / "1" / "mp_rank_00_model_states.pt"
+    sd = torch.load(model_file, weights_only=True)
+    key = next(k for k in sd["module"] if k.endswith("final_layernorm.weight"))
+    sd["module"][key] = sd["module"][key] + 1
+    torch.save(sd, model_file)
+    second = model_sources.resolve(source, base=str(base))
+    assert second.converted and second.entry != first.entry
+    from safetensors.torch import load_file
+
+    weights = {}
+    for f in (second.entry / "transformer").glob("*.safetensors"):
+        weights.update(load_file(str(f)))
+    torch.testing.assert_close(weights["norm_final.weight"], sd["module"][key].to(weights["norm_final.weight"].dtype))
+    assert not model_sources.resolve(source, base=str(base)).converted
+
+
+def test_a_tampered_cache_entry_is_refused_and_rebuilt(base, sat, cache, tmp_path):
+    logs = []
+    entry = model_sources.resolve(sat, base=str(base), log=logs.append).entry
+    shard = sorted((entry / "transformer").glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(8)  # a few bytes of a tensor changed, the size kept
+    shard.write_bytes(bytes(data))
+    again = model_sources.resolve(sat, base=str(base), log=logs.append)
+    assert again.converted and any("refusing the cached conversion" in m and "changed" in m for m in logs)
+    assert model_sources.verify_entry(again.entry) is None
+    (again.entry / "transformer" / "extra.bin").write_bytes(b"x")
+    assert "not in the manifest" in model_sources.verify_entry(again.entry)
+
+
+def test_without_a_base_the_released_model_is_named_when_offline(sat, cache, tmp_path, capsys):
+    code, _ = _frames(sat, tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2 and "THUDM/CogVideoX-5b" in err and "--base PATH" in err and "VAE, T5 text encoder" in err
+
+
+@pytest.mark.parametrize("form", ["sat-pt", "diffusers-safetensors"])
+def test_a_single_file_transformer_generates(base, sat, cache, tmp_path, form):
+    from safetensors.torch import save_file
+
+    from cogpipe import weights
+
+    if form == "sat-pt":
+        file = tmp_path / "transformer.pt"
+        file.write_bytes((sat / "transformer" / "1" / "mp_rank_00_model_states.pt").read_bytes())
+    else:
+        file = tmp_path / "transformer.safetensors"
+        save_file(weights.load_state_dict(base / "transformer"), str(file))
+    code, frames = _frames(file, tmp_path, "--base", str(base))
+    code, reference = _frames(base, tmp_path)
+    assert code == 0
+    np.testing.assert_array_equal(frames, reference)
+
+
+def test_model_pretrained_in_a_recipe_takes_a_sat_folder(base, sat, cache):
+    from cogpipe.config import load_config
+
+    from helpers import REPO
+
+    cfg = load_config(REPO / "configs" / "tiny_lora.yaml", [f"model.pretrained={sat}", f"model.base={base}",
+                                                            "data.root=data/tiny"])
+    assert cfg.model.pretrained.startswith(str(cache))
+    index = json.loads((model_sources.Path(cfg.model.pretrained) / "model_index.json").read_text())
+    assert index["_class_name"] == "CogVideoXPipeline"
+
+
+# --- LoRAs -------------------------------------------------------------------------------------------------------
+
+
+def test_the_export_writes_every_lora_form_and_a_model_card(trained):
+    out, cfg, _ = trained
+    lora = out / "lora"
+    comfy, = (lora / "comfyui").glob("*.safetensors")
+    assert (lora / "sat" / "latest").is_file() and (lora / "sat" / "1" / "mp_rank_00_model_states.pt").is_file()
+    card = (lora / "README.md").read_text()
+    assert "rank / alpha | 4 / 8" in card and "steps | 4" in card and cfg.validation.prompts[0] in card
+    assert (lora / "validation_strip.png").is_file() and "validation_strip.png" in card
+    from PIL import Image
+
+    strip = Image.open(lora / "validation_strip.png")
+    assert strip.size[1] == 2 * 66  # one 64x64 row (1-pixel borders), scaled 2x
+    from safetensors.torch import load_file
+
+    keys = load_file(str(comfy))
+    assert "lora_unet_transformer_blocks_0_attn1_to_out_0.alpha" in keys
+    assert keys["lora_unet_transformer_blocks_0_attn1_to_q.alpha"].item() == 8.0
+    assert keys["lora_unet_transformer_blocks_1_attn1_to_v.lora_down.weight"].shape == (4, 32)
+
+
+def _peft_copy(lora_dir, tmp_path):
+    """The same LoRA as peft's save_pretrained writes it: base_model.model.* keys, adapter_config.json."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in state.items()},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8.0, "peft_type": "LORA",
+                                                             "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}))
+    return folder
+
+
+def test_sat_comfyui_and_peft_loras_give_the_diffusers_loras_video(trained, tmp_path):
+    out, _, _ = trained
+    lora = out / "lora"
+    comfy, = (lora / "comfyui").glob("*.safetensors")
+    code, plain = _frames(out / "export", tmp_path)
+    videos = {}
+    for name, path in (("diffusers", lora), ("sat", lora / "sat"), ("comfyui", comfy),
+                       ("peft", _peft_copy(lora, tmp_path))):
+        code, videos[name] = _frames(out / "export", tmp_path, "--lora", str(path))
+        assert code == 0, name
+    assert np.abs(videos["diffusers"].astype(int) - plain).max() > 0  # the LoRA does something
+    for name in ("sat", "comfyui", "peft"):
+        np.testing.assert_array_equal(videos[name], videos["diffusers"], err_msg=name)
+
+
+def test_lora_formats_are_detected_with_their_alpha(trained, tmp_path):
+    from cogpipe.inference import load_pipeline
+    from cogpipe.lora_formats import read_lora
+
+    out, _, _ = trained
+    names = [n for n, _ in load_pipeline(out / "export").transformer.named_modules()]
+    comfy, = (out / "lora" / "comfyui").glob("*.safetensors")
+    forms = {lw.format: lw for lw in (read_lora(out / "lora"), read_lora(out / "lora" / "sat"),
+                                      read_lora(comfy, names), read_lora(_peft_copy(out / "lora", tmp_path)))}
+    assert set(forms) == {"diffusers", "sat", "comfyui", "peft"}
+    for lw in forms.values():  # each reproduces scale 8/4 for every module
+        assert len(lw.modules) == 8 and all(lw.alpha(m) / 4 == pytest.approx(2.0 if lw.format != "sat" else 0.25)
+                                            for m in lw.modules)
+    sat_b = forms["sat"].state["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
+    torch.testing.assert_close(sat_b, 8 * forms["diffusers"].state["transformer.transformer_blocks.0.attn1.to_q.lora_B"
+                                                                   ".weight"])  # SAT: alpha 1, the 8 in B
