@@ -2,7 +2,9 @@
 
 The saved file is what `CogVideoXPipeline.load_lora_weights` reads: keys
 `transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`, with the adapter config (rank, alpha,
-target modules) in the safetensors metadata, so the alpha/rank scale survives the export.
+target modules) in the safetensors metadata. The alpha/rank scale is baked into lora_B and the stored alpha
+set to the rank, so every reader applies the trained strength: diffusers releases before 0.33 ignore the stored
+alpha and apply alpha = rank (bench/results/diffusers_compat_cpu.json).
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def save_lora(directory, trainable: dict[str, torch.Tensor], lora_cfg) -> Path:
     directory = Path(directory)
     metadata = peft_config(lora_cfg).to_dict()
     metadata["target_modules"] = sorted(metadata["target_modules"])
-    CogVideoXPipeline.save_lora_weights(directory, transformer_lora_layers=adapter_state_dict(trainable),
+    metadata["lora_alpha"] = lora_cfg.rank  # the scale alpha/rank is in lora_B: 1 for any reader
+    scale = lora_cfg.alpha / lora_cfg.rank
+    layers = {k: v * scale if ".lora_B." in k else v for k, v in adapter_state_dict(trainable).items()}
+    CogVideoXPipeline.save_lora_weights(directory, transformer_lora_layers=layers,
                                         transformer_lora_adapter_metadata=metadata, weight_name=LORA_FILE)
     return directory / LORA_FILE

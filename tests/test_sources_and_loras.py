@@ -159,20 +159,34 @@ def test_the_export_writes_every_lora_form_and_a_model_card(trained):
 
     keys = load_file(str(comfy))
     assert "lora_unet_transformer_blocks_0_attn1_to_out_0.alpha" in keys
-    assert keys["lora_unet_transformer_blocks_0_attn1_to_q.alpha"].item() == 8.0
     assert keys["lora_unet_transformer_blocks_1_attn1_to_v.lora_down.weight"].shape == (4, 32)
+    # the trained strength (alpha 8 / rank 4) applies whatever reads it: B x alpha / rank is 2 x the trained B
+    from cogpipe import checkpoint
+
+    trained_b = load_file(str(out / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))[
+        "transformer_blocks.0.attn1.to_q.lora_B.default.weight"]
+    comfy_b = keys["lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight"]
+    scale = keys["lora_unet_transformer_blocks_0_attn1_to_q.alpha"].item() / 4
+    torch.testing.assert_close(comfy_b * scale, 2 * trained_b)
+    diffusers_file = load_file(str(lora / "pytorch_lora_weights.safetensors"))
+    torch.testing.assert_close(diffusers_file["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"],
+                               2 * trained_b)  # baked, with alpha = rank stored: older diffusers apply it as well
 
 
 def _peft_copy(lora_dir, tmp_path):
     """The same LoRA as peft's save_pretrained writes it: base_model.model.* keys, adapter_config.json."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(lora_dir / "pytorch_lora_weights.safetensors"))
+    file = lora_dir / "pytorch_lora_weights.safetensors"
+    state = load_file(str(file))
+    with safe_open(str(file), "pt") as f:  # the alpha the diffusers file stores
+        alpha = json.loads(f.metadata()["lora_adapter_metadata"])["transformer.lora_alpha"]
     folder = tmp_path / "peft"
     folder.mkdir()
     save_file({k.replace("transformer.", "base_model.model.", 1): v for k, v in state.items()},
               str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8.0, "peft_type": "LORA",
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": alpha, "peft_type": "LORA",
                                                              "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}))
     return folder
 
@@ -193,6 +207,8 @@ def test_sat_comfyui_and_peft_loras_give_the_diffusers_loras_video(trained, tmp_
 
 
 def test_lora_formats_are_detected_with_their_alpha(trained, tmp_path):
+    from safetensors.torch import load_file
+
     from cogpipe.inference import load_pipeline
     from cogpipe.lora_formats import read_lora
 
@@ -202,9 +218,13 @@ def test_lora_formats_are_detected_with_their_alpha(trained, tmp_path):
     forms = {lw.format: lw for lw in (read_lora(out / "lora"), read_lora(out / "lora" / "sat"),
                                       read_lora(comfy, names), read_lora(_peft_copy(out / "lora", tmp_path)))}
     assert set(forms) == {"diffusers", "sat", "comfyui", "peft"}
-    for lw in forms.values():  # each reproduces scale 8/4 for every module
-        assert len(lw.modules) == 8 and all(lw.alpha(m) / 4 == pytest.approx(2.0 if lw.format != "sat" else 0.25)
-                                            for m in lw.modules)
-    sat_b = forms["sat"].state["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"]
-    torch.testing.assert_close(sat_b, 8 * forms["diffusers"].state["transformer.transformer_blocks.0.attn1.to_q.lora_B"
-                                                                   ".weight"])  # SAT: alpha 1, the 8 in B
+    from cogpipe import checkpoint
+
+    trained_state = load_file(str(out / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))
+    for lw in forms.values():  # each gives every module the trained delta: alpha / rank x B = (8 / 4) x trained B
+        assert len(lw.modules) == 8
+        for m in lw.modules:
+            b = lw.state[f"transformer.{m}.lora_B.weight"]
+            want = 2 * trained_state[f"{m}.lora_B.default.weight"]
+            torch.testing.assert_close(lw.alpha(m) / 4 * b, want, msg=f"{lw.format} {m}")
+    assert forms["sat"].alpha(lw.modules[0]) == 1.0  # SAT: alpha 1 (its LoraMixin's default), the rest in B
