@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from cogpipe.training import Interrupted, train
+        from cogpipe.signals import Interrupted
+        from cogpipe.training import train
 
         try:
             out = train(cfg)

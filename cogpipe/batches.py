@@ -49,6 +49,21 @@ class EpochPlan:
         return self._batches[position]
 
 
+class PlanSampler(torch.utils.data.Sampler):
+    """A DataLoader batch sampler: each micro-step's example indices from `start` (a resumed run's position) to
+    `stop`, in the plan's order."""
+
+    def __init__(self, plan: EpochPlan, start: int, stop: int):
+        self.plan, self.start, self.stop = plan, start, stop
+
+    def __iter__(self):
+        for micro_step in range(self.start, self.stop):
+            yield self.plan.indices(micro_step)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 def example_generator(seed: int, micro_step: int, slot: int, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(((seed * 1_000_003 + micro_step) * 65_537 + slot) % 2**62)
 
@@ -85,22 +100,26 @@ def _as_bfchw(tensors: list[torch.Tensor]) -> torch.Tensor:
 def draw_batch(batch: dict, *, micro_step: int, rank: int, world: int, draws: Draws, device) -> TrainingBatch:
     """Per-example randomness for a collated cache batch {"mean", "std", "prompt_embeds"[, "image_latents"]}, each
     example from its own seeded generator: the latent sample, noise, timestep, caption dropout and which cached
-    first-frame encoding (image-to-video)."""
+    first-frame encoding (image-to-video). Every choice is made on the device: nothing waits for the host."""
     x0, noise, t, embeds, images = [], [], [], [], []
+    empty = draws.empty_embeds.to(device) if draws.caption_dropout > 0 else None
     for j in range(batch["mean"].shape[0]):
         g = example_generator(draws.seed, micro_step, j * world + rank, device)
-        mean, std = batch["mean"][j].to(device), batch["std"][j].to(device)  # (C, F, H, W)
+        mean = batch["mean"][j].to(device, non_blocking=True)  # (C, F, H, W)
+        std = batch["std"][j].to(device, non_blocking=True)
         x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
         noise.append(torch.randn(mean.shape, generator=g, device=device))
         t.append(sample_timestep(draws.num_timesteps, g, draws.timestep_sampling, draws.logit_mean, draws.logit_std))
-        drop = draws.caption_dropout > 0 and torch.rand((), generator=g, device=device).item() < draws.caption_dropout
-        embeds.append(draws.empty_embeds if drop else batch["prompt_embeds"][j])
+        prompt = batch["prompt_embeds"][j].to(device, non_blocking=True)
+        if empty is not None:
+            drop = torch.rand((), generator=g, device=device) < draws.caption_dropout
+            prompt = torch.where(drop, empty, prompt)
+        embeds.append(prompt)
         if "image_latents" in batch:
-            variants = batch["image_latents"][j]  # (K, C, 1, H, W)
-            k = torch.randint(0, variants.shape[0], (1,), generator=g, device=device).item()
+            variants = batch["image_latents"][j].to(device, non_blocking=True)  # (K, C, 1, H, W)
+            k = torch.randint(0, variants.shape[0], (1,), generator=g, device=device)
             image = torch.zeros_like(mean)  # (C, F, H, W): the first frame's latent, then zeros
-            image[:, :1] = variants[k].to(device)
+            image[:, :1] = variants.index_select(0, k)[0]
             images.append(image)
     return TrainingBatch(x0=_as_bfchw(x0), noise=_as_bfchw(noise), timesteps=torch.cat(t),
-                         prompt_embeds=torch.stack(embeds).to(device),
-                         image_latents=_as_bfchw(images) if images else None)
+                         prompt_embeds=torch.stack(embeds), image_latents=_as_bfchw(images) if images else None)

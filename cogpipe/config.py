@@ -70,6 +70,7 @@ class DataConfig:
     skip_bad: bool = False  # false: refuse to train on a dataset with bad clips; true: warn, skip, count
     image_noise_variants: int = 4  # image-to-video: cached noisy encodings of each first frame
     buckets: list[list[int]] = field(default_factory=list)  # [[frames, height, width], ...]; [] = the one above
+    num_workers: Optional[int] = None  # DataLoader workers reading cached latents; None: 4 beside a GPU, 0 on a CPU
 
     def __post_init__(self):
         _check(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
@@ -127,6 +128,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
     ema_decay: float = 0.0  # > 0 keeps an EMA of the trained weights, saved and exported instead of them
     collective_timeout_min: int = 120  # how long a process waits at a barrier (caching, validation, saves)
+    cpu_threads: int = 0  # on a CPU: threads a process; 0 = every core, shared among the machine's processes
+    compile: bool = False  # torch.compile each transformer block (regional: one compile serves every block)
 
     def __post_init__(self):
         if self.mixed_precision in ("False", "false"):  # `train.mixed_precision=no` reads as YAML false
@@ -141,6 +144,7 @@ class TrainConfig:
         _check(self.timestep_logit_std > 0, "train.timestep_logit_std", "must be positive")
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1); 0 turns the EMA off")
         _one_of(self.optimizer, {"adamw", "adamw8bit"}, "train.optimizer")
+        _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0: every core)")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,

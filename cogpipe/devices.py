@@ -60,3 +60,21 @@ def compute_dtype(mixed_precision: str, weight_dtype: torch.dtype, mode: str) ->
     if mixed_precision in ("bf16", "fp16"):
         return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
     return weight_dtype if mode == "lora" else torch.float32
+
+
+def loader_workers(device) -> int:
+    """DataLoader workers that read cached latents ahead of a training step: 4 beside a GPU (the step must never
+    wait for the disk), none on a CPU (the workers would take cores from the step)."""
+    return 4 if torch.device(device).type == "cuda" else 0
+
+
+def cpu_threads(requested: int = 0) -> int:
+    """Threads for a training process on a CPU: `requested`, else the machine's cores shared among its processes
+    (torchrun's LOCAL_WORLD_SIZE). `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which would
+    leave all cores but one idle."""
+    import os
+
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -41,21 +41,37 @@ def start(accelerator, cfg, resumed_step: int) -> None:
 
 
 class StepMeter:
-    """Losses and the non-finite flag of the micro-batches of one optimizer step, and the steps/s rate."""
+    """What a step's micro-batches leave on the device: their summed loss and whether any was non-finite, and the
+    run's counts of skipped steps (in all, and in a row). The host reads them only when it logs or saves, so a
+    step never waits for the device; `end_step` combines the processes' values in one small all-reduce."""
 
-    def __init__(self, grad_accum: int):
-        self.grad_accum, self.loss_sum, self.bad = grad_accum, 0.0, False
+    def __init__(self, grad_accum: int, device):
+        self.grad_accum, self.device = grad_accum, device
+        self.loss_sum = torch.zeros((), device=device)
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.skipped = torch.zeros((), device=device)
+        self.in_a_row = torch.zeros((), device=device)
         self.tic, self.steps = time.perf_counter(), 0
 
     def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach().float().item()
+        loss = loss.detach().float()
+        self.loss_sum += loss
+        self.bad |= ~torch.isfinite(loss)
 
-    def take_mean_loss(self, accelerator) -> float:
-        """The step's mean loss over micro-batches and processes; resets for the next step."""
-        device = accelerator.device
-        mean = accelerator.reduce(torch.tensor(self.loss_sum / self.grad_accum, device=device), "mean").item()
-        self.loss_sum, self.bad, self.steps = 0.0, False, self.steps + 1
-        return mean
+    def end_step(self, accelerator, also_skipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss over micro-batches and processes, skipped: 1. when any process saw a non-finite loss, or
+        `also_skipped`), both on the device; the counters advance, the sums reset."""
+        both = torch.stack([self.loss_sum / self.grad_accum, self.bad.float()])
+        both = accelerator.reduce(both, "sum") if accelerator.num_processes > 1 else both
+        mean, bad = both[0] / accelerator.num_processes, (both[1] > 0).float()
+        if also_skipped:
+            bad = torch.ones_like(bad)
+        self.skipped += bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.steps += 1
+        return mean, bad
 
     def rate(self) -> float:
         return self.steps / (time.perf_counter() - self.tic)

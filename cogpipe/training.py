@@ -13,8 +13,6 @@ batches.py: every random draw is seeded by (seed, micro-step, slot).
 
 from __future__ import annotations
 
-import signal
-import threading
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -26,8 +24,10 @@ from tqdm.auto import tqdm
 from cogpipe import checkpoint, models, sharding, tracking
 from cogpipe.batches import Draws, EpochPlan, collate, draw_batch
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
-from cogpipe.config import Config, ConfigError, save_config, to_yaml
+from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
+from cogpipe.optim import make_optimizer, step_unless_skipped, update_ema
+from cogpipe.signals import Interrupted, StopSignals
 from cogpipe.tracking import StepMeter
 
 
@@ -87,58 +87,6 @@ class Optimization:
     ema: Optional[dict]  # {name: fp32 tensor} of the trainable weights, when train.ema_decay > 0
 
 
-def make_optimizer(train_cfg, params):
-    kwargs = dict(lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas), eps=train_cfg.adam_eps,
-                  weight_decay=train_cfg.weight_decay)
-    if train_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    try:
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    except Exception as e:  # not installed, or no build for this device
-        raise ConfigError(f"train.optimizer: adamw8bit needs bitsandbytes with support for this device "
-                          f"(pip install bitsandbytes; a CUDA GPU): {type(e).__name__}: {e}. "
-                          f"Use train.optimizer=adamw instead") from None
-
-
-@torch.no_grad()
-def update_ema(ema: dict, model, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, for every trained parameter."""
-    for name, p in model.named_parameters():
-        if name in ema:
-            ema[name].lerp_(p.detach().float(), 1.0 - decay)
-
-
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived: a checkpoint was saved and the run stopped."""
-
-    def __init__(self, signum: int, saved: Path):
-        super().__init__(f"stopped by signal {signum} after saving {saved}")
-        self.signum, self.saved = signum, saved
-
-
-class StopSignals:
-    """While active, SIGTERM and SIGINT are recorded in `signum` instead of stopping the process: the loop
-    finishes the optimizer step in flight, saves a checkpoint and stops (signals only reach the main thread)."""
-
-    def __init__(self):
-        self.signum, self._previous = 0, {}
-
-    def _record(self, signum, _frame) -> None:
-        self.signum = signum
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 OOM_ADVICE = ("out of memory. Turn on memory switches: train.gradient_checkpointing=true, a smaller "
               "train.batch_size with more train.grad_accum, train.mode=lora (or a lower lora.rank), "
               "model.weight_dtype=bf16, fewer data.frames or a smaller data.height/width; "
@@ -157,6 +105,10 @@ def _start(cfg: Config) -> Run:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=tracking.tracker(cfg), project_dir=str(out), kwargs_handlers=[timeout])
+    if accelerator.device.type == "cpu":
+        from cogpipe.devices import cpu_threads
+
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
     set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
     return Run(cfg=cfg, accelerator=accelerator, out=out, resume=resume)
@@ -209,6 +161,9 @@ def _prepare_model(run: Run) -> Model:
         transformer.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    if cfg.train.compile:  # regional: every block has the same code, so one compiled graph serves them all
+        for block in transformer.transformer_blocks:
+            block.compile()
     transformer_config = dict(transformer.config)
     alphas_cumprod = models.build_scheduler(cfg.model).alphas_cumprod.to(run.accelerator.device)
     return Model(transformer=transformer, transformer_config=transformer_config, weight_dtype=weight_dtype,
@@ -223,7 +178,7 @@ def _prepare_optimizer(run: Run, model: Model) -> Optimization:
     from diffusers.optimization import get_scheduler
 
     cfg, acc = run.cfg, run.accelerator
-    optimizer = make_optimizer(cfg.train, model.params)
+    optimizer = make_optimizer(cfg.train, model.params, acc.device.type)
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps,
                                  num_training_steps=cfg.train.max_steps)
     sharding.configure(acc, cfg.train)
@@ -269,10 +224,9 @@ def _resume(run: Run, opt: Optimization) -> TrainState:
 # ---- one step -------------------------------------------------------------------------------------------------
 
 def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMeter, step: int):
-    """Forward, loss, backward of one micro-batch; at the last of grad_accum: the update, unless a process saw
-    a non-finite loss (then it is skipped). Returns (loss, skipped, grad norm or None)."""
+    """Forward, loss and backward of one micro-batch; at the last of grad_accum, the update. Returns None between,
+    and at the last (mean loss, grad norm, skipped) as device tensors: nothing here waits for the device."""
     acc, cfg = run.accelerator, run.cfg
-    skipped, grad_norm = False, None
     with acc.accumulate(model.transformer):
         with acc.autocast():
             v_pred = model.transformer(**inputs.kwargs)[0]
@@ -280,40 +234,37 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
         checkpoint.failpoint(f"train-step:{step + 1}")
         if checkpoint.failpoint(f"loss:{step + 1}:{acc.process_index}") == "NAN":  # the fault tests' non-finite loss
             loss = loss * float("nan")
-        meter.bad |= not bool(torch.isfinite(loss.detach()))
+        meter.add(loss)
         deepspeed = sharding.deepspeed_update(acc, loss)  # DeepSpeed: its backward, and its update at a boundary
-        if deepspeed is not None:
-            if acc.sync_gradients:
-                applied, grad_norm = deepspeed
-                skipped = not applied or acc.reduce(torch.tensor(float(meter.bad), device=acc.device), "sum") > 0
-                if not skipped and opt.ema is not None:
-                    update_ema(opt.ema, acc.unwrap_model(model.transformer), cfg.train.ema_decay)
-            return loss, skipped, grad_norm
-        acc.backward(loss)
-        if acc.sync_gradients:
-            skipped = acc.reduce(torch.tensor(float(meter.bad), device=acc.device), "sum").item() > 0
-            if not skipped:
-                grad_norm = acc.clip_grad_norm_(model.params, cfg.train.max_grad_norm)
-                opt.optimizer.step()
-                if opt.ema is not None:
-                    update_ema(opt.ema, acc.unwrap_model(model.transformer), cfg.train.ema_decay)
-            opt.optimizer.zero_grad(set_to_none=True)
-    return loss, skipped, grad_norm
+        if deepspeed is None:
+            acc.backward(loss)
+        if not acc.sync_gradients:
+            return None
+        if deepspeed is not None:  # ZeRO discarded a non-finite window itself
+            applied, norm = deepspeed
+            mean, skipped = meter.end_step(acc, also_skipped=not applied)
+            grad_norm = torch.tensor(float("nan") if norm is None else norm)
+        else:
+            mean, skipped = meter.end_step(acc)
+            grad_norm = acc.clip_grad_norm_(model.params, cfg.train.max_grad_norm)
+            step_unless_skipped(opt.optimizer, skipped)
+        if opt.ema is not None:
+            update_ema(opt.ema, acc.unwrap_model(model.transformer), cfg.train.ema_decay, skipped)
+    return mean, grad_norm, skipped
 
 
-def _count_skip(run: Run, state: TrainState, skipped: bool, mean_loss: float, save: Callable) -> None:
-    """Count a skipped (non-finite) step; after train.max_bad_steps in a row save the last good weights and stop."""
-    if not skipped:
-        state.bad_in_a_row = 0
-        return
-    state.skipped_steps += 1
-    state.bad_in_a_row += 1
-    run.log(f"step {state.step}: non-finite loss ({mean_loss}); update skipped "
-            f"({state.bad_in_a_row} in a row, {state.skipped_steps} in all)")
+def _check_skips(run: Run, state: TrainState, meter: StepMeter, logs: dict, save: Callable) -> None:
+    """At the logging cadence: take the skipped-step counts from the device, report new ones, and after
+    train.max_bad_steps non-finite losses in a row save the last good weights and stop."""
+    skipped, in_a_row = int(meter.skipped.item()), int(meter.in_a_row.item())
+    if skipped > state.skipped_steps:
+        run.log(f"step {state.step}: non-finite loss ({logs['loss']}); update skipped "
+                f"({in_a_row} in a row, {skipped} in all)")
+    state.skipped_steps, state.bad_in_a_row = skipped, in_a_row
     limit = run.cfg.train.max_bad_steps
-    if state.bad_in_a_row >= limit:
+    if in_a_row >= limit:
         saved = save()
-        raise FloatingPointError(f"{state.bad_in_a_row} non-finite losses in a row (train.max_bad_steps={limit}) at "
+        raise FloatingPointError(f"{in_a_row} non-finite losses in a row (train.max_bad_steps={limit}) at "
                                  f"step {state.step}; the last good weights are saved in {saved}. Lower train.lr, "
                                  f"check the data, or use train.mixed_precision=bf16 instead of fp16")
 
@@ -341,47 +292,48 @@ def train(cfg: Config) -> Path:
     state = _resume(run, opt)
     config_yaml = to_yaml(cfg)
 
+    meter = StepMeter(tc.grad_accum, acc.device)
+    meter.skipped += state.skipped_steps
+
     def save() -> Path:
+        state.skipped_steps = int(meter.skipped.item())
         return checkpoint.save(acc, run.out, state.step, state.saved(), config_yaml, tc.checkpoints_total_limit,
                                opt.ema, sharding.save_state_kwargs(acc, tc.mode))
 
+    batches = iter(_loader(run, data, state))
     bar = tqdm(total=tc.max_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
-    meter = StepMeter(tc.grad_accum)
     model.transformer.train()
     try:
         with StopSignals() as stop:
             while state.step < tc.max_steps:
-                indices = data.plan.indices(state.micro_step)
-                batch = draw_batch(collate([data.dataset[i] for i in indices]), micro_step=state.micro_step,
-                                   rank=acc.process_index, world=acc.num_processes, draws=data.draws, device=acc.device)
+                batch = draw_batch(next(batches), micro_step=state.micro_step, rank=acc.process_index,
+                                   world=acc.num_processes, draws=data.draws, device=acc.device)
                 inputs = model_inputs(batch.x0, batch.noise, batch.timesteps, batch.prompt_embeds, batch.image_latents,
                                       transformer_config=model.transformer_config,
                                       alphas_cumprod=model.alphas_cumprod, rotary=model.rotary,
                                       dtype=model.input_dtype)
                 try:
-                    loss, skipped, grad_norm = _micro_step(run, model, opt, inputs, meter, state.step)
+                    stepped = _micro_step(run, model, opt, inputs, meter, state.step)
                 except torch.OutOfMemoryError as e:
                     raise MemoryError(f"step {state.step + 1}: {OOM_ADVICE}") from e
                 state.micro_step += 1
-                meter.add(loss)
-                if not acc.sync_gradients:
+                if stepped is None:  # more micro-batches to accumulate
                     continue
                 opt.lr_scheduler.step()
                 state.step += 1
-                mean_loss = meter.take_mean_loss(acc)
-                _count_skip(run, state, skipped, mean_loss, save)
-                if state.step % tc.log_every == 0 or state.step == tc.max_steps:
-                    logs = {"loss": mean_loss, "lr": opt.lr_scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm) if not skipped else float("nan"),
-                            "steps_per_s": meter.rate(), "skipped_steps": state.skipped_steps}
-                    tracking.log_step(acc, cfg, state.step, logs, bar)
                 bar.update(1)
+                cadence = state.step % tc.log_every == 0 or state.step == tc.max_steps  # the host reads the device
+                if cadence:
+                    mean, grad_norm, skipped = (t.item() for t in stepped)
+                    logs = {"loss": mean, "lr": opt.lr_scheduler.get_last_lr()[0],
+                            "grad_norm": float("nan") if skipped else grad_norm, "steps_per_s": meter.rate()}
+                    _check_skips(run, state, meter, logs, save)
+                    tracking.log_step(acc, cfg, state.step, {**logs, "skipped_steps": state.skipped_steps}, bar)
                 if state.step == tc.max_steps or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0):
                     save()
                 if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < tc.max_steps:
                     _validate(run, model, data, state.step)
-                signum = int(acc.reduce(torch.tensor(stop.signum, device=acc.device), "max").item())
-                if signum and state.step < tc.max_steps:
+                if cadence and state.step < tc.max_steps and (signum := _stop_signal(acc, stop)):
                     done = checkpoint.checkpoints_dir(run.out) / f"checkpoint-{state.step:06d}"
                     raise Interrupted(signum, done if done.exists() else save())
     except BaseException:
@@ -394,6 +346,25 @@ def train(cfg: Config) -> Path:
     sharding.end_sharded_setup()
     _finish(run, state)
     return run.out
+
+
+def _loader(run: Run, data: TrainData, state: TrainState):
+    """Cached examples in the plan's order from the resumed position, read ahead by DataLoader workers into pinned
+    memory on a GPU (data.num_workers; cogpipe.devices.loader_workers by default)."""
+    from cogpipe.batches import PlanSampler
+    from cogpipe.devices import loader_workers
+
+    acc, tc = run.accelerator, run.cfg.train
+    workers = run.cfg.data.num_workers if run.cfg.data.num_workers is not None else loader_workers(acc.device)
+    sampler = PlanSampler(data.plan, state.micro_step, tc.max_steps * tc.grad_accum)
+    return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                       pin_memory=acc.device.type == "cuda", prefetch_factor=4 if workers else None,
+                                       persistent_workers=False)
+
+
+def _stop_signal(accelerator, stop: StopSignals) -> int:
+    """The largest signal number any process received (0: none): a collective, so only at the logging cadence."""
+    return int(accelerator.reduce(torch.tensor(stop.signum, device=accelerator.device), "max").item())
 
 
 def _finish(run: Run, state: TrainState) -> None:
