@@ -274,14 +274,22 @@ def load_prompt_embeds(cfg, texts, device) -> dict[str, torch.Tensor]:
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """Training examples read from the cache: {"mean", "std", "prompt_embeds"}."""
+    """Training examples read from the cache: {"mean", "std", "prompt_embeds"[, "image_latents"]}. Examples read
+    once stay in memory while they fit in `memory_bytes` (each DataLoader worker keeps its own), so a dataset that
+    fits is read from disk once, not every epoch."""
 
-    def __init__(self, entries: list[Entry]):
-        self.entries = entries
+    def __init__(self, entries: list[Entry], memory_bytes: int = 2 * 1024**3):
+        self.entries, self.memory_bytes, self._kept, self._used = entries, memory_bytes, {}, 0
 
     def __len__(self):
         return len(self.entries)
 
     def __getitem__(self, i):
+        if i in self._kept:
+            return self._kept[i]
         e = self.entries[i]
-        return {**load_file(str(e.latents)), **load_file(str(e.prompt))}
+        item = {**load_file(str(e.latents)), **load_file(str(e.prompt))}
+        size = sum(t.numel() * t.element_size() for t in item.values())
+        if self._used + size <= self.memory_bytes:
+            self._kept[i], self._used = item, self._used + size
+        return item

@@ -39,9 +39,11 @@ def step_unless_skipped(optimizer, skipped: torch.Tensor) -> None:
     """The optimizer step unless `skipped`: fused AdamW takes the flag as found_inf and skips on the device (as
     torch's GradScaler has it do); another optimizer (8-bit AdamW) has the host read the flag."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    if inner.defaults.get("fused"):
+    if inner.defaults.get("fused") and getattr(optimizer, "scaler", None) is None:
         inner.found_inf = skipped
-        optimizer.step()
-    elif not skipped.item():
+        inner.step()  # the wrapper would only forward the call, after two package probes a step (lomo)
+        inner.zero_grad(set_to_none=True)
+        return
+    if not skipped.item():  # fp16's GradScaler has the wrapper's step skip overflows itself
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

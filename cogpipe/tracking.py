@@ -61,9 +61,11 @@ class StepMeter:
     def end_step(self, accelerator, also_skipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over micro-batches and processes, skipped: 1. when any process saw a non-finite loss, or
         `also_skipped`), both on the device; the counters advance, the sums reset."""
-        both = torch.stack([self.loss_sum / self.grad_accum, self.bad.float()])
-        both = accelerator.reduce(both, "sum") if accelerator.num_processes > 1 else both
-        mean, bad = both[0] / accelerator.num_processes, (both[1] > 0).float()
+        if accelerator.num_processes > 1:
+            both = accelerator.reduce(torch.stack([self.loss_sum / self.grad_accum, self.bad.float()]), "sum")
+            mean, bad = both[0] / accelerator.num_processes, (both[1] > 0).float()
+        else:
+            mean, bad = self.loss_sum / self.grad_accum, self.bad.float()
         if also_skipped:
             bad = torch.ones_like(bad)
         self.skipped += bad
@@ -77,13 +79,29 @@ class StepMeter:
         return self.steps / (time.perf_counter() - self.tic)
 
 
-def log_step(accelerator, cfg, step: int, logs: dict, bar) -> None:
-    """One logged step: the progress bar, the tracker and metrics.jsonl."""
-    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{logs['steps_per_s']:.2f}")
+class MetricsFile:
+    """metrics.jsonl, kept open for appending (written by the main process only); a line per logged step, flushed
+    as it is written so a killed run loses none."""
+
+    def __init__(self, accelerator, cfg):
+        self.file = open(Path(cfg.output_dir) / METRICS, "a") if accelerator.is_main_process else None
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def log_step(accelerator, metrics: MetricsFile, step: int, logs: dict, bar) -> None:
+    """One logged step: the progress bar (redrawn at tqdm's own rate), the tracker and metrics.jsonl."""
+    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}", it_s=f"{logs['steps_per_s']:.2f}",
+                    refresh=False)
     accelerator.log(logs, step=step)
-    if accelerator.is_main_process:
-        with open(Path(cfg.output_dir) / METRICS, "a") as f:
-            f.write(json.dumps({"step": step, **logs}) + "\n")
+    metrics.write({"step": step, **logs})
 
 
 def log_videos(accelerator, cfg, step: int) -> None:

@@ -246,7 +246,7 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
             grad_norm = torch.tensor(float("nan") if norm is None else norm)
         else:
             mean, skipped = meter.end_step(acc)
-            grad_norm = acc.clip_grad_norm_(model.params, cfg.train.max_grad_norm)
+            grad_norm = sharding.clip_grad_norm(acc, model.params, cfg.train.max_grad_norm)
             step_unless_skipped(opt.optimizer, skipped)
         if opt.ema is not None:
             update_ema(opt.ema, acc.unwrap_model(model.transformer), cfg.train.ema_decay, skipped)
@@ -301,6 +301,7 @@ def train(cfg: Config) -> Path:
                                opt.ema, sharding.save_state_kwargs(acc, tc.mode))
 
     batches = iter(_loader(run, data, state))
+    metrics = tracking.MetricsFile(acc, cfg)
     bar = tqdm(total=tc.max_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
     model.transformer.train()
     try:
@@ -328,7 +329,7 @@ def train(cfg: Config) -> Path:
                     logs = {"loss": mean, "lr": opt.lr_scheduler.get_last_lr()[0],
                             "grad_norm": float("nan") if skipped else grad_norm, "steps_per_s": meter.rate()}
                     _check_skips(run, state, meter, logs, save)
-                    tracking.log_step(acc, cfg, state.step, {**logs, "skipped_steps": state.skipped_steps}, bar)
+                    tracking.log_step(acc, metrics, state.step, {**logs, "skipped_steps": state.skipped_steps}, bar)
                 if state.step == tc.max_steps or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0):
                     save()
                 if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < tc.max_steps:
@@ -341,6 +342,7 @@ def train(cfg: Config) -> Path:
         raise
     finally:
         bar.close()
+        metrics.close()
     model.transformer = opt.optimizer = None  # the export reads the final checkpoint: free the training copies
     acc.free_memory()
     sharding.end_sharded_setup()
@@ -357,6 +359,8 @@ def _loader(run: Run, data: TrainData, state: TrainState):
     acc, tc = run.accelerator, run.cfg.train
     workers = run.cfg.data.num_workers if run.cfg.data.num_workers is not None else loader_workers(acc.device)
     sampler = PlanSampler(data.plan, state.micro_step, tc.max_steps * tc.grad_accum)
+    if workers == 0:  # read in this process: the DataLoader's machinery would only add to every step
+        return (collate([data.dataset[i] for i in indices]) for indices in sampler)
     return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                        pin_memory=acc.device.type == "cuda", prefetch_factor=4 if workers else None,
                                        persistent_workers=False)
@@ -364,6 +368,8 @@ def _loader(run: Run, data: TrainData, state: TrainState):
 
 def _stop_signal(accelerator, stop: StopSignals) -> int:
     """The largest signal number any process received (0: none): a collective, so only at the logging cadence."""
+    if accelerator.num_processes == 1:
+        return stop.signum
     return int(accelerator.reduce(torch.tensor(stop.signum, device=accelerator.device), "max").item())
 
 
