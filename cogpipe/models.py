@@ -205,3 +205,10 @@ def build_pipeline(model_cfg, dtype: torch.dtype, transformer=None, vae=None, te
                text_encoder=text_encoder if text_encoder is not None else build_text_encoder(model_cfg, dtype),
                vae=vae if vae is not None else build_vae(model_cfg, dtype),
                transformer=transformer, scheduler=build_scheduler(model_cfg))
+
+
+def compile_blocks(transformer) -> None:
+    """torch.compile each transformer block in place (regional compile: the blocks share their code, so one compiled
+    graph serves them all and compilation takes a block's time, not the model's)."""
+    for block in transformer.transformer_blocks:
+        block.compile()

@@ -161,9 +161,8 @@ def _prepare_model(run: Run) -> Model:
         transformer.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    if cfg.train.compile:  # regional: every block has the same code, so one compiled graph serves them all
-        for block in transformer.transformer_blocks:
-            block.compile()
+    if cfg.train.compile:
+        models.compile_blocks(transformer)
     transformer_config = dict(transformer.config)
     alphas_cumprod = models.build_scheduler(cfg.model).alphas_cumprod.to(run.accelerator.device)
     return Model(transformer=transformer, transformer_config=transformer_config, weight_dtype=weight_dtype,
