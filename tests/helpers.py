@@ -58,3 +58,35 @@ def run_tiny(clips, out, cache, **extra):
 
     cfg = load_config(REPO / "configs" / "tiny_lora.yaml", tiny_overrides(clips, out, cache, **extra))
     return train(cfg), cfg
+
+
+CPU_SWITCH = {"ddp": {"ACCELERATE_USE_CPU": "1"}, "zero2": {"DS_ACCELERATOR": "cpu"},
+              "zero3": {"DS_ACCELERATOR": "cpu"}, "fsdp": {"DS_ACCELERATOR": "cpu"}}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check: bool = True, **extra):
+    """`accelerate launch --config_file configs/accelerate/<launcher>.yaml` with 2 CPU processes (the CPU switch of
+    CPU_SWITCH, a free port) of train.py on the tiny recipe with the test overrides, batch 1 a process."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2", "--main_process_port",
+           str(free_port()), str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_lora.yaml"),
+           *tiny_overrides(clips, out, cache, **{"train.batch_size": 1, **extra})]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **CPU_SWITCH[launcher]}
+    if failpoint:
+        env["COGPIPE_FAILPOINT"] = failpoint
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r

@@ -7,9 +7,6 @@ Each launcher trains LoRA and a full fine-tune with checkpoints, is SIGKILLed in
 exports; the final weights equal one process's with the same global batch."""
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,35 +14,11 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint
 
-from helpers import REPO, run_tiny, tiny_overrides
+from helpers import launch, run_tiny
 
 pytest.importorskip("deepspeed")  # the [deepspeed] extra, which CI installs
 
-RECIPE = REPO / "configs" / "tiny_lora.yaml"
-CPU_SWITCH = {"ddp": {"ACCELERATE_USE_CPU": "1"}, "zero2": {"DS_ACCELERATOR": "cpu"},
-              "zero3": {"DS_ACCELERATOR": "cpu"}, "fsdp": {"DS_ACCELERATOR": "cpu"}}
 FULL = {"train.mode": "full"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check: bool = True, **extra):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2", "--main_process_port",
-           str(_free_port()), str(REPO / "train.py"), "--config", str(RECIPE),
-           *tiny_overrides(clips, out, cache, **{"train.batch_size": 1, **extra})]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **CPU_SWITCH[launcher]}
-    if failpoint:
-        env["COGPIPE_FAILPOINT"] = failpoint
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
 
 def _weights(out, step=4):
     return load_file(str(out / "checkpoints" / f"checkpoint-{step:06d}" / checkpoint.TRAINABLE))
@@ -64,7 +37,7 @@ def reference(trained, clips, tmp_path_factory):
 @pytest.mark.parametrize("launcher", ["ddp", "zero2", "zero3", "fsdp"])
 def test_killed_then_resumed_equals_one_process(launcher, mode, reference, clips, trained, tmp_path):
     if launcher == "ddp" and mode == "lora":
-        pytest.skip("DDP LoRA: tests/test_multiprocess.py (the same launch through accelerate's --multi_gpu flags)")
+        pytest.skip("DDP LoRA: tests/test_multiprocess.py (the same launch)")
     extra = FULL if mode == "full" else {}
     out = tmp_path / "out"
     killed = launch(launcher, clips, out, trained[2], "train-step:3", check=False, **extra)

@@ -1,11 +1,7 @@
 """Two CPU processes (gloo) train the same weights as one process with the same global batch, and
 checkpoint and resume."""
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,28 +9,12 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint
 
-from helpers import REPO, tiny_overrides
-
-RECIPE = REPO / "configs" / "tiny_lora.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import launch
 
 
 def launch_two(clips, out, cache, **extra):
-    """`accelerate launch` with 2 gloo processes on the CPU (ACCELERATE_USE_CPU=1 + --multi_gpu uses
-    torchrun; accelerate's plain --cpu launcher needs mpirun for more than one process)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(REPO / "train.py"), "--config", str(RECIPE),
-           *tiny_overrides(clips, out, cache, **{"train.batch_size": 1, **extra})]
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    """configs/accelerate/ddp.yaml with 2 gloo processes on the CPU (ACCELERATE_USE_CPU=1)."""
+    return launch("ddp", clips, out, cache, **extra)
 
 
 def _weights(out, step=4):
