@@ -157,8 +157,6 @@ def _crc32_mapped(fd: int, span: Span, value: int) -> int:
         return value
     start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
     with mmap.mmap(fd, span.offset + span.nbytes - start, offset=start, access=mmap.ACCESS_READ) as mm:
-        if hasattr(mm, "madvise"):
-            mm.madvise(mmap.MADV_SEQUENTIAL)
         view = memoryview(mm)
         try:
             for at in range(span.offset - start, len(mm), BUFFER):
