@@ -248,7 +248,10 @@ def start(src) -> Readahead | None:
     """Start reading `src`'s weight files ahead (once per process; $COGPIPE_CONVERT_READAHEAD bytes ahead,
     default 2 GiB, 0 turns it off). Returns None where posix_fadvise does not exist or it is off or running."""
     global _active
-    window = int(os.environ.get("COGPIPE_CONVERT_READAHEAD", DEFAULT_WINDOW))
+    try:
+        window = int(os.environ.get("COGPIPE_CONVERT_READAHEAD", DEFAULT_WINDOW))
+    except ValueError:
+        window = DEFAULT_WINDOW
     if _active is not None or window <= 0 or not hasattr(os, "posix_fadvise"):
         return None
     files = weight_files(src)
