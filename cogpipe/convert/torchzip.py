@@ -86,9 +86,9 @@ class TorchZipWriter:
         """Write the records torch adds after the tensors, fill in the CRCs, write the central directory."""
         if self._closed:
             return
-        self.add("version", b"3\n")
-        self.add(".data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())
         try:
+            self.add("version", b"3\n")
+            self.add(".data/serialization_id", str(secrets.randbits(128)).zfill(40).encode())
             for r in self.records:
                 if not isinstance(r["crc"], int):
                     r["crc"] = r["crc"].result()
