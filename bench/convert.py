@@ -1,17 +1,19 @@
-"""Benchmark `cogpipe convert` on a synthetic full-size SAT checkpoint; prints one JSON line.
+"""Benchmark `cogpipe convert` against `cp` of the same bytes, both directions; prints one JSON line.
 
-    python bench/convert.py --size 5b [--repeat 3] [--workdir /tmp/cogpipe-bench] [--save]
+    python bench/convert.py --size 5b [--repeat 3] [--workdir /tmp/cogpipe-bench-convert] [--save]
 
 1. writes a SAT transformer folder (latest + 1/mp_rank_00_model_states.pt) with the real shapes of the chosen
-   size in bf16, streaming one tensor at a time (random values from a reused pool);
-2. measures the baseline: reading those bytes and writing them to a new file with fsync (the checkpoint
-   evicted from the page cache before; --cold drops the whole cache, libraries included);
-3. runs `python -m cogpipe.convert SAT OUT` under /usr/bin/time -v (same eviction), reading the wall time and
-   the child's maximum resident set size;
-4. spot-checks converted tensors against the source, deletes the synthetic files (unless --keep).
-Runs alternate baseline/conversion `--repeat` times; the JSON reports medians and every run. The first
-conversion computes the expected Diffusers shapes by importing diffusers (~7 s of CPU here); later ones find
-them memoised (COGPIPE_CONVERT_CACHE, a fresh folder per benchmark), as a user's second conversion would.
+   size in bf16, streaming one tensor at a time (random values from a reused pool), and converts it once to a
+   Diffusers folder, the source of the reverse direction;
+2. per direction and repeat, the baseline `cp -r SRC COPY` followed by `sync` of the copied files (the
+   converter fsyncs its output, so the copy is made durable too; both timings are reported), and the
+   conversion `python -m cogpipe.convert SRC OUT --json` (wall time of the whole process, interpreter start
+   and imports included; peak RSS from wait4). The source is evicted from the page cache before each cp and each
+   conversion (--hot: read once before each instead, so both find it cached); the two alternate, cp first on
+   even repeats, the conversion first on odd ones;
+3. checks converted tensors against the source bit for bit, deletes the synthetic files (unless --keep).
+The JSON reports, per direction, the median of each pair's ratio conversion / (cp + sync) and of conversion / cp,
+the medians of the times, every run, and the machine (cores, memory, disk, load averages).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ SIZES = {  # hidden, heads, layers, time embed, text embed
     "5b": (3072, 48, 42, 512, 4096),
 }
 PREFIX = "model.diffusion_model."
+DIRECTIONS = ("sat->diffusers", "diffusers->sat")
 
 
 def sat_shapes(size: str) -> dict[str, tuple]:
@@ -104,10 +107,14 @@ def write_sat(folder: Path, size: str) -> dict:
     return {o.name: o for o in outs}
 
 
+def files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
 def evict(path: Path) -> None:
     """Flush and drop `path` (a file or every file under a folder) from the page cache: reads hit the disk."""
     subprocess.run(["sync"], check=True)
-    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+    for f in files(path):
         fd = os.open(f, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -115,27 +122,56 @@ def evict(path: Path) -> None:
             os.close(fd)
 
 
-def drop_all_caches() -> bool:
-    subprocess.run(["sync"], check=True)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def baseline(src: Path, dst: Path) -> float:
-    """Read `src` and write it to `dst` in 64 MiB blocks, fsync: the I/O a streaming conversion cannot avoid."""
+def warm(path: Path) -> None:
+    """Read `path` once so that it sits in the page cache (--hot)."""
     buf = bytearray(64 << 20)
-    view = memoryview(buf)
+    for f in files(path):
+        with open(f, "rb", buffering=0) as fi:
+            while fi.readinto(buf):
+                pass
+
+
+def prepare(src: Path, hot: bool) -> None:
+    if hot:
+        warm(src)
+    else:
+        evict(src)
+
+
+# Runs a command as its grandchild and reports the command's own peak RSS: a child's ru_maxrss also counts the
+# memory of the process it was forked from (Linux records it at exec), here a small interpreter, not this bench.
+_RSS_WRAPPER = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(f"peak_rss_kib={usage.ru_maxrss}", file=sys.stderr)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def convert_run(src: Path, dst: Path) -> dict:
+    cmd = [sys.executable, "-c", _RSS_WRAPPER, sys.executable, "-m", "cogpipe.convert", str(src), str(dst), "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    with open(src, "rb", buffering=0) as fi, open(dst, "wb", buffering=0) as fo:
-        while n := fi.readinto(buf):
-            fo.write(view[:n])
-        os.fsync(fo.fileno())
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - t0
-    dst.unlink()
-    return wall
+    if p.returncode:
+        raise SystemExit(f"conversion failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    rss_kib = int(re.findall(r"peak_rss_kib=(\d+)", p.stderr)[-1])
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    return {"wall_s": round(wall, 3), "peak_rss_mib": round(rss_kib / 1024, 1), "summary": summary}
+
+
+def cp_run(src: Path, dst: Path) -> dict:
+    """`cp -r SRC DST`, then `sync` of the copied files (fsync each), timed separately; the copy is removed."""
+    t0 = time.perf_counter()
+    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+    t1 = time.perf_counter()
+    subprocess.run(["sync", *map(str, files(dst))], check=True)
+    t2 = time.perf_counter()
+    shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    return {"cp_s": round(t1 - t0, 3), "sync_s": round(t2 - t1, 3), "cp_sync_s": round(t2 - t0, 3)}
 
 
 def cpu_busy() -> list[int]:
@@ -144,29 +180,40 @@ def cpu_busy() -> list[int]:
     return [sum(v) - v[3] - v[4], sum(v)]
 
 
-def convert_run(src: Path, dst: Path, cache: Path, entry: str) -> dict:
-    prog = [shutil.which("cogpipe") or "cogpipe", "convert"] if entry == "cogpipe" else \
-        [sys.executable, "-m", "cogpipe.convert"]
-    cmd = ["/usr/bin/time", "-v", *prog, str(src), str(dst), "--json"]
-    env = {**os.environ, "COGPIPE_CONVERT_CACHE": str(cache)}
-    cold = not any(cache.glob("*.json"))
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - t0
-    if p.returncode:
-        raise SystemExit(f"conversion failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    rss_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr).group(1))
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(rss_kib / 1024, 1), "summary": summary,
-            "expected_shapes": "computed (imports diffusers)" if cold else "memoised"}
+def busy_share(a: list[int], b: list[int]) -> float:
+    return round((b[0] - a[0]) / max(1, b[1] - a[1]), 2)
 
 
-def machine() -> dict:
+def machine(work: Path) -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     mem = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) / 2**20
+    df = subprocess.run(["df", "-T", "-B1", str(work)], capture_output=True, text=True).stdout.splitlines()[-1].split()
+    usage = shutil.disk_usage(work)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem, 1), "gpu": None,
+            "disk": {"device": df[0], "filesystem": df[1], "size_gib": round(usage.total / 2**30),
+                     "free_gib_at_start": round(usage.free / 2**30)},
             "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def check(size: str, planned: dict, sat_file: Path, diffusers_dir: Path, sat_back: Path) -> None:
+    """Converted tensors equal the source bit for bit, both ways (every tensor at tiny size, samples at 5B)."""
+    got = open_state_dict(diffusers_dir)
+    back = open_state_dict(sat_back, master_weights=False)
+    h = SIZES[size][0]
+    qkv = planned[PREFIX + "transformer.layers.1.attention.query_key_value.weight"].pieces[0][0].load()
+    assert torch.equal(got["transformer_blocks.1.attn1.to_k.weight"].load(), qkv[h:2 * h]), "to_k mismatch"
+    ada = planned[PREFIX + "mixins.adaln_layer.adaLN_modulations.0.1.weight"].pieces[0][0].load().chunk(12)
+    assert torch.equal(got["transformer_blocks.0.norm2.linear.weight"].load(),
+                       torch.cat([ada[i] for i in (3, 4, 5, 9, 10, 11)])), "adaLN mismatch"
+    keys = [k for k in planned if "freqs" not in k and "position_embeddings" not in k]
+    sample = keys if size == "tiny" else keys[:: max(1, len(keys) // 40)]
+    for k in sample:
+        assert torch.equal(back[k].load(), planned[k].pieces[0][0].load()), f"{k} differs after the round trip"
+    if size == "tiny":  # torch itself reads both files written by cogpipe (the synthetic source and the round trip)
+        for f, key in ((sat_file, "module"), (sat_back / "1" / "mp_rank_00_model_states.pt", "module")):
+            sd = torch.load(f, weights_only=True, mmap=True)[key]
+            assert all(torch.equal(sd[k], planned[k].pieces[0][0].load()) for k in sample)
 
 
 def main() -> int:
@@ -174,80 +221,79 @@ def main() -> int:
     ap.add_argument("--size", choices=list(SIZES), default="tiny")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp/cogpipe-bench-convert")
-    ap.add_argument("--entry", choices=["module", "cogpipe"], default="module",
-                    help="run `python -m cogpipe.convert` (default) or the `cogpipe convert` console command")
-    ap.add_argument("--cold", action="store_true", help="drop the whole page cache before each run (needs root)")
-    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and the output")
+    ap.add_argument("--hot", action="store_true", help="read the source into the page cache before each cp and "
+                                                       "conversion instead of evicting it")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints and the outputs")
     ap.add_argument("--save", action="store_true", help="also write bench/results/convert_<size>_cpu.json")
     args = ap.parse_args()
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    sat, out = work / "sat", work / "out"
+    load_start = os.getloadavg()
+    info = machine(work)
+    sat, diffusers_src = work / "sat", work / "diffusers"
     t0 = time.perf_counter()
     planned = write_sat(sat, args.size)
     write_s = time.perf_counter() - t0
-    src_file = sat / "1" / "mp_rank_00_model_states.pt"
-    nbytes = src_file.stat().st_size
+    first = convert_run(sat, diffusers_src)  # the reverse direction's source (not timed against cp)
+    sources = {"sat->diffusers": sat, "diffusers->sat": diffusers_src}
 
-    runs, cold = [], True
-    for _ in range(args.repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        evict(sat)
-        cold &= drop_all_caches() if args.cold else True
-        load = os.getloadavg()[0]
-        c0 = cpu_busy()
-        base = baseline(src_file, work / "copy.bin")
-        c1 = cpu_busy()
-        evict(sat)
-        cold &= drop_all_caches() if args.cold else True
-        c2 = cpu_busy()
-        conv = convert_run(sat, out, work / "cache", args.entry)
-        c3 = cpu_busy()
-        runs.append({"baseline_read_write_s": round(base, 2), "convert_wall_s": conv["wall_s"],
-                     "convert_peak_rss_mib": conv["peak_rss_mib"], "ratio": round(conv["wall_s"] / base, 3),
-                     "expected_shapes": conv["expected_shapes"], "loadavg_1min_before": round(load, 2),
-                     "system_cpu_busy_baseline": round((c1[0] - c0[0]) / max(1, c1[1] - c0[1]), 2),
-                     "system_cpu_busy_convert": round((c3[0] - c2[0]) / max(1, c3[1] - c2[1]), 2)})
-    summary = conv["summary"]
+    runs: dict[str, list[dict]] = {d: [] for d in DIRECTIONS}
+    for r in range(args.repeat):
+        for direction in DIRECTIONS:
+            src, out, copy = sources[direction], work / "out", work / "copy"
+            shutil.rmtree(out, ignore_errors=True)
+            row = {"repeat": r, "order": "cp first" if r % 2 == 0 else "conversion first"}
+            for step in (("cp", "convert") if r % 2 == 0 else ("convert", "cp")):
+                prepare(src, args.hot)
+                load, c0 = os.getloadavg()[0], cpu_busy()
+                if step == "cp":
+                    row.update(cp_run(src, copy))
+                else:
+                    conv = convert_run(src, out)
+                    row.update(convert_wall_s=conv["wall_s"], convert_peak_rss_mib=conv["peak_rss_mib"])
+                row[f"loadavg_1min_before_{step}"] = round(load, 2)
+                row[f"system_cpu_busy_{step}"] = busy_share(c0, cpu_busy())
+            row["ratio"] = round(row["convert_wall_s"] / max(row["cp_sync_s"], 1e-3), 3)
+            row["ratio_to_cp_alone"] = round(row["convert_wall_s"] / max(row["cp_s"], 1e-3), 3)
+            runs[direction].append(row)
+            if direction == "diffusers->sat" and r == args.repeat - 1:
+                check(args.size, planned, sat / "1" / "mp_rank_00_model_states.pt", diffusers_src, out)
 
-    # spot check: converted tensors equal the source bit for bit (and torch itself reads the synthetic file)
-    got = open_state_dict(out)
-    if args.size == "tiny":
-        sd = torch.load(src_file, weights_only=True, mmap=True)["module"]
-        assert len(sd) == len(planned) and all(torch.equal(sd[k], o.pieces[0][0].load()) for k, o in planned.items())
-    h = SIZES[args.size][0]
-    qkv = planned[PREFIX + "transformer.layers.1.attention.query_key_value.weight"].pieces[0][0].load()
-    assert torch.equal(got["transformer_blocks.1.attn1.to_k.weight"].load(), qkv[h:2 * h]), "to_k mismatch"
-    ada = planned[PREFIX + "mixins.adaln_layer.adaLN_modulations.0.1.weight"].pieces[0][0].load().chunk(12)
-    assert torch.equal(got["transformer_blocks.0.norm2.linear.weight"].load(),
-                       torch.cat([ada[i] for i in (3, 4, 5, 9, 10, 11)])), "adaLN mismatch"
+    def med(direction: str, key: str) -> float:
+        return round(statistics.median(row[key] for row in runs[direction]), 3)
 
-    med = {k: statistics.median(r[k] for r in runs) for k in ("convert_wall_s", "baseline_read_write_s")}
+    summary = first["summary"]
     result = {
         "bench": "convert", "size": args.size, "model": summary["model"], "dtype": "bfloat16",
-        "source_bytes": nbytes, "tensors_in": len(planned), "tensors_out": summary["tensors"],
-        "parameters_out": summary["parameters"], "output_files": len(summary["files"]),
-        "convert_wall_s": med["convert_wall_s"], "baseline_read_write_s": med["baseline_read_write_s"],
-        "ratio_convert_to_baseline": statistics.median(r["ratio"] for r in runs),  # each run's own ratio
-        "ratio_memoised_runs": statistics.median([r["ratio"] for r in runs if r["expected_shapes"] == "memoised"]
-                                                 or [float("nan")]),
-        "convert_peak_rss_mib": max(r["convert_peak_rss_mib"] for r in runs),
-        "page_cache": ("whole page cache dropped before each run (cold libraries too)" if args.cold and cold else
-                       "checkpoint file evicted from the page cache before each run (libraries as the OS left them)"),
-        "runs": runs, "write_synthetic_s": round(write_s, 1),
-        "command": f"python bench/convert.py --size {args.size} --repeat {args.repeat}"
-                   + (" --entry cogpipe" if args.entry == "cogpipe" else ""),
-        "converter_command": " ".join(["cogpipe convert" if args.entry == "cogpipe" else
-                                       "python -m cogpipe.convert", "SAT", "OUT", "--json"]),
-        "cold_convert_wall_s": runs[0]["convert_wall_s"],
-        "measured": "medians over runs (ratio: median of each run's convert/baseline); wall of "
-                    "`python -m cogpipe.convert SAT OUT` incl. interpreter start and "
-                    "imports; run 1 starts with an empty expected-shape memo (imports diffusers), later runs reuse "
-                    "it; baseline = read the .pt + write a copy + fsync; peak RSS from /usr/bin/time -v; "
-                    "system_cpu_busy = share of both cores busy (any process) during the run",
-        "machine": machine(),
+        "source_bytes": {d: sum(f.stat().st_size for f in files(sources[d])) for d in DIRECTIONS},
+        "tensors_out": summary["tensors"], "parameters_out": summary["parameters"],
+        "directions": {d: {"ratio": med(d, "ratio"), "ratio_to_cp_alone": med(d, "ratio_to_cp_alone"),
+                           "convert_wall_s": med(d, "convert_wall_s"), "cp_s": med(d, "cp_s"),
+                           "cp_sync_s": med(d, "cp_sync_s"),
+                           "convert_peak_rss_mib": max(row["convert_peak_rss_mib"] for row in runs[d]),
+                           "runs": runs[d]} for d in DIRECTIONS},
+        "page_cache": ("source read into the page cache before each cp and each conversion (both hot)" if args.hot
+                       else "source evicted from the page cache before each cp and each conversion (both cold; "
+                            "libraries as the OS left them)"),
+        "baseline": "cp -r SRC COPY, then `sync` of the copied files (fsync each: the converter fsyncs its output); "
+                    "cp_s is the cp alone",
+        "measured": "ratio = median over repeats of convert_wall_s / cp_sync_s of the same repeat (ratio_to_cp_alone:"
+                    " / cp_s); times are medians; convert_wall_s = the whole `python -m cogpipe.convert SRC OUT` "
+                    "process (interpreter start and imports included); the converter keeps no memo between runs; "
+                    "peak RSS of the converter process from wait4 in a small wrapper interpreter (its start is "
+                    "counted in convert_wall_s); system_cpu_busy = share of all cores busy (any process) during "
+                    "that step",
+        "readahead": os.environ.get("COGPIPE_CONVERT_READAHEAD", "default (2 GiB)"),
+        "write_synthetic_s": round(write_s, 1),
+        "command": f"python bench/convert.py --size {args.size} --repeat {args.repeat}" + (" --hot" * args.hot),
+        "converter_command": "python -m cogpipe.convert SRC OUT --json",
+        "machine": {**info, "loadavg_at_start": [round(x, 2) for x in load_start],
+                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                 cwd=ROOT).stdout.strip() or None,
     }
     line = json.dumps(result)
     print(line)

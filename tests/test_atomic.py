@@ -239,12 +239,11 @@ def test_vae_pretraining_save(tmp_path):
     assert (out / "checkpoint" / "config.json").is_file() and not (out / "checkpoint" / "old.txt").exists()
 
 
-def test_converter_outputs(tmp_path, monkeypatch):
+def test_converter_outputs(tmp_path):
     from cogpipe.convert import convert
 
     from fixtures import sat as F
 
-    monkeypatch.setenv("COGPIPE_CONVERT_CACHE", str(tmp_path / "memo"))
     src = F.save_sat_folder(tmp_path / "sat_lora", F.sat_lora_only(F.sat_transformer("5b", lora_rank=4,
                                                                                       lora_layers=(0,))))
     for dst in (tmp_path / "out" / "lora", tmp_path / "out" / "lora.safetensors"):  # a folder, a file

@@ -120,3 +120,23 @@ def test_gpu_check_runs_its_code_paths_tiny_on_the_cpu(tmp_path):
     assert [(s["like"], s["mode"]) for s in steps] == [("2b", "lora"), ("5b", "lora"), ("5b-i2v", "lora"),
                                                        ("1.5-5b", "lora"), ("1.5-5b-i2v", "lora"), ("2b", "full")]
     assert all(s["step_time_s_median"] > 0 and s["flops_per_step"] > 0 for s in steps)
+
+
+def test_convert_bench_tiny_reports_both_directions_against_cp(tmp_path):
+    """bench/convert.py at tiny size: both directions timed against `cp` of the same bytes in the same run, the
+    round trip checked bit for bit (the script asserts it), one JSON line."""
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "convert.py"), "--size", "tiny", "--repeat", "2",
+                        "--workdir", str(tmp_path / "work")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    r = json.loads(lines[0])
+    assert r["size"] == "tiny" and set(r["directions"]) == {"sat->diffusers", "diffusers->sat"}
+    for d in r["directions"].values():
+        assert [run["order"] for run in d["runs"]] == ["cp first", "conversion first"]
+        for run in d["runs"]:
+            assert run["ratio"] == pytest.approx(run["convert_wall_s"] / run["cp_sync_s"], rel=1e-2)
+            assert run["cp_sync_s"] >= run["cp_s"] > 0 and 0 < run["convert_peak_rss_mib"] < 1024
+        assert d["ratio"] == pytest.approx(statistics.median(run["ratio"] for run in d["runs"]), rel=1e-3)
+    assert r["machine"]["cores"] == os.cpu_count() and r["machine"]["disk"]["filesystem"]
+    assert "evicted" in r["page_cache"] and not (tmp_path / "work").exists()

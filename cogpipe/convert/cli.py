@@ -44,19 +44,25 @@ def _overrides(items: list[str]) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..weights import CheckpointError
-    from .core import convert
-    from .detect import ConversionError
+    from . import fastcopy
 
     sets = _overrides(args.set)
+    readahead = fastcopy.start(args.src)  # the disk reads the source while torch is imported
     try:
-        summary = convert(args.src, args.dst, dtype=args.dtype, lora_mode=args.lora_mode,
-                          text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                          transformer_config=sets["transformer"], vae_config=sets["vae"],
-                          sat_lora_alpha=args.sat_lora_alpha, max_shard_size=args.max_shard_size,
-                          overwrite=args.overwrite)
-    except (ConversionError, CheckpointError) as e:
-        print(f"cogpipe convert: error: {e}", file=sys.stderr)
-        return 1
+        from ..weights import CheckpointError
+        from .core import convert
+        from .detect import ConversionError
+
+        try:
+            summary = convert(args.src, args.dst, dtype=args.dtype, lora_mode=args.lora_mode,
+                              text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                              transformer_config=sets["transformer"], vae_config=sets["vae"],
+                              sat_lora_alpha=args.sat_lora_alpha, max_shard_size=args.max_shard_size,
+                              overwrite=args.overwrite)
+        except (ConversionError, CheckpointError) as e:
+            print(f"cogpipe convert: error: {e}", file=sys.stderr)
+            return 1
+    finally:
+        fastcopy.stop(readahead)
     print(json.dumps(summary.to_dict()) if args.json else summary)
     return 0

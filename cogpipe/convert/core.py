@@ -1,10 +1,11 @@
 """SAT <-> Diffusers conversions of the transformer, VAE, LoRA and whole pipelines.
 
 Each conversion: read the source lazily, detect the model from its tensors, plan every output tensor from the
-mapping (mapping.py), validate the plan against the real Diffusers class instantiated on the meta device,
-stream the tensors into a temporary folder, check what was written, rename the folder into place and return
-a Summary. A conversion first sweeps the temps that a killed conversion to the same destination left
-(cogpipe.atomic).
+mapping (mapping.py), validate the plan against the Diffusers class's shape rules (shapes.py: data and
+arithmetic, checked against the real classes by the tests; diffusers is never imported), stream the tensors into
+a temporary folder (byte ranges copied by the kernel where no cast is asked for: io.direct_spans), check what
+was written, rename the folder into place and return a Summary. A conversion first sweeps the temps that a
+killed conversion to the same destination left (cogpipe.atomic).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from .. import atomic
 from ..family import DTYPES, LORA_FILE, VARIANTS, family_values, is_i2v, scheduler_config
 from ..weights import LazyTensor, diagnose, materialize, open_state_dict, read_safetensors
-from . import detect
-from .detect import ConversionError, _is_lora_key, expected_shapes, split_sat, transformer_config, vae_config
+from . import detect, fastcopy, shapes
+from .detect import ConversionError, _is_lora_key, split_sat, transformer_config, vae_config
 from .io import Out, atomic_dir, check_written, write_safetensors, write_torch
 from .mapping import LORA, SAT_PREFIX, TRANSFORMER, VAE
+from .shapes import expected_shapes
 
 SAT_MAX_SEQUENCE_LENGTH = 64  # transformer_args.max_sequence_length in CogVideoX's SAT configs
 COGPIPE_LORA_META = "cogpipe_sat_lora"  # safetensors metadata: how the SAT scale was baked in
@@ -101,12 +103,16 @@ def convert(src, dst, *, dtype: str | torch.dtype | None = None, lora_mode: str 
                 overwrite)
     src, dst = Path(src), Path(dst)
     atomic.sweep(dst.parent, dst.name)
-    fmt, kind = detect.source_kind(src)
-    fn = {("sat", "transformer"): sat_transformer, ("sat", "vae"): sat_vae, ("sat", "lora"): sat_lora,
-          ("sat", "pipeline"): sat_pipeline, ("diffusers", "transformer"): diffusers_transformer,
-          ("diffusers", "vae"): diffusers_vae, ("diffusers", "lora"): diffusers_lora,
-          ("diffusers", "pipeline"): diffusers_pipeline}[(fmt, kind)]
-    return fn(src, dst, o)
+    readahead = fastcopy.start(src)  # None when the command line started it already
+    try:
+        fmt, kind = detect.source_kind(src)
+        fn = {("sat", "transformer"): sat_transformer, ("sat", "vae"): sat_vae, ("sat", "lora"): sat_lora,
+              ("sat", "pipeline"): sat_pipeline, ("diffusers", "transformer"): diffusers_transformer,
+              ("diffusers", "vae"): diffusers_vae, ("diffusers", "lora"): diffusers_lora,
+              ("diffusers", "pipeline"): diffusers_pipeline}[(fmt, kind)]
+        return fn(src, dst, o)
+    finally:
+        fastcopy.stop(readahead)
 
 
 # --- planning and validation -----------------------------------------------------------------------------------------
@@ -203,21 +209,6 @@ def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = No
                     files=[str(dst / f.name) for f in files])
 
 
-def _sincos_table(cfg: dict, dtype) -> torch.Tensor:
-    """The frozen 3D sin-cos table SAT keeps in its checkpoints (text rows zero), as Diffusers computes it."""
-    from diffusers.models.embeddings import CogVideoXPatchEmbed
-
-    pe = CogVideoXPatchEmbed(patch_size=cfg["patch_size"], in_channels=1, embed_dim=cfg["num_attention_heads"] *
-                             cfg["attention_head_dim"], text_embed_dim=1, sample_width=cfg["sample_width"],
-                             sample_height=cfg["sample_height"], sample_frames=cfg["sample_frames"],
-                             temporal_compression_ratio=cfg["temporal_compression_ratio"],
-                             max_text_seq_length=cfg["max_text_seq_length"],
-                             spatial_interpolation_scale=cfg["spatial_interpolation_scale"],
-                             temporal_interpolation_scale=cfg["temporal_interpolation_scale"],
-                             use_positional_embeddings=True, use_learned_positional_embeddings=False)
-    return pe.pos_embedding.to(dtype)
-
-
 _DETECTED = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim",
              "ofs_embed_dim", "text_embed_dim", "num_layers", "patch_size", "patch_size_t",
              "use_rotary_positional_embeddings", "use_learned_positional_embeddings")
@@ -232,7 +223,7 @@ def diffusers_transformer(src: Path, dst: Path, o: Options) -> Summary:
     outs = plan_to_sat(TRANSFORMER, sd, cfg, o.dtype, src, prefix=SAT_PREFIX)
     notes = []
     if not cfg["use_rotary_positional_embeddings"]:
-        table = _sincos_table(cfg, o.dtype or sd["patch_embed.proj.weight"].dtype)
+        table = shapes.sincos_pos_embedding(cfg).to(o.dtype or sd["patch_embed.proj.weight"].dtype)
         outs.append(Out(SAT_PREFIX + "mixins.pos_embed.pos_embedding", [(table, 0, 1)], table.dtype))
         notes.append("wrote SAT's frozen 3D sin-cos table mixins.pos_embed.pos_embedding (SAT loads it, "
                      "Diffusers recomputes it)")
@@ -483,16 +474,15 @@ def sat_pipeline(src: Path, dst: Path, o: Options) -> Summary:
         raise ConversionError(f"{src}: a SAT pipeline folder needs transformer/ and vae/; to convert one part, "
                               f"pass that subfolder")
     v_file = next((f for f in sorted(v_src.iterdir()) if f.suffix in (".pt", ".pth", ".ckpt")), v_src)
-    import diffusers
-
     with atomic_dir(dst, o.overwrite) as tmp:
         t = sat_transformer(t_src, tmp / "transformer", o, lora_dst=tmp / "lora")
         fam = family_values(t.config)
         v = sat_vae(v_file, tmp / "vae", o, family={k: fam[k] for k in ("scaling_factor", "invert_scale_latents")})
-        diffusers.CogVideoXDDIMScheduler(**scheduler_config(t.config)).save_pretrained(tmp / "scheduler")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(shapes.scheduler_json(**scheduler_config(t.config)))
         te, tok, notes = _copy_text_encoder(o, tmp)
         pipe = "CogVideoXImageToVideoPipeline" if is_i2v(t.config) else "CogVideoXPipeline"
-        index = {"_class_name": pipe, "_diffusers_version": diffusers.__version__,
+        index = {"_class_name": pipe, "_diffusers_version": shapes.diffusers_version(),
                  "scheduler": ["diffusers", "CogVideoXDDIMScheduler"], "text_encoder": te, "tokenizer": tok,
                  "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
                  "vae": ["diffusers", "AutoencoderKLCogVideoX"]}

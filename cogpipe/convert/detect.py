@@ -5,11 +5,10 @@ What the shapes do not say (VAE scaling, schedule shift) comes from the family t
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
-from .. import atomic, family
+from .. import family
 from ..family import family_values, is_i2v, scheduler_config  # noqa: F401 (detect's API, read from the table)
 from ..weights import open_state_dict, read_safetensors
 from .mapping import SAT_PREFIX
@@ -168,52 +167,3 @@ def vae_config(shapes: dict[str, tuple], src="checkpoint") -> dict:
         block_out_channels=[_need(shapes, f"encoder.down.{i}.block.0.conv1.conv.weight", src)[0] for i in down],
         latent_channels=_need(shapes, "decoder.conv_in.conv.weight", src)[1], layers_per_block=len(blocks),
     )
-
-
-# --- what the target needs: the real Diffusers classes, on the meta device -------------------------------------------
-
-
-def diffusers_model(cls_name: str, cfg: dict):
-    """Instantiate the Diffusers class on the meta device: its state dict gives every expected key and shape."""
-    import diffusers
-    import torch
-
-    cls = getattr(diffusers, cls_name)
-    with torch.device("meta"):
-        return cls.from_config(cfg)
-
-
-def _cache_file(cls_name: str, cfg: dict) -> Path | None:
-    """Where the expected shapes of (class, config, diffusers version) are memoised; None when disabled."""
-    import hashlib
-    import importlib.metadata
-
-    root = os.environ.get("COGPIPE_CONVERT_CACHE", str(Path.home() / ".cache" / "cogpipe" / "convert"))
-    if root.lower() in ("", "0", "off"):
-        return None
-    key = json.dumps([cls_name, importlib.metadata.version("diffusers"), cfg], sort_keys=True, default=str)
-    return Path(root) / f"{cls_name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
-
-
-def expected_shapes(cls_name: str, cfg: dict) -> tuple[dict[str, tuple], str]:
-    """-> ({key: shape} the Diffusers class needs for `cfg`, its config.json text).
-
-    Computed by instantiating the real class on the meta device. Importing diffusers costs ~7 s of CPU on a
-    small machine, so the answer is memoised per (class, config, diffusers version) in $COGPIPE_CONVERT_CACHE
-    (default ~/.cache/cogpipe/convert; "off" disables)."""
-    cache = _cache_file(cls_name, cfg)
-    if cache is not None and cache.is_file():
-        try:
-            data = json.loads(cache.read_text())
-            return {k: tuple(v) for k, v in data["shapes"].items()}, data["config"]
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable memo: recompute
-    model = diffusers_model(cls_name, cfg)
-    shapes, config = {k: tuple(v.shape) for k, v in model.state_dict().items()}, model.to_json_string()
-    if cache is not None:
-        try:
-            atomic.sweep(cache.parent, cache.name)
-            atomic.write_json(cache, {"shapes": shapes, "config": config})
-        except OSError:
-            pass  # a read-only home only costs the recomputation next time
-    return shapes, config

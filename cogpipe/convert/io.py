@@ -1,9 +1,11 @@
-"""Streaming output: one tensor in memory at a time, written straight to safetensors shards or a torch zip.
+"""Streaming output, written straight to safetensors shards or a torch zip.
 
-An `Out` says how to build one output tensor from pieces of lazily-read source tensors (see mapping.Piece);
-`produce_parts(out)` reads its sources. Writers lay out the header from the planned shapes first, then fill
-it tensor by tensor, fsync, and the caller renames the finished folder into place (`atomic_dir`, over
-cogpipe.atomic.folder).
+An `Out` says how to build one output tensor from pieces of lazily-read source tensors (see mapping.Piece).
+When those pieces are byte ranges of the source files in the output's dtype (`direct_spans`: every SAT <->
+Diffusers rule without --dtype or a merged LoRA), the kernel copies them file to file (fastcopy.Sink.copy);
+otherwise `Producer` builds the tensor in memory, one source tensor at a time. Writers lay out the header from
+the planned shapes first, then fill it tensor by tensor, fsync, and the caller renames the finished folder into
+place (`atomic_dir`, over cogpipe.atomic.folder).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import torch
 
 from .. import atomic
 from ..weights import SAFETENSORS_DTYPE_NAMES, STORAGE_NAMES, LazyTensor, materialize, read_safetensors
+from . import fastcopy
 from .detect import ConversionError
+from .fastcopy import Sink, Span
+from .torchzip import TorchZipWriter
 
 
 @dataclass
@@ -86,30 +91,54 @@ def produce_parts(out: Out, load: Callable = materialize) -> list[torch.Tensor]:
     return parts
 
 
-def _stream(outs: list[Out]):
-    """Yield (out, row blocks) in order, one source tensor in memory at a time.
+class Producer:
+    """Builds outputs one after the other, one source tensor in memory at a time (the path for outputs that
+    `direct_spans` cannot copy: casts, merged LoRA, tensors made in memory).
 
     Outputs are planned in source order, so the outputs cut from one source (q, k, v from qkv; norm1 and norm2
-    from the adaLN modulation) follow each other: the source is read once, sequentially, into a buffer reused
-    for the whole conversion (fresh allocations per tensor cost page faults: ~40% more system time on 5B).
-    Each yielded block is only valid until the next output is requested."""
-    scratch = torch.empty(0, dtype=torch.uint8)
-    last = (None, None)
+    from the adaLN modulation) follow each other: the source is read once, into a buffer reused for the whole
+    conversion (fresh allocations per tensor cost page faults: ~40% more system time on 5B). The blocks
+    returned are only valid until the next call."""
 
-    def load(src):
-        nonlocal scratch, last
-        if last[0] is not src:
+    def __init__(self):
+        self.scratch = torch.empty(0, dtype=torch.uint8)
+        self.last = (None, None)
+
+    def _load(self, src):
+        if self.last[0] is not src:
             if isinstance(src, LazyTensor) and src.is_contiguous():
-                if scratch.numel() < src.nbytes:
-                    scratch = torch.empty(src.nbytes, dtype=torch.uint8)
-                last = (src, src.load(into=scratch))
+                if self.scratch.numel() < src.nbytes:
+                    self.scratch = torch.empty(src.nbytes, dtype=torch.uint8)
+                self.last = (src, src.load(into=self.scratch))
             else:
-                last = (src, materialize(src))
-        return last[1]
+                self.last = (src, materialize(src))
+            fastcopy.consumed(getattr(src, "nbytes", 0))
+        return self.last[1]
 
-    for out in outs:
+    def __call__(self, out: Out) -> list[torch.Tensor]:
         single = len({id(src) for src, _, _ in out.pieces}) == 1
-        yield out, produce_parts(out, load if single else materialize)
+        return produce_parts(out, self._load if single else materialize)
+
+
+def direct_spans(out: Out) -> list[Span] | None:
+    """`out`'s bytes as byte ranges of its source files, when it is rows of contiguous on-disk tensors in their
+    own dtype (no cast, no merge); else None. Adjacent ranges are merged (to_q, to_k, to_v back into qkv)."""
+    if out.merge:
+        return None
+    spans: list[Span] = []
+    for src, idx, count, n in _runs(out.pieces):
+        if not isinstance(src, LazyTensor) or src.dtype != out.dtype or not src.is_contiguous() or \
+                (count > 1 and (not src.shape or src.shape[0] % count)):
+            return None
+        part = src.nbytes // count
+        start = src.offset + src.elem_offset * src.dtype.itemsize + idx * part
+        if spans and spans[-1].path == src.path and spans[-1].offset + spans[-1].nbytes == start:
+            spans[-1] = Span(src.path, spans[-1].offset, spans[-1].nbytes + n * part)
+        elif n * part:
+            spans.append(Span(src.path, start, n * part))
+    if sum(s.nbytes for s in spans) != out.nbytes:
+        return None  # the shapes do not add up: the tensor path says why
+    return spans
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -143,7 +172,7 @@ def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_s
         size += out.nbytes
     n = len(shards)
     names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    it = _stream(outs)
+    produce = Producer()
     for name, shard in zip(names, shards):
         header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
         for out in shard:
@@ -152,11 +181,15 @@ def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_s
             offset += out.nbytes
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)
-        with open(folder / name, "wb") as f:
+        with Sink(folder / name) as f:
             f.write(struct.pack("<Q", len(head)) + head)
             for out in shard:
-                for block in next(it)[1]:
-                    f.write(_bytes(block))
+                spans = direct_spans(out)
+                if spans is not None:
+                    f.copy(spans)
+                else:
+                    for block in produce(out):
+                        f.write(_bytes(block))
     for name in names:  # once at the end: an fsync per shard would stall reading while a shard drains
         atomic.fsync(folder / name)
     if n > 1:
@@ -207,23 +240,24 @@ class _Pickler(pickle.Pickler):
 
 
 def write_torch(path: Path, outs: list[Out], wrap: Callable[[dict], Any]) -> None:
-    """Write a torch.load-able zip whose object is wrap({name: tensor}), streaming one tensor at a time."""
+    """Write a torch.load-able zip whose object is wrap({name: tensor}), one tensor at a time: byte ranges of the
+    sources copied by the kernel where possible (direct_spans), else built in memory."""
     import io
 
     refs = collections.OrderedDict((o.name, _TensorRef(str(k), o)) for k, o in enumerate(outs))
     buf = io.BytesIO()
     _Pickler(buf, protocol=2).dump(wrap(refs))
-    writer = torch._C.PyTorchFileWriter(str(path))
-    writer.write_record("data.pkl", buf.getvalue(), len(buf.getvalue()))
-    writer.write_record("byteorder", b"little", 6)
-    for k, (out, parts) in enumerate(_stream(outs)):
-        t = parts[0] if len(parts) == 1 else torch.cat(parts)
-        nbytes = t.numel() * t.element_size()
-        if not t.is_contiguous() or t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
-            t = t.clone(memory_format=torch.contiguous_format)
-        writer.write_record(f"data/{k}", t.untyped_storage() if nbytes else b"", nbytes)
-    writer.write_end_of_file()
-    del writer
+    produce = Producer()
+    with TorchZipWriter(path) as z:
+        z.begin(buf.getvalue())
+        for k, out in enumerate(outs):
+            spans = direct_spans(out)
+            if spans is not None:
+                z.add_spans(f"data/{k}", spans)
+                continue
+            parts = produce(out)
+            t = parts[0] if len(parts) == 1 else torch.cat(parts)
+            z.add(f"data/{k}", _bytes(t) if t.numel() else b"")
     atomic.fsync(path)
 
 
