@@ -75,8 +75,8 @@ def kind_of(spec: str) -> str:
         if path.suffix not in WEIGHT_SUFFIXES:
             raise ValueError(f"--model {spec}: a single-file transformer must be {', '.join(WEIGHT_SUFFIXES)}")
         return "single-file"
-    if (path / "model_index.json").is_file():
-        return "diffusers"
+    if (path / "model_index.json").is_file() or (path / "transformer" / "config.json").is_file():
+        return "diffusers"  # a SAT folder has no config.json: its transformer/ holds `latest` and iterations
     if (path / "transformer").is_dir() and (path / "vae").is_dir():
         return "sat-pipeline"
     if (path / "latest").is_file() or any(path.glob("*/mp_rank_00_model_states.pt")):
@@ -298,7 +298,7 @@ def _convert(path: Path, kind: str, entry: Path, config: dict, overrides: dict, 
 def _link_transformer(file: Path, dst: Path, config: dict) -> None:
     """A Diffusers transformer folder around a single weights file: its config.json and the file (hard-linked
     where the file system allows, else copied)."""
-    from cogpipe.convert.detect import expected_shapes
+    from cogpipe.convert.shapes import expected_shapes
 
     _, config_json = expected_shapes("CogVideoXTransformer3DModel", config)
     dst.mkdir(parents=True)
