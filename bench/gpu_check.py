@@ -118,8 +118,8 @@ def part_run(work: Path, tiny: bool) -> dict:
     clips = write_clips(work / "clips", frames, height, width)
     overrides = [f"model.pretrained={model}", f"data.root={clips}", f"output_dir={work / 'run'}",
                  f"data.frames={frames}", f"data.height={height}", f"data.width={width}", "report_to=none",
-                 "train.max_steps=2", "train.checkpoint_every=0", "validation.every=1", "validation.steps=4",
-                 f"validation.prompts=[{PROMPT}]"]
+                 "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=0", "validation.every=1",
+                 "validation.steps=4", f"validation.prompts=[{PROMPT}]"]
     if tiny:
         overrides += ["lora.rank=4", "train.mixed_precision=no", "model.weight_dtype=fp32"]
     cfg = load_config(REPO / "configs" / "cogvideox_2b_lora.yaml", overrides)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def launch(out: Path, cache: Path, steps: int, data: str) -> subprocess.Popen:
     args = [f"output_dir={out}", f"data.root={data}", f"data.cache_dir={cache}", "report_to=none",
-            f"train.max_steps={steps}", "train.checkpoint_every=1", "train.resume_from=latest",
+            f"train.max_steps={steps}", "train.checkpoint_every=1", "train.log_every=1", "train.resume_from=latest",
             "validation.steps=2", "lora.rank=4", "lora.alpha=8"]
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/tiny_lora.yaml"),
                              *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from cogpipe import plan  # noqa: E402
 from cogpipe.config import LoraConfig, ModelConfig  # noqa: E402
-from cogpipe.diffusion import add_noise, diffusion_loss, pad_for_patch_t, rotary_embeddings  # noqa: E402
+from cogpipe.diffusion import diffusion_loss, noisy_and_target, pad_for_patch_t, rotary_embeddings  # noqa: E402
 from cogpipe.family import DTYPES, VARIANTS, is_i2v, scheduler_config  # noqa: E402
 from cogpipe.models import component_configs  # noqa: E402
 
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
         t = torch.randint(0, len(alphas_cumprod), (B,), generator=g, device=device)
         patch_t = transformer_config.get("patch_size_t")
         x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
-        noisy = add_noise(x0, noise, t, alphas_cumprod)
+        noisy, target = noisy_and_target(x0, noise, t, alphas_cumprod)
         inp = noisy
         if i2v:  # first-frame latents, zero over the other frames, concatenated on channels -> 32
             image = torch.zeros_like(noisy)
@@ -152,17 +152,17 @@ def main(argv=None) -> dict:
             inp = torch.cat([noisy, image], dim=2)
         text = torch.randn(B, transformer_config["max_text_seq_length"], transformer_config["text_embed_dim"],
                            generator=g, device=device)
-        return x0, noisy, inp, text, t
+        return target, inp, text, t
 
     rope = rotary_embeddings(transformer_config, shape["latent_frames"], lh, lw, device)
     ofs = torch.full((B,), 2.0, device=device) if transformer_config.get("ofs_embed_dim") else None
 
     def step():
-        x0, noisy, inp, text, t = batch()
+        target, inp, text, t = batch()
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             v_pred = model(hidden_states=inp.to(input_dtype), encoder_hidden_states=text.to(input_dtype), timestep=t,
                            ofs=ofs, image_rotary_emb=rope, return_dict=False)[0]
-        loss = diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod)
+        loss = diffusion_loss(v_pred, target)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -119,7 +119,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only the final one
     checkpoints_total_limit: Optional[int] = None
     resume_from: Optional[str] = None  # latest | PATH to a checkpoint folder
-    log_every: int = 1
+    log_every: int = 10  # steps between the host's looks at the device: loss log, skipped steps, stop signals
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each such step is skipped)
     caption_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
     timestep_sampling: str = "uniform"  # uniform | logit_normal (t/T = sigmoid(N(mean, std)))

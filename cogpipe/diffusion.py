@@ -1,9 +1,10 @@
 """The CogVideoX training objective as pure functions.
 
-v-prediction on the CogVideoX DDIM schedule (scaled-linear betas, zero terminal SNR, SNR shift). As in
-the official finetune code the loss compares the predicted clean latents with the true ones, weighted
-by 1 / (1 - alpha_bar_t); since x0_pred - x0 = sqrt(1 - alpha_bar_t) (v - v_pred), this equals an
-unweighted MSE on v.
+v-prediction on the CogVideoX DDIM schedule (scaled-linear betas, zero terminal SNR, SNR shift). The
+official finetune code compares the predicted clean latents with the true ones, weighted by
+1 / (1 - alpha_bar_t); since x0_pred - x0 = sqrt(1 - alpha_bar_t) (v - v_pred), that is an unweighted
+MSE on v, which is what diffusion_loss computes (fewer operations a step; tests/test_objective.py
+checks the two agree).
 """
 
 from __future__ import annotations
@@ -30,30 +31,27 @@ def sample_timestep(num_train_timesteps: int, generator: torch.Generator, sampli
     return (torch.sigmoid(z) * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
-def add_noise(x0, noise, t, alphas_cumprod):
+def noisy_and_target(x0, noise, t, alphas_cumprod) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 noised to timesteps t (in x0's dtype), and the v-prediction target (fp32 for fp32 latents), from one
+    lookup of alpha_bar_t: noisy = sqrt(a) x0 + sqrt(1 - a) noise, v = sqrt(a) noise - sqrt(1 - a) x0."""
     a = _at(alphas_cumprod, t, x0)
-    return (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(x0.dtype)
+    signal, sigma = a.sqrt(), (1 - a).sqrt()
+    return (signal * x0 + sigma * noise).to(x0.dtype), signal * noise - sigma * x0
+
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    return noisy_and_target(x0, noise, t, alphas_cumprod)[0]
 
 
 def v_target(x0, noise, t, alphas_cumprod):
-    a = _at(alphas_cumprod, t, x0)
-    return a.sqrt() * noise - (1 - a).sqrt() * x0
+    return noisy_and_target(x0, noise, t, alphas_cumprod)[1]
 
 
-def x0_from_v(noisy, v, t, alphas_cumprod):
-    a = _at(alphas_cumprod, t, noisy)
-    return a.sqrt() * noisy.float() - (1 - a).sqrt() * v.float()
-
-
-def loss_weight(t, alphas_cumprod, like):
-    return 1.0 / (1.0 - _at(alphas_cumprod, t, like))
-
-
-def diffusion_loss(v_pred, x0, noisy, t, alphas_cumprod) -> torch.Tensor:
-    """Mean over the batch of the 1/(1 - alpha_bar_t)-weighted squared error of the predicted x0."""
-    x0_pred = x0_from_v(noisy, v_pred, t, alphas_cumprod)
-    err = loss_weight(t, alphas_cumprod, x0) * (x0_pred - x0.float()) ** 2
-    return err.flatten(1).mean(1).mean()
+def diffusion_loss(v_pred, target) -> torch.Tensor:
+    """The CogVideoX finetune loss: the 1/(1 - alpha_bar_t)-weighted squared error of the predicted clean latents,
+    averaged per example, then over the batch. Since x0_pred - x0 = sqrt(1 - alpha_bar_t) (v - v_pred), it is the
+    squared error of v itself, and the examples of a batch share one shape: one MSE over the batch, in fp32."""
+    return torch.nn.functional.mse_loss(v_pred.float(), target)
 
 
 def pad_for_patch_t(latents: torch.Tensor, patch_t) -> torch.Tensor:
@@ -100,6 +98,7 @@ class RotaryTables:
 class ModelInputs:
     x0: torch.Tensor  # (B, F, C, H, W): clean latents, padded for patch_t
     noisy: torch.Tensor  # (B, F, C, H, W): x0 noised to the batch's timesteps
+    target: torch.Tensor  # (B, F, C, H, W): the v-prediction target, fp32
     kwargs: dict  # the CogVideoXTransformer3DModel forward's keyword arguments
 
 
@@ -111,10 +110,10 @@ def model_inputs(x0, noise, timesteps, prompt_embeds, image_latents, *, transfor
     latent shape; ofs = 2 where the model embeds it (1.5-I2V). Latents and prompt embeddings in `dtype`."""
     patch_t = transformer_config.get("patch_size_t")
     x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
-    noisy = add_noise(x0, noise, timesteps, alphas_cumprod)  # (B, F, C, H, W)
+    noisy, target = noisy_and_target(x0, noise, timesteps, alphas_cumprod)  # (B, F, C, H, W)
     hidden = noisy if image_latents is None else torch.cat([noisy, pad_for_patch_t(image_latents, patch_t)], dim=2)
     batch, frames, _, height, width = x0.shape
     ofs = torch.full((batch,), 2.0, device=x0.device) if transformer_config.get("ofs_embed_dim") else None
     kwargs = dict(hidden_states=hidden.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype), timestep=timesteps,
                   ofs=ofs, image_rotary_emb=rotary(frames, height, width, x0.device), return_dict=False)
-    return ModelInputs(x0=x0, noisy=noisy, kwargs=kwargs)
+    return ModelInputs(x0=x0, noisy=noisy, target=target, kwargs=kwargs)

@@ -41,37 +41,32 @@ def start(accelerator, cfg, resumed_step: int) -> None:
 
 
 class StepMeter:
-    """What a step's micro-batches leave on the device: their summed loss and whether any was non-finite, and the
-    run's counts of skipped steps (in all, and in a row). The host reads them only when it logs or saves, so a
-    step never waits for the device; `end_step` combines the processes' values in one small all-reduce."""
+    """What a step's micro-batches leave on the device: their summed loss, and the run's counts of skipped steps (in
+    all, and in a row). A non-finite loss anywhere makes the sum non-finite (NaN and inf survive every sum), so the
+    sum alone tells whether a step must be skipped. The host reads the values only when it logs or saves, so a step
+    never waits for the device; `end_step` combines the processes' sums in one scalar all-reduce."""
 
     def __init__(self, grad_accum: int, device):
         self.grad_accum, self.device = grad_accum, device
-        self.loss_sum = torch.zeros((), device=device)
-        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.loss_sum = None  # this step's micro-batch losses so far
         self.skipped = torch.zeros((), device=device)
         self.in_a_row = torch.zeros((), device=device)
         self.tic, self.steps = time.perf_counter(), 0
 
     def add(self, loss: torch.Tensor) -> None:
         loss = loss.detach().float()
-        self.loss_sum += loss
-        self.bad |= ~torch.isfinite(loss)
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
 
     def end_step(self, accelerator, also_skipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean loss over micro-batches and processes, skipped: 1. when any process saw a non-finite loss, or
-        `also_skipped`), both on the device; the counters advance, the sums reset."""
+        `also_skipped`), both on the device; the counters advance, the sum resets."""
+        mean = self.loss_sum / self.grad_accum if self.grad_accum > 1 else self.loss_sum
         if accelerator.num_processes > 1:
-            both = accelerator.reduce(torch.stack([self.loss_sum / self.grad_accum, self.bad.float()]), "sum")
-            mean, bad = both[0] / accelerator.num_processes, (both[1] > 0).float()
-        else:
-            mean, bad = self.loss_sum / self.grad_accum, self.bad.float()
-        if also_skipped:
-            bad = torch.ones_like(bad)
+            mean = accelerator.reduce(mean, "sum") / accelerator.num_processes
+        bad = torch.ones_like(mean) if also_skipped else (~torch.isfinite(mean)).float()
         self.skipped += bad
         self.in_a_row = (self.in_a_row + 1) * bad
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.loss_sum = None
         self.steps += 1
         return mean, bad
 

@@ -13,6 +13,8 @@ batches.py: every random draw is seeded by (seed, micro-step, slot).
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
 from pathlib import Path
@@ -78,6 +80,7 @@ class Model:
     rotary: RotaryTables
     params: list  # the trainable parameters
     trainable_names: list[str] = None
+    unwrapped: torch.nn.Module = None  # the transformer inside accelerate's wrapper (unwrapping costs ~1 ms)
 
 
 @dataclass
@@ -184,7 +187,8 @@ def _prepare_optimizer(run: Run, model: Model) -> Optimization:
     model.transformer, optimizer = acc.prepare(model.transformer, optimizer)
     model.input_dtype = sharding.input_dtype(acc, model.weight_dtype)
     acc.register_for_checkpointing(lr_scheduler)
-    trainable = [(n, p) for n, p in acc.unwrap_model(model.transformer).named_parameters() if p.requires_grad]
+    model.unwrapped = acc.unwrap_model(model.transformer)
+    trainable = [(n, p) for n, p in model.unwrapped.named_parameters() if p.requires_grad]
     model.trainable_names = [sharding.clean_name(n) for n, _ in trainable]
     # the EMA lives where the trained parameters live (after prepare: on the accelerator's device), in fp32
     ema = {n: p.detach().clone().float() for n, p in trainable} if cfg.train.ema_decay > 0 else None
@@ -229,7 +233,7 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
     with acc.accumulate(model.transformer):
         with acc.autocast():
             v_pred = model.transformer(**inputs.kwargs)[0]
-        loss = diffusion_loss(v_pred, inputs.x0, inputs.noisy, inputs.kwargs["timestep"], model.alphas_cumprod)
+        loss = diffusion_loss(v_pred, inputs.target)
         checkpoint.failpoint(f"train-step:{step + 1}")
         if checkpoint.failpoint(f"loss:{step + 1}:{acc.process_index}") == "NAN":  # the fault tests' non-finite loss
             loss = loss * float("nan")
@@ -248,22 +252,24 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
             grad_norm = sharding.clip_grad_norm(acc, model.params, cfg.train.max_grad_norm)
             step_unless_skipped(opt.optimizer, skipped)
         if opt.ema is not None:
-            update_ema(opt.ema, acc.unwrap_model(model.transformer), cfg.train.ema_decay, skipped)
+            update_ema(opt.ema, model.unwrapped, cfg.train.ema_decay, skipped)
     return mean, grad_norm, skipped
 
 
-def _check_skips(run: Run, state: TrainState, meter: StepMeter, logs: dict, save: Callable) -> None:
-    """At the logging cadence: take the skipped-step counts from the device, report new ones, and after
-    train.max_bad_steps non-finite losses in a row save the last good weights and stop."""
+def _count_skips(run: Run, state: TrainState, meter: StepMeter, loss: float) -> None:
+    """At the logging cadence: take the skipped-step counts from the device and report new ones."""
     skipped, in_a_row = int(meter.skipped.item()), int(meter.in_a_row.item())
     if skipped > state.skipped_steps:
-        run.log(f"step {state.step}: non-finite loss ({logs['loss']}); update skipped "
-                f"({in_a_row} in a row, {skipped} in all)")
+        run.log(f"step {state.step}: non-finite loss ({loss}); update skipped ({in_a_row} in a row, {skipped} in all)")
     state.skipped_steps, state.bad_in_a_row = skipped, in_a_row
+
+
+def _stop_if_diverged(run: Run, state: TrainState, save: Callable) -> None:
+    """After train.max_bad_steps non-finite losses in a row (as last counted): save the last good weights, stop."""
     limit = run.cfg.train.max_bad_steps
-    if in_a_row >= limit:
+    if state.bad_in_a_row >= limit:
         saved = save()
-        raise FloatingPointError(f"{in_a_row} non-finite losses in a row (train.max_bad_steps={limit}) at "
+        raise FloatingPointError(f"{state.bad_in_a_row} non-finite losses in a row (train.max_bad_steps={limit}) at "
                                  f"step {state.step}; the last good weights are saved in {saved}. Lower train.lr, "
                                  f"check the data, or use train.mixed_precision=bf16 instead of fp16")
 
@@ -304,7 +310,7 @@ def train(cfg: Config) -> Path:
     bar = tqdm(total=tc.max_steps, initial=state.step, disable=not acc.is_local_main_process, desc="train")
     model.transformer.train()
     try:
-        with StopSignals() as stop:
+        with StopSignals() as stop, _setup_heap_frozen():
             while state.step < tc.max_steps:
                 batch = draw_batch(next(batches), micro_step=state.micro_step, rank=acc.process_index,
                                    world=acc.num_processes, draws=data.draws, device=acc.device)
@@ -327,8 +333,9 @@ def train(cfg: Config) -> Path:
                     mean, grad_norm, skipped = (t.item() for t in stepped)
                     logs = {"loss": mean, "lr": opt.lr_scheduler.get_last_lr()[0],
                             "grad_norm": float("nan") if skipped else grad_norm, "steps_per_s": meter.rate()}
-                    _check_skips(run, state, meter, logs, save)
+                    _count_skips(run, state, meter, mean)
                     tracking.log_step(acc, metrics, state.step, {**logs, "skipped_steps": state.skipped_steps}, bar)
+                    _stop_if_diverged(run, state, save)
                 if state.step == tc.max_steps or (tc.checkpoint_every and state.step % tc.checkpoint_every == 0):
                     save()
                 if cfg.validation.every and state.step % cfg.validation.every == 0 and state.step < tc.max_steps:
@@ -342,7 +349,7 @@ def train(cfg: Config) -> Path:
     finally:
         bar.close()
         metrics.close()
-    model.transformer = opt.optimizer = None  # the export reads the final checkpoint: free the training copies
+    model.transformer = model.unwrapped = opt.optimizer = None  # the export reads the final checkpoint: free them
     acc.free_memory()
     sharding.end_sharded_setup()
     _finish(run, state)
@@ -363,6 +370,20 @@ def _loader(run: Run, data: TrainData, state: TrainState):
     return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                        pin_memory=acc.device.type == "cuda", prefetch_factor=4 if workers else None,
                                        persistent_workers=False)
+
+
+@contextmanager
+def _setup_heap_frozen():
+    """Garbage collection in the loop looks only at what the loop allocates. The setup leaves hundreds of thousands
+    of live objects (the libraries, tokenizer, configs); Python's periodic full collections would walk them all (a
+    third of a second each on a small CPU), so they are collected once (which also frees the encoders' cycles) and
+    frozen for the loop's duration."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _stop_signal(accelerator, stop: StopSignals) -> int:

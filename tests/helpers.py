@@ -46,7 +46,8 @@ def tiny_overrides(data_root, output_dir, cache_dir, **extra) -> list[str]:
     base = {"model.pretrained": "null",
             "data.root": data_root, "output_dir": output_dir, "data.cache_dir": cache_dir, "report_to": "none",
             "train.max_steps": 4, "train.checkpoint_every": 2, "train.batch_size": 2, "lora.rank": 4,
-            "lora.alpha": 8, "validation.steps": 2, "train.lr": 1e-2, "train.warmup_steps": 0}
+            "lora.alpha": 8, "validation.steps": 2, "train.lr": 1e-2, "train.warmup_steps": 0,
+            "train.log_every": 1}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

@@ -159,26 +159,34 @@ def test_cogpipe_check_command(tmp_path, capsys):
 
 # ---- faults while training --------------------------------------------------------------------
 
-def test_non_finite_losses_are_skipped_then_stop(clips, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every,stop_step,in_a_row,skipped", [(1, 6, 3, 4), (4, 8, 5, 6)])
+def test_non_finite_losses_are_skipped_then_stop(clips, tmp_path, monkeypatch, log_every, stop_step, in_a_row,
+                                                 skipped):
+    """Steps 2 and from 4 on give NaN. The host sees the device's counts only every train.log_every steps: with 1 the
+    run stops at the third bad step in a row (6); with 4 at the first look after it (8, five in a row)."""
     import cogpipe.training as training
 
     real = training.diffusion_loss
     calls = {"n": 0}
 
-    def flaky(*args):  # steps 2 and from 4 on give NaN
+    def flaky(*args):
         calls["n"] += 1
         loss = real(*args)
         return loss * float("nan") if calls["n"] == 2 or calls["n"] >= 4 else loss
 
     monkeypatch.setattr(training, "diffusion_loss", flaky)
-    cfg = _cfg(clips, tmp_path, **{"train.max_steps": 20, "train.checkpoint_every": 0, "train.max_bad_steps": 3})
-    with pytest.raises(FloatingPointError, match="3 non-finite losses in a row") as e:
+    cfg = _cfg(clips, tmp_path, **{"train.max_steps": 20, "train.checkpoint_every": 0, "train.max_bad_steps": 3,
+                                   "train.log_every": log_every})
+    with pytest.raises(FloatingPointError, match=f"{in_a_row} non-finite losses in a row") as e:
         training.train(cfg)
-    assert "checkpoint-000006" in str(e.value)
-    state = checkpoint.read_state(tmp_path / "out" / "checkpoints" / "checkpoint-000006")
-    assert state["step"] == 6 and state["skipped_steps"] == 4
-    weights = load_file(str(tmp_path / "out" / "checkpoints" / "checkpoint-000006" / checkpoint.TRAINABLE))
+    name = f"checkpoint-{stop_step:06d}"
+    assert name in str(e.value)
+    state = checkpoint.read_state(tmp_path / "out" / "checkpoints" / name)
+    assert state["step"] == stop_step and state["skipped_steps"] == skipped
+    weights = load_file(str(tmp_path / "out" / "checkpoints" / name / checkpoint.TRAINABLE))
     assert all(torch.isfinite(v).all() for v in weights.values())
+    logged = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(log_every, stop_step + 1, log_every))
 
 
 def test_full_disk_keeps_the_previous_checkpoint(clips, tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import torch
 
 from cogpipe import models
 from cogpipe.config import ModelConfig
-from cogpipe.diffusion import RotaryTables, add_noise, diffusion_loss, model_inputs, v_target
+from cogpipe.diffusion import RotaryTables, add_noise, diffusion_loss, model_inputs, noisy_and_target, v_target
 
 
 def _scheduler(preset: str):
@@ -36,13 +36,14 @@ def test_noise_target_and_loss_equal_the_scheduler_and_the_official_formula(pres
     torch.testing.assert_close(noisy, scheduler.add_noise(x0, noise, t), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(v_target(x0, noise, t, alphas), scheduler.get_velocity(x0, noise, t).float(),
                                rtol=1e-6, atol=1e-6)
-    ours = diffusion_loss(v_pred, x0, noisy, t, alphas)
+    v = v_target(x0, noise, t, alphas)
+    assert torch.equal(noisy_and_target(x0, noise, t, alphas)[0], noisy)
+    assert torch.equal(noisy_and_target(x0, noise, t, alphas)[1], v)
+    # the official weighted x0 loss is an unweighted MSE on v (what diffusion.py's docstring derives)
+    ours = diffusion_loss(v_pred, v)
     official = _official_loss(scheduler, v_pred, x0, noisy, t).float()  # its weights come out in fp64
     torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
-    # the weighting makes it an unweighted MSE on v (what diffusion.py's docstring derives)
-    v = v_target(x0, noise, t, alphas)
-    torch.testing.assert_close(ours, ((v_pred.float() - v) ** 2).flatten(1).mean(1).mean(), rtol=1e-5, atol=1e-6)
-    assert ours.item() > 0 and diffusion_loss(v, x0, noisy, t, alphas).item() < 1e-8  # exact v: zero loss
+    assert ours.item() > 0 and diffusion_loss(v, v).item() == 0  # exact v: zero loss
 
 
 def _tiny_config(**changes) -> dict:
@@ -64,6 +65,9 @@ def test_patch_t_padding_equals_the_official_finetune_and_the_pipeline():
     ncopy = latent.shape[2] % 2
     official = torch.cat([latent[:, :, :1].repeat(1, 1, ncopy, 1, 1), latent], dim=2).permute(0, 2, 1, 3, 4)
     assert inputs.x0.shape == (2, 6, 16, 8, 8) and torch.equal(inputs.x0, official)
+    padded_noise = torch.cat([noise[:, :1], noise], dim=1)  # the noise is padded as the latents are
+    assert torch.equal(inputs.target, v_target(official, padded_noise, t, alphas))
+    assert torch.equal(inputs.noisy, add_noise(official, padded_noise, t, alphas))
     assert inputs.kwargs["hidden_states"].shape == (2, 6, 16, 8, 8)
     assert inputs.kwargs["ofs"] is None
     even = model_inputs(x0[:, :4], noise[:, :4], t, torch.zeros(2, 3, 32), None, transformer_config=config,

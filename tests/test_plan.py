@@ -167,7 +167,7 @@ def test_peak_estimate_matches_a_measured_training_step(mode, checkpointing):
     from diffusers import CogVideoXTransformer3DModel
 
     from cogpipe.config import LoraConfig
-    from cogpipe.diffusion import add_noise, diffusion_loss, rotary_embeddings
+    from cogpipe.diffusion import diffusion_loss, noisy_and_target, rotary_embeddings
     from cogpipe.lora import add_lora
 
     transformer_config = _small_transformer_config(5, 16, 16, 32, heads=2, layers=3)
@@ -189,11 +189,11 @@ def test_peak_estimate_matches_a_measured_training_step(mode, checkpointing):
     with LiveBytes(list(model.parameters()) + list(model.buffers())) as live:
         for _ in range(2):  # the second step has the AdamW state
             x0, t = torch.randn(1, 5, 16, 16, 16), torch.tensor([500])
-            noisy = add_noise(x0, torch.randn_like(x0), t, alphas)
+            noisy, target = noisy_and_target(x0, torch.randn_like(x0), t, alphas)
             with torch.autocast("cpu", torch.bfloat16):
                 v = model(hidden_states=noisy.to(dtype), timestep=t, image_rotary_emb=rope, return_dict=False,
                           encoder_hidden_states=torch.randn(1, 32, 64, dtype=dtype))[0]
-            diffusion_loss(v, x0, noisy, t, alphas).backward()
+            diffusion_loss(v, target).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
