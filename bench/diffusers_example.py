@@ -1,7 +1,7 @@
 """Steady-state training speed of cogpipe against the diffusers example trainer; prints one JSON line.
 
     python bench/diffusers_example.py --example /path/to/train_cogvideox_lora.py \
-        [--steps 1000] [--repeat 3] [--out bench/results/diffusers_example_cpu.json]
+        [--steps 1500] [--repeat 3] [--out bench/results/diffusers_example_cpu.json]
 
 `--example` is a copy of diffusers' examples/cogvideo/train_cogvideox_lora.py that the user supplies (third-party
 code: not shipped here). Both trainers run as separate processes under plain `accelerate launch` (no accelerate
@@ -19,15 +19,15 @@ config: one process, on the CPU, OMP_NUM_THREADS=1; cogpipe gets train.cpu_threa
             defaults, passed to the example with --optimizer adamw), lr 1e-4 constant, no warmup, no gradient
             accumulation, max grad norm 1.0, seed 42, fp32, no validation, no checkpoint before the end, no tracker.
 
-Each trainer has setup costs outside its loop (loading, VAE encoding, caches) and after it (saving), so each runs
-twice, for N and 2N optimizer steps, and its steady speed is N / (loop time(2N) - loop time(N)), the loop time read
-from the trainer itself: cogpipe's metrics.jsonl (steps_per_s at step n is n over its loop's time up to n); the
-example's tqdm "Steps" bar, at the display that shows n = N (its set_postfix redraws the bar after every step).
-tqdm prints elapsed time in whole seconds, so both processes get TQDM_BAR_FORMAT (tqdm's own environment
-override of its default, no code change) with elapsed_s to the microsecond; cogpipe's "train" bar, read the same
-way, is reported beside its metrics.jsonl as a check. The pair runs `--repeat` times per trainer, alternating
-example and cogpipe; the medians of the steady speeds and their ratio (cogpipe / example) are reported, with every
-run's loop time and whole-process wall time.
+Each trainer has setup costs outside its loop (loading, VAE encoding, caches) and after it (saving); only its loop
+is timed, from the trainer's own progress bar: tqdm prints elapsed time in whole seconds, so both processes get
+TQDM_BAR_FORMAT (tqdm's own environment override of its default, no code change) with the bar's position and
+elapsed_s to the microsecond at every redraw (the example's "Steps" bar redraws every step, cogpipe's "train" bar
+at tqdm's 0.1 s interval). After `--warmup` steps, the redraws are cut into windows of at least `--window`
+seconds, and each window gives a time per step. A shared virtual machine's speed swings by 10% and more from
+minute to minute, and the swings only ever add time, so each trainer stands for its `--quantile` (0.1) of all its
+window times over `--repeat` runs (alternating example and cogpipe): its speed when undisturbed, the same
+statistic as bench/loop_overhead.py. The speed over each whole timed stretch and the medians are reported beside.
 
 torchvision cannot be installed here (a CPU-only torch; its wheels pull a CUDA torch), and the example imports it
 only for video preprocessing, so its process finds a stand-in `torchvision` first on PYTHONPATH (STANDIN below):
@@ -226,13 +226,30 @@ def write_standin(folder: Path) -> Path:
     return folder
 
 
-def bar_loop_s(stderr: str, desc: str, n: int) -> float:
-    """Elapsed seconds of the tqdm bar `desc` at its first display that shows position n."""
+def bar_displays(stderr: str, desc: str) -> list[tuple[int, float]]:
+    """(position, elapsed seconds) of every redraw of the tqdm bar `desc`, in order."""
+    shown = []
     for line in re.split(r"[\r\n]", stderr):
         for d, pos, _, elapsed in BAR_RE.findall(line):
-            if d.strip().rstrip(":") == desc and int(pos) == n:
-                return float(elapsed)
-    raise RuntimeError(f"no display of the tqdm bar {desc!r} at {n}")
+            if d.strip().rstrip(":") == desc:
+                shown.append((int(pos), float(elapsed)))
+    if not shown:
+        raise RuntimeError(f"no display of the tqdm bar {desc!r}")
+    return shown
+
+
+def timed(shown: list[tuple[int, float]], warmup: int, window: float) -> dict:
+    """The redraws after `warmup` steps cut into windows of at least `window` seconds: each window's seconds per
+    step, and the whole stretch's steps/s."""
+    after = [(n, t) for n, t in shown if n >= warmup]
+    per_step, (n0, t0) = [], after[0]
+    for n, t in after[1:]:
+        if t - t0 >= window and n > n0:
+            per_step.append((t - t0) / (n - n0))
+            n0, t0 = n, t
+    (first_n, first_t), (last_n, last_t) = after[0], after[-1]
+    return {"from_step": first_n, "to_step": last_n, "steps_per_s": (last_n - first_n) / (last_t - first_t),
+            "window_s_per_step": per_step}
 
 
 def launch(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[float, str]:
@@ -280,22 +297,15 @@ class Bench:
                 "validation.prompts=[]", "train.cpu_threads=1", "train.seed=42", "train.grad_accum=1",
                 "train.max_grad_norm=1.0", f"train.max_steps={steps}"]
 
-    def run_example(self, steps: int, name: str) -> dict:
+    def run_example(self, steps: int, warmup: int, window: float, name: str) -> dict:
         out = self.work / "runs" / name
         wall, stderr = launch(self.example_cmd(steps, out), self.example_env, self.work, self.work / "logs" / name)
-        return {"steps": steps, "loop_s": bar_loop_s(stderr, "Steps", steps), "wall_s": wall}
+        return {"wall_s": wall, **timed(bar_displays(stderr, "Steps"), warmup, window)}
 
-    def run_cogpipe(self, steps: int, name: str) -> dict:
+    def run_cogpipe(self, steps: int, warmup: int, window: float, name: str) -> dict:
         out = self.work / "runs" / name
         wall, stderr = launch(self.cogpipe_cmd(steps, out), self.env, REPO, self.work / "logs" / name)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        last = next(r for r in rows if r["step"] == steps)
-        return {"steps": steps, "loop_s": steps / last["steps_per_s"], "bar_loop_s": bar_loop_s(stderr, "train", steps),
-                "wall_s": wall}
-
-
-def steady(short: dict, long: dict) -> float:
-    return (long["steps"] - short["steps"]) / (long["loop_s"] - short["loop_s"])
+        return {"wall_s": wall, **timed(bar_displays(stderr, "train"), warmup, window)}
 
 
 def workdir() -> Path:
@@ -323,8 +333,11 @@ def machine() -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--example", type=Path, required=True, help="a copy of diffusers' train_cogvideox_lora.py")
-    ap.add_argument("--steps", type=int, default=1000, help="N: each trainer runs N and 2N optimizer steps")
-    ap.add_argument("--repeat", type=int, default=3, help="pairs of runs per trainer, alternating")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps of each run")
+    ap.add_argument("--warmup", type=int, default=300, help="steps before the timed stretch")
+    ap.add_argument("--window", type=float, default=0.25, help="seconds of loop a timed window spans at least")
+    ap.add_argument("--quantile", type=float, default=0.1, help="of the window times that stand for each trainer")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per trainer, alternating")
     ap.add_argument("--out", type=Path, default=None, help="also write the result here, indented")
     ap.add_argument("--keep", type=Path, default=None, help="work in this (new) folder and keep it: logs, outputs")
     args = ap.parse_args(argv)
@@ -344,18 +357,25 @@ def main(argv=None) -> dict:
 
         example_runs, cogpipe_runs = [], []
         for r in range(args.repeat):
-            example_runs.append([bench.run_example(n, f"example-{r}-{n}") for n in (args.steps, 2 * args.steps)])
-            cogpipe_runs.append([bench.run_cogpipe(n, f"cogpipe-{r}-{n}") for n in (args.steps, 2 * args.steps)])
-        commands = {"example": bench.example_cmd(args.steps, work / "runs" / "example-R-N"),
-                    "cogpipe": bench.cogpipe_cmd(args.steps, work / "runs" / "cogpipe-R-N")}
+            example_runs.append(bench.run_example(args.steps, args.warmup, args.window, f"example-{r}"))
+            cogpipe_runs.append(bench.run_cogpipe(args.steps, args.warmup, args.window, f"cogpipe-{r}"))
+        commands = {"example": bench.example_cmd(args.steps, work / "runs" / "example-R"),
+                    "cogpipe": bench.cogpipe_cmd(args.steps, work / "runs" / "cogpipe-R")}
         commands = {k: [a.replace(str(work), "$WORK").replace(str(REPO) + "/", "") for a in v]
                     for k, v in commands.items()}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    ex = [steady(*pair) for pair in example_runs]
-    cp = [steady(*pair) for pair in cogpipe_runs]
+    def typical(runs):  # steps/s at the quantile of all window times of all runs
+        times = sorted(t for run in runs for t in run["window_s_per_step"])
+        return 1 / times[int(args.quantile * (len(times) - 1))]
+
+    ex, cp = typical(example_runs), typical(cogpipe_runs)
+    for run in example_runs + cogpipe_runs:  # the windows' spread, not every window
+        w = sorted(run.pop("window_s_per_step"))
+        run["windows"] = len(w)
+        run["window_steps_per_s"] = {"best": 1 / w[0], "median": 1 / w[len(w) // 2], "worst": 1 / w[-1]}
     result = {
         "bench": "diffusers_example",
         "example": {"file": example.name, "sha256": hashlib.sha256(example.read_bytes()).hexdigest()},
@@ -369,22 +389,23 @@ def main(argv=None) -> dict:
         "model": "cogpipe's tiny preset (2 layers, hidden 32, byte-level T5 tokenizer) saved with save_pretrained; "
                  "transformer weights rounded to fp16 (the example loads it in fp16, then casts to fp32)",
         "settings": SETTINGS,
-        "steps": [args.steps, 2 * args.steps],
+        "steps": args.steps, "warmup": args.warmup, "window_s": args.window, "quantile": args.quantile,
         "repeat": args.repeat,
-        "method": "steady steps/s = N / (loop time(2N) - loop time(N)); loop time: cogpipe's metrics.jsonl "
-                  "(step / steps_per_s), the example's tqdm 'Steps' bar elapsed_s at n = N (TQDM_BAR_FORMAT); "
-                  "runs alternate example pair, cogpipe pair",
+        "method": "each trainer's progress bar (tqdm, TQDM_BAR_FORMAT with elapsed_s) after the warmup steps, cut "
+                  "into windows of at least window_s; steps/s at the quantile of all window times of all runs; runs "
+                  "alternate example, cogpipe",
         "launcher": "plain `accelerate launch` (no accelerate config file: 1 process, CPU, OMP_NUM_THREADS=1)",
         "env": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
                 "TOKENIZERS_PARALLELISM": "false", "TQDM_BAR_FORMAT": BAR_FORMAT,
                 "PYTHONPATH (example only)": "$WORK/standin"},
         "commands": commands,
         "machine": machine(),
-        "example_steps_per_s": statistics.median(ex),
-        "cogpipe_steps_per_s": statistics.median(cp),
-        "ratio": statistics.median(cp) / statistics.median(ex),
-        "runs": [{"example": {"steady_steps_per_s": e, "runs": er}, "cogpipe": {"steady_steps_per_s": c, "runs": cr},
-                  "ratio": c / e} for e, c, er, cr in zip(ex, cp, example_runs, cogpipe_runs)],
+        "example_steps_per_s": ex,
+        "cogpipe_steps_per_s": cp,
+        "ratio": cp / ex,
+        "ratio_of_whole_stretch_medians": statistics.median(r["steps_per_s"] for r in cogpipe_runs)
+        / statistics.median(r["steps_per_s"] for r in example_runs),
+        "runs": [{"example": e, "cogpipe": c} for e, c in zip(example_runs, cogpipe_runs)],
     }
     print(json.dumps(result))
     if args.out:
