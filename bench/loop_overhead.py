@@ -1,6 +1,6 @@
 """What cogpipe's training loop adds to the model's own work; prints one JSON line.
 
-    python bench/loop_overhead.py [--steps 300] [--repeat 5] [--out bench/results/loop_overhead_cpu.json]
+    python bench/loop_overhead.py [--steps 300] [--repeat 3] [--out bench/results/loop_overhead_cpu.json]
 
 The same tiny random CogVideoX (the `tiny` preset: 2 layers) with a rank-16 LoRA, the same 24 world clips
 (17 x 64 x 64, cached latents), batch 1, one thread (what `accelerate launch` gives a process), in one process:
@@ -11,22 +11,28 @@ The same tiny random CogVideoX (the `tiny` preset: 2 layers) with a rank-16 LoRA
            order, per-example seeded randomness, model inputs, the loss, accelerate, the skip-on-non-finite
            bookkeeping, the LR schedule, logging every train.log_every (= --chunk) steps
 
-Bare, then cogpipe, `--repeat` times in one process, each timed by the process's CPU clock in chunks of `--chunk`
-steps after `--warmup`. On a shared virtual machine the same loop's speed swings by +-10% and more from minute to
-minute (other tenants, caches), and those swings only ever add time; so each loop stands for its `--quantile`
-(0.1) of all its chunk times, what it takes when undisturbed, and the ratio is bare's over cogpipe's (cogpipe's
-steps/s over bare's: 1.0 adds nothing). The ratios of the medians and of the totals are printed beside it.
+Each loop is timed by the process's CPU clock in chunks of `--chunk` steps after `--warmup`. On a shared virtual
+machine the same loop's speed swings by 10-40% from minute to minute (other tenants, caches), so `--mode
+interleaved` (the default) runs the two in turns in one thread: before every chunk-th step of training.train,
+`--chunk` steps of the bare loop run, so each cogpipe chunk has a bare chunk beside it, a tenth of a second apart,
+on the same machine state. The ratio (cogpipe's steps/s over bare's: 1.0 adds nothing) is the median over all
+chunk pairs of bare's chunk time over cogpipe's: a hiccup of the machine that hits one chunk of either loop moves
+it no more than any other pair. Beside it: the ratio of the two loops' total times (which such hiccups do move)
+and of each loop's `--quantile` (0.1) chunk time. Every cogpipe chunk holds one logging step (chunk = log_every).
+`--mode sequential` runs bare, then cogpipe, `--repeat` times, and its ratio is the quantile one.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
@@ -57,9 +63,8 @@ def config(root: Path, out: Path, steps: int, warmup: int, log_every: int, threa
 clock = time.process_time  # the process's CPU time: other processes on a shared machine do not add to it
 
 
-def bare_loop(cfg, steps: int, warmup: int, chunk: int) -> list[float]:
-    """Seconds of each `chunk` steps after `warmup` of the bare loop, on the cached latents of `cfg` (built by a
-    cogpipe run before)."""
+def bare_stepper(cfg) -> Callable[[], None]:
+    """One step of the bare loop per call, on the cached latents of `cfg` (built by a cogpipe run before)."""
     from safetensors.torch import load_file
 
     from cogpipe import models
@@ -79,14 +84,12 @@ def bare_loop(cfg, steps: int, warmup: int, chunk: int) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, fused=True)
     alphas = models.build_scheduler(cfg.model).alphas_cumprod
-    config_ = dict(model.config)
-    rope = rotary_embeddings(config_, 5, 8, 8, "cpu")
+    rope = rotary_embeddings(dict(model.config), 5, 8, 8, "cpu")
     g = torch.Generator().manual_seed(0)
-    marks = []
-    for step in range(steps + warmup):
-        if step >= warmup and (step - warmup) % chunk == 0:
-            marks.append(clock())
-        i = step % len(latents)
+    steps = itertools.count()
+
+    def step() -> None:
+        i = next(steps) % len(latents)
         mean, std = latents[i]["mean"], latents[i]["std"]
         x0 = (mean + std * torch.randn(mean.shape, generator=g)).permute(1, 0, 2, 3)[None]  # (1, F, C, H, W)
         noise = torch.randn(x0.shape, generator=g)
@@ -99,15 +102,26 @@ def bare_loop(cfg, steps: int, warmup: int, chunk: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    marks.append(clock())
-    return [b - a for a, b in zip(marks, marks[1:])]
+
+    return step
 
 
-def cogpipe_loop(cfg, steps: int, warmup: int, chunk: int) -> list[float]:
-    """Seconds of each `chunk` steps after `warmup` of training.train, from the loop's own clock (the steps_per_s
-    of metrics.jsonl, written every train.log_every = chunk steps)."""
+def chunk_times(step: Callable[[], None], chunk: int) -> float:
+    tic = clock()
+    for _ in range(chunk):
+        step()
+    return clock() - tic
+
+
+def sequential(cfg, steps: int, warmup: int, chunk: int) -> tuple[list[float], list[float]]:
+    """The chunk times of the bare loop, then of training.train (from its own clock: the steps_per_s of
+    metrics.jsonl, written every train.log_every = chunk steps)."""
     from cogpipe import tracking, training
 
+    step = bare_stepper(cfg)
+    for _ in range(warmup):
+        step()
+    bare = [chunk_times(step, chunk) for _ in range(steps // chunk)]
     real_clock = tracking.time.perf_counter
     tracking.time.perf_counter = clock  # the loop's step meter (steps_per_s) on the bench's clock
     try:
@@ -117,7 +131,38 @@ def cogpipe_loop(cfg, steps: int, warmup: int, chunk: int) -> list[float]:
     rows = {row["step"]: row for row in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
     # steps_per_s at step n is n / (loop time up to n)
     marks = [n / rows[n]["steps_per_s"] for n in range(warmup, warmup + steps + 1, chunk)]
-    return [b - a for a, b in zip(marks, marks[1:])]
+    return bare, [b - a for a, b in zip(marks, marks[1:])]
+
+
+def interleaved(cfg, steps: int, warmup: int, chunk: int) -> tuple[list[float], list[float]]:
+    """The chunk times of both loops, run in turns in this thread: before every chunk-th micro-step of
+    training.train, `chunk` steps of the bare loop run. A cogpipe chunk is the time from the end of one bare chunk to
+    the start of the next: `chunk` whole iterations of its loop (the batch, model inputs, the step, the schedule,
+    logging), nothing of the bare loop's."""
+    from cogpipe import training
+
+    step, real_step = bare_stepper(cfg), training._micro_step
+    calls, bare, ours, last = itertools.count(), [], [], [None]
+
+    def micro_step(*args, **kwargs):
+        i = next(calls)
+        if i % chunk == 0 and i >= warmup:
+            now = clock()
+            if last[0] is not None:
+                ours.append(now - last[0])
+            if i < warmup + steps:
+                bare.append(chunk_times(step, chunk))
+            last[0] = clock()
+        elif i < warmup:
+            step()  # the bare loop's warmup, in step with cogpipe's
+        return real_step(*args, **kwargs)
+
+    training._micro_step = micro_step
+    try:
+        training.train(cfg)
+    finally:
+        training._micro_step = real_step
+    return bare[:len(ours)], ours  # the last chunk of cogpipe's has no next turn to end it
 
 
 def main(argv=None) -> dict:
@@ -129,7 +174,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--chunk", type=int, default=10, help="steps per timed chunk; cogpipe logs every chunk steps")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeat", type=int, default=5, help="run bare then cogpipe this many times")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of both loops")
+    ap.add_argument("--mode", choices=("interleaved", "sequential"), default="interleaved")
     ap.add_argument("--quantile", type=float, default=0.1, help="of the chunk times that stand for each loop")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -145,8 +191,9 @@ def main(argv=None) -> dict:
         train(config(root, Path(tmp) / "warm", 2, 1, args.chunk, args.threads))  # the latent cache, built once
         for r in range(args.repeat):
             cfg = config(root, Path(tmp) / f"run{r}", args.steps, args.warmup, args.chunk, args.threads)
-            bare.append(bare_loop(cfg, args.steps, args.warmup, args.chunk))
-            ours.append(cogpipe_loop(cfg, args.steps, args.warmup, args.chunk))
+            b, o = (interleaved if args.mode == "interleaved" else sequential)(cfg, args.steps, args.warmup, args.chunk)
+            bare.append(b)
+            ours.append(o)
 
     def quantile(runs):  # of all chunk times of all repeats
         times = sorted(t for run in runs for t in run)
@@ -155,17 +202,18 @@ def main(argv=None) -> dict:
     def steps_per_s(seconds):
         return args.chunk / seconds
 
-    typical_bare, typical_ours = quantile(bare), quantile(ours)
-    result = {"bench": "loop_overhead", "steps": args.steps, "warmup": args.warmup, "chunk": args.chunk,
-              "threads": args.threads, "repeat": args.repeat, "quantile": args.quantile,
+    total_bare, total_ours = sum(map(sum, bare)), sum(map(sum, ours))
+    pairs = [b / o for run_b, run_o in zip(bare, ours) for b, o in zip(run_b, run_o)]
+    result = {"bench": "loop_overhead", "mode": args.mode, "steps": args.steps, "warmup": args.warmup,
+              "chunk": args.chunk, "threads": args.threads, "repeat": args.repeat,
               "model": "tiny preset (2 layers, hidden 32), LoRA rank 16, batch 1, 17 x 64 x 64 clips",
-              "bare_steps_per_s": steps_per_s(typical_bare), "cogpipe_steps_per_s": steps_per_s(typical_ours),
-              "ratio": typical_bare / typical_ours,
-              "ratio_of_medians": statistics.median(t for r in bare for t in r)
-              / statistics.median(t for r in ours for t in r),
-              "ratio_of_totals": sum(map(sum, bare)) / sum(map(sum, ours)),
-              "runs": [dict(bare=args.steps / sum(b), cogpipe=args.steps / sum(o), ratio=sum(b) / sum(o),
-                            bare_best=steps_per_s(min(b)), cogpipe_best=steps_per_s(min(o)))
+              "bare_steps_per_s": steps_per_s(total_bare / sum(map(len, bare))),
+              "cogpipe_steps_per_s": steps_per_s(total_ours / sum(map(len, ours))),
+              "ratio": statistics.median(pairs) if args.mode == "interleaved" else quantile(bare) / quantile(ours),
+              "ratio_of_totals": total_bare / total_ours,
+              "quantile": args.quantile, "ratio_at_quantile": quantile(bare) / quantile(ours),
+              "runs": [dict(bare=steps_per_s(sum(b) / len(b)), cogpipe=steps_per_s(sum(o) / len(o)),
+                            ratio=sum(b) / sum(o), bare_best=steps_per_s(min(b)), cogpipe_best=steps_per_s(min(o)))
                        for b, o in zip(bare, ours)],
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
                           "load_average": os.getloadavg(), "torch": torch.__version__,

@@ -89,37 +89,44 @@ class TrainingBatch:
     image_latents: Optional[torch.Tensor]  # (B, F, C, H, W): first frame's latents then zeros; None for T2V
 
 
-def collate(items: list[dict]) -> dict:
-    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+def examples(items: list[dict]) -> list[dict]:
+    """The DataLoader's collate_fn: the examples as they are; draw_batch batches them (stacking here and taking apart
+    there would copy every tensor twice)."""
+    return list(items)
+
+
+def _batched(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)  # batch 1: a view, no copy
 
 
 def _as_bfchw(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(tensors).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
+    return _batched(tensors).permute(0, 2, 1, 3, 4)  # (B, C, F, H, W) -> (B, F, C, H, W)
 
 
-def draw_batch(batch: dict, *, micro_step: int, rank: int, world: int, draws: Draws, device) -> TrainingBatch:
-    """Per-example randomness for a collated cache batch {"mean", "std", "prompt_embeds"[, "image_latents"]}, each
-    example from its own seeded generator: the latent sample, noise, timestep, caption dropout and which cached
-    first-frame encoding (image-to-video). Every choice is made on the device: nothing waits for the host."""
+def draw_batch(batch: list[dict], *, micro_step: int, rank: int, world: int, draws: Draws, device) -> TrainingBatch:
+    """Per-example randomness for the cached examples of one micro-batch ({"mean", "std", "prompt_embeds"[,
+    "image_latents"]} each), each example from its own seeded generator: the latent sample, noise, timestep, caption
+    dropout and which cached first-frame encoding (image-to-video). Every choice is made on the device: nothing
+    waits for the host."""
     x0, noise, t, embeds, images = [], [], [], [], []
     empty = draws.empty_embeds.to(device) if draws.caption_dropout > 0 else None
-    for j in range(batch["mean"].shape[0]):
+    for j, example in enumerate(batch):
         g = example_generator(draws.seed, micro_step, j * world + rank, device)
-        mean = batch["mean"][j].to(device, non_blocking=True)  # (C, F, H, W)
-        std = batch["std"][j].to(device, non_blocking=True)
+        mean = example["mean"].to(device, non_blocking=True)  # (C, F, H, W)
+        std = example["std"].to(device, non_blocking=True)
         x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
         noise.append(torch.randn(mean.shape, generator=g, device=device))
         t.append(sample_timestep(draws.num_timesteps, g, draws.timestep_sampling, draws.logit_mean, draws.logit_std))
-        prompt = batch["prompt_embeds"][j].to(device, non_blocking=True)
+        prompt = example["prompt_embeds"].to(device, non_blocking=True)
         if empty is not None:
             drop = torch.rand((), generator=g, device=device) < draws.caption_dropout
             prompt = torch.where(drop, empty, prompt)
         embeds.append(prompt)
-        if "image_latents" in batch:
-            variants = batch["image_latents"][j].to(device, non_blocking=True)  # (K, C, 1, H, W)
+        if "image_latents" in example:
+            variants = example["image_latents"].to(device, non_blocking=True)  # (K, C, 1, H, W)
             k = torch.randint(0, variants.shape[0], (1,), generator=g, device=device)
             image = torch.zeros_like(mean)  # (C, F, H, W): the first frame's latent, then zeros
             image[:, :1] = variants.index_select(0, k)[0]
             images.append(image)
-    return TrainingBatch(x0=_as_bfchw(x0), noise=_as_bfchw(noise), timesteps=torch.cat(t),
-                         prompt_embeds=torch.stack(embeds), image_latents=_as_bfchw(images) if images else None)
+    return TrainingBatch(x0=_as_bfchw(x0), noise=_as_bfchw(noise), timesteps=t[0] if len(t) == 1 else torch.cat(t),
+                         prompt_embeds=_batched(embeds), image_latents=_as_bfchw(images) if images else None)

@@ -14,6 +14,7 @@ batches.py: every random draw is seeded by (seed, micro-step, slot).
 from __future__ import annotations
 
 import gc
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
@@ -24,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cogpipe import checkpoint, models, sharding, tracking
-from cogpipe.batches import Draws, EpochPlan, collate, draw_batch
+from cogpipe.batches import Draws, EpochPlan, draw_batch, examples
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
@@ -56,6 +57,7 @@ class Run:
     accelerator: Any
     out: Path
     resume: Optional[Path]  # the checkpoint to continue from, None for a fresh start
+    failpoints: bool = False  # COGPIPE_FAILPOINT is set (the fault tests): the loop's failpoints are live
 
     @property
     def log(self) -> Callable:
@@ -114,7 +116,8 @@ def _start(cfg: Config) -> Run:
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
     set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
-    return Run(cfg=cfg, accelerator=accelerator, out=out, resume=resume)
+    return Run(cfg=cfg, accelerator=accelerator, out=out, resume=resume,
+               failpoints=bool(os.environ.get("COGPIPE_FAILPOINT")))
 
 
 def _prepare_data(run: Run) -> TrainData:
@@ -234,9 +237,10 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
         with acc.autocast():
             v_pred = model.transformer(**inputs.kwargs)[0]
         loss = diffusion_loss(v_pred, inputs.target)
-        checkpoint.failpoint(f"train-step:{step + 1}")
-        if checkpoint.failpoint(f"loss:{step + 1}:{acc.process_index}") == "NAN":  # the fault tests' non-finite loss
-            loss = loss * float("nan")
+        if run.failpoints:  # the fault tests' kills and non-finite losses
+            checkpoint.failpoint(f"train-step:{step + 1}")
+            if checkpoint.failpoint(f"loss:{step + 1}:{acc.process_index}") == "NAN":
+                loss = loss * float("nan")
         meter.add(loss)
         deepspeed = sharding.deepspeed_update(acc, loss)  # DeepSpeed: its backward, and its update at a boundary
         if deepspeed is None:
@@ -366,8 +370,8 @@ def _loader(run: Run, data: TrainData, state: TrainState):
     workers = run.cfg.data.num_workers if run.cfg.data.num_workers is not None else loader_workers(acc.device)
     sampler = PlanSampler(data.plan, state.micro_step, tc.max_steps * tc.grad_accum)
     if workers == 0:  # read in this process: the DataLoader's machinery would only add to every step
-        return (collate([data.dataset[i] for i in indices]) for indices in sampler)
-    return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        return ([data.dataset[i] for i in indices] for indices in sampler)
+    return torch.utils.data.DataLoader(data.dataset, batch_sampler=sampler, collate_fn=examples, num_workers=workers,
                                        pin_memory=acc.device.type == "cuda", prefetch_factor=4 if workers else None,
                                        persistent_workers=False)
 

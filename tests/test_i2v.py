@@ -39,7 +39,7 @@ def test_training_batch_concatenates_the_padded_first_frame():
     from cogpipe.batches import Draws, draw_batch
 
     def training_batch(batch, caption_dropout):
-        b = draw_batch(batch, micro_step=0, rank=0, world=1, device="cpu",
+        b = draw_batch(_examples(batch), micro_step=0, rank=0, world=1, device="cpu",
                        draws=Draws(seed=0, num_timesteps=1000, caption_dropout=caption_dropout, empty_embeds=empty))
         return b.x0, b.noise, b.timesteps, b.prompt_embeds, b.image_latents
 
@@ -97,3 +97,8 @@ def test_images_column_and_unreadable_image(tmp_path):
     assert [s.image.name for s in good] == ["first.png"]
     assert len(problems) == 1 and "broken.png" in problems[0].file
     assert "cannot read first-frame image" in problems[0].rule
+
+
+def _examples(batch: dict) -> list[dict]:
+    """The examples of a stacked batch, as the loader hands them to draw_batch."""
+    return [{k: v[j] for k, v in batch.items()} for j in range(len(batch["mean"]))]

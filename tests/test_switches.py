@@ -127,7 +127,7 @@ def test_logit_normal_timesteps_follow_their_distribution():
 
     def draw(sampling, mean, std):
         draws = Draws(seed=0, num_timesteps=1000, timestep_sampling=sampling, logit_mean=mean, logit_std=std)
-        return draw_batch(batch, micro_step=0, rank=0, world=1, draws=draws, device="cpu").timesteps.float()
+        return draw_batch(_examples(batch), micro_step=0, rank=0, world=1, draws=draws, device="cpu").timesteps.float()
 
     shifted = draw("logit_normal", 2.0, 0.5)  # sigmoid(2 +- 1.5) is above 0.6 with probability 0.9987
     assert (shifted > 600).float().mean() > 0.95 and torch.equal(shifted, draw("logit_normal", 2.0, 0.5))
@@ -162,3 +162,8 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     assert any(g.abs().max() > 0 for g in eager_grads.values())
     for n, grad in eager_grads.items():
         torch.testing.assert_close(comp_grads[n], grad, rtol=1e-3, atol=1e-6)
+
+
+def _examples(batch: dict) -> list[dict]:
+    """The examples of a stacked batch, as the loader hands them to draw_batch."""
+    return [{k: v[j] for k, v in batch.items()} for j in range(len(batch["mean"]))]
