@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import emit  # noqa: E402
+
 from cogpipe.convert.io import Out, write_torch  # noqa: E402
 from cogpipe.weights import open_state_dict  # noqa: E402
 
@@ -295,11 +297,7 @@ def main() -> int:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=ROOT).stdout.strip() or None,
     }
-    line = json.dumps(result)
-    print(line)
-    if args.save:
-        path = ROOT / "bench" / "results" / f"convert_{args.size}_cpu.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+    emit(result, ROOT / "bench" / "results" / f"convert_{args.size}_cpu.json" if args.save else None)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
+from common import write_json  # noqa: E402
+
 # oldest release per model version, and the pins that release was built against (newer ones dropped its imports)
 PINS_030 = ["transformers==4.44.2", "huggingface_hub==0.24.6", "accelerate==0.34.2", "peft==0.12.0"]
 RELEASES = {
@@ -193,8 +195,7 @@ def main(argv=None) -> int:
     want = {(v, a) for spec in RELEASES.values() for v in spec["versions"] for a in ("pipeline", "converted", "lora")}
     result["all_loaded"] = set(oldest) == want
     result["seconds"] = round(time.time() - start, 1)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(a.out), result)
     print(json.dumps({k: result[k] for k in ("oldest_release_loading", "all_loaded", "seconds")}))
     return 0 if result["all_loaded"] else 1
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import re
@@ -60,6 +59,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from common import at_quantile, emit, world_clips  # noqa: E402
 
 # tqdm's default format shows elapsed time in whole seconds; this one (set through tqdm's TQDM_BAR_FORMAT environment
 # override, for both trainers) prints the bar's description, position and elapsed seconds at full precision
@@ -175,15 +176,6 @@ SETTINGS = dict(batch_size=1, lora_rank=16, lora_alpha=16, lora_dropout=0.0,
                 weight_decay=1e-4, lr=1e-4, lr_scheduler="constant", warmup_steps=0, grad_accum=1, max_grad_norm=1.0,
                 seed=42, precision="fp32", height=64, width=64, frames=17, fps=8, clips=24, validation=None,
                 checkpoints="none before the end of the run", tracker=None, threads=1)
-
-
-def make_clips(root: Path, n: int) -> Path:
-    from cogpipe.world.render import COLOURS, DIRECTIONS, SHAPES
-
-    from helpers import make_clips as write
-
-    specs = [(SHAPES[i % 3], COLOURS[i % 4], DIRECTIONS[(i // 3) % 4]) for i in range(n)]
-    return write(root, specs, frames=SETTINGS["frames"], size=SETTINGS["height"], layout="txt")
 
 
 def make_model(folder: Path) -> Path:
@@ -351,7 +343,7 @@ def main(argv=None) -> dict:
     try:
         (work / "logs").mkdir(parents=True, exist_ok=True)
         model = make_model(work / "tiny-cogvideox")
-        clips = make_clips(work / "clips", SETTINGS["clips"])
+        clips = world_clips(work / "clips", SETTINGS["clips"], frames=SETTINGS["frames"], size=SETTINGS["height"])
         run_example, changes = example_copy(example, work)
         bench = Bench(work, run_example, write_standin(work / "standin"), model, clips)
 
@@ -368,8 +360,7 @@ def main(argv=None) -> dict:
             shutil.rmtree(work, ignore_errors=True)
 
     def typical(runs):  # steps/s at the quantile of all window times of all runs
-        times = sorted(t for run in runs for t in run["window_s_per_step"])
-        return 1 / times[int(args.quantile * (len(times) - 1))]
+        return 1 / at_quantile((t for run in runs for t in run["window_s_per_step"]), args.quantile)
 
     ex, cp = typical(example_runs), typical(cogpipe_runs)
     for run in example_runs + cogpipe_runs:  # the windows' spread, not every window
@@ -407,11 +398,7 @@ def main(argv=None) -> dict:
         / statistics.median(r["steps_per_s"] for r in example_runs),
         "runs": [{"example": e, "cogpipe": c} for e, c in zip(example_runs, cogpipe_runs)],
     }
-    print(json.dumps(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # fixtures/hub.py: the hub's folder layout
 
 import torch  # noqa: E402
+from common import write_json  # noqa: E402
 
 STEP_RUNS = [("2b", "lora"), ("5b", "lora"), ("5b-i2v", "lora"), ("1.5-5b", "lora"), ("1.5-5b-i2v", "lora"),
              ("2b", "full")]
@@ -177,8 +178,7 @@ def main(argv=None) -> int:
 
     def save():
         report["total_s"] = round(time.perf_counter() - start, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
 
     parts = {"run": functools.partial(part_run, args.work, args.tiny),
              "steps": functools.partial(part_steps, args.work, args.tiny, deadline)}

@@ -38,15 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import torch  # noqa: E402
-
-
-def make_clips(root: Path, n: int) -> Path:
-    from cogpipe.world.render import COLOURS, DIRECTIONS, SHAPES
-
-    from helpers import make_clips as write
-
-    specs = [(SHAPES[i % 3], COLOURS[i % 4], DIRECTIONS[(i // 3) % 4]) for i in range(n)]
-    return write(root, specs)
+from common import at_quantile, emit, world_clips  # noqa: E402
 
 
 def config(root: Path, out: Path, steps: int, warmup: int, log_every: int, threads: int = 1):
@@ -106,7 +98,7 @@ def bare_stepper(cfg) -> Callable[[], None]:
     return step
 
 
-def chunk_times(step: Callable[[], None], chunk: int) -> float:
+def chunk_time(step: Callable[[], None], chunk: int) -> float:
     tic = clock()
     for _ in range(chunk):
         step()
@@ -121,7 +113,7 @@ def sequential(cfg, steps: int, warmup: int, chunk: int) -> tuple[list[float], l
     step = bare_stepper(cfg)
     for _ in range(warmup):
         step()
-    bare = [chunk_times(step, chunk) for _ in range(steps // chunk)]
+    bare = [chunk_time(step, chunk) for _ in range(steps // chunk)]
     real_clock = tracking.time.perf_counter
     tracking.time.perf_counter = clock  # the loop's step meter (steps_per_s) on the bench's clock
     try:
@@ -151,7 +143,7 @@ def interleaved(cfg, steps: int, warmup: int, chunk: int) -> tuple[list[float], 
             if last[0] is not None:
                 ours.append(now - last[0])
             if i < warmup + steps:
-                bare.append(chunk_times(step, chunk))
+                bare.append(chunk_time(step, chunk))
             last[0] = clock()
         elif i < warmup:
             step()  # the bare loop's warmup, in step with cogpipe's
@@ -185,7 +177,7 @@ def main(argv=None) -> dict:
 
     bare, ours = [], []  # per repeat: the chunk times
     with tempfile.TemporaryDirectory() as tmp:
-        root = make_clips(Path(tmp) / "clips", 24)
+        root = world_clips(Path(tmp) / "clips", 24)
         from cogpipe.training import train
 
         train(config(root, Path(tmp) / "warm", 2, 1, args.chunk, args.threads))  # the latent cache, built once
@@ -196,8 +188,7 @@ def main(argv=None) -> dict:
             ours.append(o)
 
     def quantile(runs):  # of all chunk times of all repeats
-        times = sorted(t for run in runs for t in run)
-        return times[int(args.quantile * (len(times) - 1))]
+        return at_quantile((t for run in runs for t in run), args.quantile)
 
     def steps_per_s(seconds):
         return args.chunk / seconds
@@ -218,10 +209,7 @@ def main(argv=None) -> dict:
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
                           "load_average": os.getloadavg(), "torch": torch.__version__,
                           "python": platform.python_version()}}
-    print(json.dumps(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

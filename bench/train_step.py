@@ -21,7 +21,6 @@ Measured GPU runs belong in bench/results/ (tests/test_plan.py compares them wit
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -33,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import emit  # noqa: E402
 
 from cogpipe import plan  # noqa: E402
 from cogpipe.config import LoraConfig, ModelConfig  # noqa: E402
@@ -216,12 +217,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version(),
         "cuda": torch.version.cuda if cuda else None,
     }
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ DAY = 24 * 3600.0
 _NAME = re.compile(rf"^\.(?P<name>.+)\.{TAG}-(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d+)$")
 
 
+def failpoints_armed() -> bool:
+    """Whether any failpoint is set: a hot loop checks this once rather than naming its points every step."""
+    return bool(os.environ.get("COGPIPE_FAILPOINT"))
+
+
 def failpoint(name: str) -> str | None:
     """Fault injection for the fault tests: COGPIPE_FAILPOINT=<name> sends SIGKILL to this process here,
     COGPIPE_FAILPOINT=<name>=TERM (or any other signal name) that signal, <name>=SLEEP<seconds> a delay (a slow

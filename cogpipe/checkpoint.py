@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from cogpipe import atomic
-from cogpipe.atomic import failpoint  # noqa: F401  (training calls checkpoint.failpoint)
+from cogpipe.atomic import failpoint, failpoints_armed  # noqa: F401  (training calls checkpoint.failpoint)
 
 TRAINABLE = "trainable.safetensors"
 STATE = "trainer_state.json"

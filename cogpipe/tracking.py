@@ -47,7 +47,7 @@ class StepMeter:
     never waits for the device; `end_step` combines the processes' sums in one scalar all-reduce."""
 
     def __init__(self, grad_accum: int, device):
-        self.grad_accum, self.device = grad_accum, device
+        self.grad_accum = grad_accum
         self.loss_sum = None  # this step's micro-batch losses so far
         self.skipped = torch.zeros((), device=device)
         self.in_a_row = torch.zeros((), device=device)

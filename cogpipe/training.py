@@ -14,7 +14,6 @@ batches.py: every random draw is seeded by (seed, micro-step, slot).
 from __future__ import annotations
 
 import gc
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
@@ -117,7 +116,7 @@ def _start(cfg: Config) -> Run:
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
     set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
     return Run(cfg=cfg, accelerator=accelerator, out=out, resume=resume,
-               failpoints=bool(os.environ.get("COGPIPE_FAILPOINT")))
+               failpoints=checkpoint.failpoints_armed())
 
 
 def _prepare_data(run: Run) -> TrainData:
