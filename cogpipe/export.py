@@ -15,28 +15,13 @@ written atomically (cogpipe.atomic); what an earlier, killed export left is swep
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from cogpipe import atomic, checkpoint, models
+from cogpipe import atomic, checkpoint, models, paths
 from cogpipe.config import load_config, save_config
-
-
-def link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Recreate `src` under `dst` (symlinks of a hub snapshot followed): a hard link per file where the file
-    system allows it, else a copy."""
-    for folder, _, files in os.walk(src, followlinks=True):
-        target = dst / Path(folder).relative_to(src)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            source = Path(folder, name).resolve()
-            try:
-                os.link(source, target / name)
-            except OSError:  # another file system, or links not allowed
-                shutil.copy2(source, target / name)
 
 
 def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
@@ -76,7 +61,7 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
     with atomic.folder(out / "export") as tmp:
         if cfg.model.pretrained:
             base = models.pretrained_folder(cfg.model.pretrained)
-            link_or_copy_tree(base, tmp)
+            paths.link_or_copy_tree(base, tmp)
             if transformer is not None:
                 shutil.rmtree(tmp / "transformer")
                 transformer.save_pretrained(tmp / "transformer")

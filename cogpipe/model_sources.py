@@ -25,7 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogpipe import atomic, family
+from cogpipe import atomic, family, models, paths
 
 CONVERTER_VERSION = 1  # bump when a conversion's output changes: every entry is then rebuilt
 MANIFEST = "cogpipe_source.json"
@@ -54,15 +54,11 @@ class Source:
 
     @property
     def transformer_config(self) -> dict:
-        from cogpipe.models import _read_component_config
-
-        return _read_component_config(self.folder, "transformer")
+        return models.read_component_config(self.folder, "transformer")
 
     @property
     def vae_config(self) -> dict:
-        from cogpipe.models import _read_component_config
-
-        return _read_component_config(self.folder, "vae")
+        return models.read_component_config(self.folder, "vae")
 
 
 def kind_of(spec: str) -> str:
@@ -194,8 +190,6 @@ def _is_diffusers_file(path: Path) -> bool:
 def _base_for(spec: str, config: dict, base: str | None, what: str) -> tuple[str, dict]:
     """(base, {"transformer": {...}, "vae": {...}} config values taken from it): `base`, else the released model of
     the source's version."""
-    from cogpipe.models import _read_component_config
-
     if base is None:
         kind = (family.version(config), family.is_i2v(config))
         same = [v for v in family.VARIANTS.values() if v.released and (v.version, v.i2v) == kind]
@@ -207,8 +201,8 @@ def _base_for(spec: str, config: dict, base: str | None, what: str) -> tuple[str
     else:
         title = base
     try:
-        base_config = _read_component_config(base, "transformer")
-        base_vae = _read_component_config(base, "vae")
+        base_config = models.read_component_config(base, "transformer")
+        base_vae = models.read_component_config(base, "vae")
     except Exception as e:  # offline and not cached, or not a pipeline folder
         raise FileNotFoundError(
             f"--model {spec}: {what}; the rest of the pipeline (VAE, T5 text encoder, tokenizer, scheduler) comes "
@@ -263,8 +257,6 @@ def _convert(path: Path, kind: str, entry: Path, config: dict, overrides: dict, 
     write the manifest of what was converted."""
     global conversions
     from cogpipe.convert.core import Options, sat_transformer, sat_vae
-    from cogpipe.export import link_or_copy_tree
-    from cogpipe.models import pretrained_folder
 
     conversions += 1
     log(f"converting {path} into the checkpoint cache ({entry}); later loads reuse it")
@@ -282,10 +274,10 @@ def _convert(path: Path, kind: str, entry: Path, config: dict, overrides: dict, 
             fam = family.family_values(config)
             sat_vae(vae_file, tmp / "vae", o, family={k: fam[k] for k in ("scaling_factor", "invert_scale_latents")})
         converted = _manifest(tmp)
-        base_folder = pretrained_folder(base)
+        base_folder = models.pretrained_folder(base)
         for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
             if not (tmp / part).exists() and (base_folder / part).is_dir():
-                link_or_copy_tree(base_folder / part, tmp / part)
+                paths.link_or_copy_tree(base_folder / part, tmp / part)
         index = json.loads((base_folder / "model_index.json").read_text())
         index["_class_name"] = "CogVideoXImageToVideoPipeline" if family.is_i2v(config) else "CogVideoXPipeline"
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cogpipe import atomic
 from cogpipe.family import LORA_FILE
+from cogpipe.video import read_video, strip
 
 STRIP = "validation_strip.png"
 
@@ -40,9 +41,6 @@ def write_formats(folder: Path, run_name: str) -> list[str]:
 
 
 def _strip(videos: list[Path]) -> "object | None":
-    from cogpipe.video import read_video
-    from cogpipe.world.strip import strip
-
     frames = [read_video(v) for v in videos]
     if not frames:
         return None

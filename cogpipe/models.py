@@ -38,7 +38,7 @@ def pretrained_folder(pretrained: str, parts=PIPELINE_PARTS) -> Path:
     return Path(snapshot_download(pretrained, allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)]))
 
 
-def _read_component_config(pretrained: str, subfolder: str) -> dict:
+def read_component_config(pretrained: str, subfolder: str) -> dict:
     if _is_local(pretrained):
         file = Path(pretrained).expanduser() / subfolder / "config.json"
         if not file.is_file():
@@ -70,16 +70,16 @@ def resolve_configs(model_cfg) -> Resolved:
     stand_in = reason = None
     if model_cfg.pretrained and not _is_local(model_cfg.pretrained):
         try:
-            t = _read_component_config(model_cfg.pretrained, "transformer")
-            v = _read_component_config(model_cfg.pretrained, "vae")
+            t = read_component_config(model_cfg.pretrained, "transformer")
+            v = read_component_config(model_cfg.pretrained, "vae")
         except Exception as e:  # huggingface_hub raises several kinds when offline or not found
             if model_cfg.preset not in family.VARIANTS:
                 raise FileNotFoundError(f"model.pretrained: cannot read {model_cfg.pretrained} ({e})") from None
             stand_in, reason = model_cfg.preset, type(e).__name__
             t, v = family.VARIANTS[stand_in].transformer, family.VARIANTS[stand_in].vae
     elif model_cfg.pretrained:
-        t = _read_component_config(model_cfg.pretrained, "transformer")
-        v = _read_component_config(model_cfg.pretrained, "vae")
+        t = read_component_config(model_cfg.pretrained, "transformer")
+        v = read_component_config(model_cfg.pretrained, "vae")
     else:
         t, v = family.variant(model_cfg.preset).transformer, family.variant(model_cfg.preset).vae
     return Resolved(_with_defaults(CogVideoXTransformer3DModel, t), _with_defaults(AutoencoderKLCogVideoX, v),
@@ -152,16 +152,17 @@ def build_vae(model_cfg, dtype: torch.dtype, device=None):
     return _seeded(model_cfg.init_seed + 2, AutoencoderKLCogVideoX, family.variant(model_cfg.preset).vae, dtype, device)
 
 
-def build_transformer(model_cfg, dtype: torch.dtype, device=None):
+def build_transformer(model_cfg, dtype: torch.dtype, device=None, empty: bool = False):
+    """The configured transformer: the pretrained weights, or the preset seeded. `empty` (a pretrained model on a
+    process whose weights come from the first one: sharding.weights_from_main_process) builds it with
+    uninitialised parameters instead of reading them."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogpipe.sharding import weights_from_main_process
-
-    if model_cfg.pretrained and weights_from_main_process():
+    if model_cfg.pretrained and empty:
         from accelerate import init_empty_weights
 
         with init_empty_weights():  # parameters on meta, buffers (position tables) real: the shards come from rank 0
-            model = CogVideoXTransformer3DModel.from_config(_read_component_config(model_cfg.pretrained, "transformer"))
+            model = CogVideoXTransformer3DModel.from_config(read_component_config(model_cfg.pretrained, "transformer"))
         for module in model.modules():  # uninitialised storage: its pages stay untouched until the shards arrive
             for name, p in module.named_parameters(recurse=False):
                 module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=dtype), p.requires_grad)

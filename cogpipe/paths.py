@@ -4,11 +4,15 @@ The package imports without them: `pip install .` copies only `cogpipe/` into si
 that default to a shipped file look for it, in order, under $COGPIPE_HOME, the checkout this package was
 imported from (an editable install or a clone on the path) and the current folder; if none holds it, the
 error says what to pass instead.
+
+Also link_or_copy_tree(), how a pipeline folder reuses another one's files (the export's base, the checkpoint
+cache's converted entries).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 
@@ -34,3 +38,17 @@ def repo_path(relative: str, instead: str) -> Path:
     looked = ", ".join(str(r) for r in dict.fromkeys(roots))
     raise FileNotFoundError(f"{relative} not found (looked in {looked}): pass {instead}, run from a clone of the "
                             f"cogpipe repository, or set COGPIPE_HOME to one")
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Recreate `src` under `dst` (symlinks of a hub snapshot followed): a hard link per file where the file
+    system allows it, else a copy."""
+    for folder, _, files in os.walk(src, followlinks=True):
+        target = dst / Path(folder).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            source = Path(folder, name).resolve()
+            try:
+                os.link(source, target / name)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(source, target / name)

@@ -12,7 +12,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from cogpipe import models
+from cogpipe.weights import materialize, open_state_dict
 
 
 def allow_cpu_deepspeed() -> None:
@@ -21,8 +26,6 @@ def allow_cpu_deepspeed() -> None:
     finds no backend of its own for a machine without an accelerator, and so counts one process; telling it the
     backend is gloo (what DeepSpeed's CPU accelerator uses) makes it count the ranks. No effect where CUDA exists or
     DS_ACCELERATOR is not "cpu"."""
-    import os
-
     if os.environ.get("DS_ACCELERATOR") != "cpu" or torch.cuda.is_available():  # also set for FSDP on CPUs
         return
     from accelerate.state import PartialState
@@ -47,8 +50,6 @@ def weights_from_main_process() -> bool:
     """True on every process but the first of an FSDP launch with fsdp_cpu_ram_efficient_loading: there the
     pretrained transformer is built with its parameters on the meta device (nothing read from disk) and
     accelerate broadcasts the first process's weights into each shard, so a machine holds one copy in host RAM."""
-    import os
-
     return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
             and os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("true", "1")
             and int(os.environ.get("RANK", "0")) != 0)
@@ -172,11 +173,8 @@ def zero3_transformer(accelerator, model_cfg, train_cfg):
     import deepspeed
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogpipe import models
-    from cogpipe.weights import materialize, open_state_dict
-
     configure(accelerator, train_cfg)  # zero.Init reads the (complete) DeepSpeed config
-    config = models._read_component_config(model_cfg.pretrained, "transformer")
+    config = models.read_component_config(model_cfg.pretrained, "transformer")
     with deepspeed.zero.Init(config_dict_or_path=accelerator.state.deepspeed_plugin.deepspeed_config):
         model = CogVideoXTransformer3DModel.from_config(config)
     source = open_state_dict(models.pretrained_folder(model_cfg.pretrained, ["transformer"]) / "transformer")

@@ -155,7 +155,8 @@ def _prepare_model(run: Run) -> Model:
     if cfg.train.mode == "full" and sharding.zero3_full_fine_tune(run.accelerator, cfg.model):
         transformer = sharding.zero3_transformer(run.accelerator, cfg.model, cfg.train)  # partitioned as built
     else:
-        transformer = models.build_transformer(cfg.model, weight_dtype if cfg.train.mode == "lora" else torch.float32)
+        transformer = models.build_transformer(cfg.model, weight_dtype if cfg.train.mode == "lora" else torch.float32,
+                                               empty=sharding.weights_from_main_process())
     if cfg.model.fp8_frozen:  # before the adapter: only the frozen base layers are stored in fp8
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     if cfg.train.mode == "lora":

@@ -1,4 +1,5 @@
-"""Reading and writing video files: decord to read, imageio-ffmpeg to write mp4."""
+"""Reading and writing video files (decord to read, imageio-ffmpeg to write mp4) and the frame strip: videos drawn
+as one image, a row each (the model card's validation frames, docs/tiny_world_strip.png)."""
 
 from pathlib import Path
 
@@ -30,3 +31,14 @@ def read_video(path) -> np.ndarray:
 
     reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
     return reader.get_batch(list(range(len(reader)))).asnumpy()
+
+
+def strip(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
+    """uint8 [F, H, W, 3] videos -> one image: a row per video, frames side by side, white gaps."""
+    rows = []
+    for video in videos:
+        frames = [np.pad(f, ((gap // 2, gap - gap // 2), (gap // 2, gap - gap // 2), (0, 0)), constant_values=255)
+                  for f in video]
+        rows.append(np.concatenate(frames, axis=1))
+    image = np.concatenate(rows, axis=0)
+    return image.repeat(scale, axis=0).repeat(scale, axis=1)

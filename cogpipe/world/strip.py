@@ -6,22 +6,12 @@ other frame left to right (numpy + imageio only).
 With --lora, two more rows show a held-out (purple) prompt before and after the LoRA.
 """
 
-import numpy as np
+from cogpipe.inference import generate, load_pipeline
+from cogpipe.video import strip
 
 PROMPTS = ["a blue circle moving up", "a red square moving right", "a yellow triangle moving left",
            "a green circle moving down"]
 HELD_OUT_PROMPT = "a purple triangle moving up"
-
-
-def strip(videos, scale: int = 2, gap: int = 2) -> np.ndarray:
-    """uint8 [F, H, W, 3] videos -> one image: a row per video, frames side by side, white gaps."""
-    rows = []
-    for video in videos:
-        frames = [np.pad(f, ((gap // 2, gap - gap // 2), (gap // 2, gap - gap // 2), (0, 0)), constant_values=255)
-                  for f in video]
-        rows.append(np.concatenate(frames, axis=1))
-    image = np.concatenate(rows, axis=0)
-    return image.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
 def add_arguments(parser) -> None:
@@ -33,8 +23,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import imageio
-
-    from cogpipe.inference import generate, load_pipeline
 
     pipe = load_pipeline(args.model)
     videos = [generate(pipe, p, seed=args.seed)[::2] for p in PROMPTS]
