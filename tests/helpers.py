@@ -4,6 +4,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Generated videos compared with ones made on another machine (a shipped image, a README strip): float kernels
+# differ between CPUs (vector widths, reduction orders), so 50 denoising steps may end a few 8-bit values one level
+# apart (3 of 110,592 in the one case seen). A real change (another prompt, seed, step count, scheduler or weight)
+# moves most values, by tens of levels. Allowed: 0.1% of the values off, none by more than 8 levels.
+VIDEO_TOLERANCE = {"fraction": 1e-3, "levels": 8}
+
+
+def video_difference(a, b) -> str:
+    import numpy as np
+
+    d = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    return f"{int((d > 0).sum())} of {d.size} values differ, by up to {int(d.max())} levels"
+
+
+def same_video(a, b) -> bool:
+    """uint8 videos equal within VIDEO_TOLERANCE (same shape, few values off and none by much)."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.int16), np.asarray(b, dtype=np.int16)
+    if a.shape != b.shape:
+        return False
+    d = np.abs(a - b)
+    return bool((d > 0).mean() <= VIDEO_TOLERANCE["fraction"] and d.max() <= VIDEO_TOLERANCE["levels"])
+
 
 def make_clips(root: Path, specs, frames: int = 17, size: int = 64, layout: str = "txt") -> Path:
     """Write clips of the synthetic world in one of the dataset layouts; returns root."""

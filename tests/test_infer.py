@@ -9,7 +9,7 @@ from PIL import Image
 from cogpipe import family
 
 from fixtures.hub import VERSIONS, transformer_config, vae_config, write_hub_pipeline
-from helpers import REPO
+from helpers import REPO, same_video, video_difference
 
 PROMPT = "a purple square moving left"
 
@@ -213,8 +213,9 @@ def test_several_videos_each_with_its_own_seed(hub, tmp_path):
 
 def test_the_shipped_model_still_makes_its_readme_strip(tmp_path):
     """`python infer.py --prompt P` with nothing else: the shipped model at 17 frames, 64x64, 8 fps, 50 steps, and
-    exactly the frames of the README's strip (docs/tiny_world_strip.png: a row per prompt, every other frame,
-    1-pixel white borders, scaled 2x)."""
+    the frames of the README's strip (docs/tiny_world_strip.png: a row per prompt, every other frame, 1-pixel white
+    borders, scaled 2x), within helpers.same_video's tolerance: the strip was drawn on another CPU, whose float
+    kernels round differently."""
     import imageio
 
     from cogpipe.inference import cli
@@ -225,6 +226,7 @@ def test_the_shipped_model_still_makes_its_readme_strip(tmp_path):
     (frames, fps), = written.values()
     assert frames.shape == (17, 64, 64, 3) and fps == 8
     strip = np.asarray(imageio.imread(REPO / "docs" / "tiny_world_strip.png"))[::2, ::2, :3]
-    row = np.stack([strip[1:65, 66 * j + 1:66 * j + 65] for j in range(9)])  # row 0: PROMPTS[0]
-    np.testing.assert_array_equal(row, frames[::2])
+    rows = [np.stack([strip[66 * i + 1:66 * i + 65, 66 * j + 1:66 * j + 65] for j in range(9)]) for i in range(2)]
+    assert same_video(rows[0], frames[::2]), video_difference(rows[0], frames[::2])  # row 0: PROMPTS[0]
+    assert not same_video(rows[1], frames[::2])  # the tolerance still tells another prompt's video apart
     assert cli.DEFAULT_STEPS == 50

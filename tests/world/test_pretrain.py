@@ -81,7 +81,10 @@ def test_text_encoder_is_the_fixed_ngram_t5(pipe):
     built = ngram_text_encoder(seed=0).state_dict()
     shipped = pipe.text_encoder.state_dict()
     assert set(built) <= set(shipped)
-    assert all(torch.equal(built[k], shipped[k]) for k in built)
+    # built here, shipped from another machine: torch's vectorised normal sampler may round differently on another
+    # CPU, so equal to float32 rounding (a different seed or construction differs by whole units)
+    for k in built:
+        torch.testing.assert_close(built[k], shipped[k], rtol=1e-6, atol=1e-6, msg=k)
 
 
 def test_ngram_text_encoder_sees_neighbouring_bytes_only():
