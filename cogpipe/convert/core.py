@@ -389,7 +389,7 @@ def comfyui_transformer(src: Path, dst: Path, o: Options) -> Summary:
                                                                        f"part of the transformer")}
                for p, n in ignored.items()]
     shapes_ = {k: tuple(v.shape) for k, v in body.items()}
-    cfg_in = {**native_config(shapes_, metadata, src), **o.transformer_config}
+    cfg_in = native_config(shapes_, metadata, src, given=o.transformer_config)
     expected, config_json = expected_shapes("CogVideoXTransformer3DModel", cfg_in)
     cfg = json.loads(config_json)
     outs, dropped, unknown = [], [], []

@@ -168,17 +168,19 @@ def model_name(cfg: dict) -> str:
 # --- transformer config from ComfyUI-native shapes -----------------------------------------------------------------
 
 
-def native_config(shapes: dict[str, tuple], metadata: dict | None = None, src="checkpoint") -> dict:
+def native_config(shapes: dict[str, tuple], metadata: dict | None = None, src="checkpoint",
+                  given: dict | None = None) -> dict:
     """Diffusers CogVideoXTransformer3DModel kwargs of a ComfyUI-native transformer (key -> shape, no prefix).
 
     A file cogpipe wrote carries its Diffusers config in the metadata (NATIVE_CONFIG_META): that is used. Otherwise
     the shapes say it, as ComfyUI's model_detection reads them, except that the head width is read from norm_q
     (ComfyUI assumes 64) and the position table is read as the Diffusers models use it: none -> RoPE; a table in
     an image-to-video 1.0 model -> learned table + RoPE (CogVideoX-5B-I2V); a table otherwise -> 3D sin-cos
-    (CogVideoX-2B, whose table Diffusers recomputes)."""
+    (CogVideoX-2B, whose table Diffusers recomputes). `given`: values that override what is read."""
+    given = dict(given or {})
     if metadata and NATIVE_CONFIG_META in metadata:
         try:
-            return json.loads(metadata[NATIVE_CONFIG_META])
+            return {**json.loads(metadata[NATIVE_CONFIG_META]), **given}
         except ValueError as e:
             raise ConversionError(f"{src}: metadata {NATIVE_CONFIG_META} is not JSON: {e}") from None
     norm1 = _need(shapes, NATIVE_MARK, src)
@@ -202,7 +204,8 @@ def native_config(shapes: dict[str, tuple], metadata: dict | None = None, src="c
     )
     cfg.update(dict(sample_height=300, sample_width=300, sample_frames=81) if v15
                else dict(sample_height=60, sample_width=90, sample_frames=49))
-    if learned:  # the table's length is the text length plus the patches of the sample size (49 x 480 x 720)
+    cfg.update(given)
+    if learned and "max_text_seq_length" not in given:  # the table: the text length plus the sample size's patches
         frames = (cfg["sample_frames"] - 1) // family.VAE_TEMPORAL + 1
         patches = frames * (cfg["sample_height"] // patch) * (cfg["sample_width"] // patch)
         cfg["max_text_seq_length"] = table[1] - patches
