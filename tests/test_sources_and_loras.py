@@ -139,16 +139,23 @@ def test_a_single_file_transformer_generates(base, sat, cache, tmp_path, form, r
     np.testing.assert_array_equal(frames, reference)
 
 
-def test_model_pretrained_in_a_recipe_takes_a_sat_folder(base, sat, cache):
+@pytest.mark.parametrize("form", ["sat", "comfyui-native"])
+def test_model_pretrained_in_a_recipe_takes_a_sat_folder_or_native_file(base, sat, cache, tmp_path, form):
     from cogpipe.config import load_config
+    from cogpipe.convert import convert
+    from cogpipe.weights import load_state_dict
 
     from helpers import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny_lora.yaml", [f"model.pretrained={sat}", f"model.base={base}",
+    source = sat if form == "sat" else convert(base, tmp_path / "m.safetensors", to="comfyui").files[0]
+    cfg = load_config(REPO / "configs" / "tiny_lora.yaml", [f"model.pretrained={source}", f"model.base={base}",
                                                             "data.root=data/tiny"])
     assert cfg.model.pretrained.startswith(str(cache))
     index = json.loads((model_sources.Path(cfg.model.pretrained) / "model_index.json").read_text())
     assert index["_class_name"] == "CogVideoXPipeline"
+    converted = load_state_dict(model_sources.Path(cfg.model.pretrained) / "transformer")
+    original = load_state_dict(base / "transformer")
+    assert set(converted) == set(original) and all(torch.equal(converted[k], original[k]) for k in original)
 
 
 # --- LoRAs -------------------------------------------------------------------------------------------------------
