@@ -71,6 +71,9 @@ def source_kind(src: Path) -> tuple[str, str]:
             return "diffusers", "lora"
         if native_prefix(keys) is not None:
             return "comfyui", "transformer"
+        if any(k.startswith(("lora_unet_", "diffusion_model.")) for k in keys):
+            raise ConversionError(f"{src}: a LoRA in ComfyUI keys; pass it to infer.py --lora as it is (cogpipe "
+                                  f"convert writes LoRAs from SAT and Diffusers keys)")
         raise ConversionError(f"{src}: a Diffusers weights file without its config.json: pass the folder holding "
                               f"both (transformer/ or vae/)")
     return "sat", sat_kind(open_state_dict(src, master_weights=False), src)

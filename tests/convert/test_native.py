@@ -123,6 +123,10 @@ def test_unknown_keys_are_an_error_that_names_them(hubs, tmp_path):
     with pytest.raises(ConversionError, match=r"blocks\.0\.cross_attn\.weight"):
         convert(tmp_path / "extra.safetensors", tmp_path / "back")
     assert not (tmp_path / "back").exists()
+    # a native LoRA is not a model to convert: said so, rather than "no config.json"
+    save_file({"diffusion_model.blocks.0.q.lora_down.weight": torch.zeros(4, 32)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(ConversionError, match="a LoRA in ComfyUI keys"):
+        convert(tmp_path / "lora.safetensors", tmp_path / "l")
     # and a transformer the port cannot hold is refused, saying why
     config = json.loads((hubs["5b"] / "transformer" / "config.json").read_text())
     with pytest.raises(ConversionError, match="attention_bias"):
