@@ -31,7 +31,7 @@ RELEASED = ["2b", "5b", "5b-i2v", "1.5-5b", "1.5-5b-i2v"]
 
 def _meta(version):
     cfg = full_config(TRANSFORMER, dict(family.VARIANTS[version].transformer))
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):  # the 5B-I2V and 2B tables too: shapes, not values
         model = CogVideoXTransformer3DModel.from_config(cfg)
     return model, cfg
 
