@@ -1,7 +1,8 @@
 """Export a training output folder: `<output_dir>/export/` (a Diffusers pipeline folder) and, for a LoRA run,
 `<output_dir>/lora/pytorch_lora_weights.safetensors` in diffusers keys, with its ComfyUI and SAT forms and a model
-card beside it (cogpipe.modelcard). With `train.ema_decay > 0` the EMA of the
-trained weights is exported.
+card beside it (cogpipe.modelcard). A full fine-tune's export also holds its transformer as one file in ComfyUI core's
+native keys, `export/comfyui/<run>_comfyui_core.safetensors` (cogpipe.convert, `--to comfyui`). With
+`train.ema_decay > 0` the EMA of the trained weights is exported.
 
 On a pretrained base (a folder or hub id) the pipeline folder is the base's own files, hard-linked where the
 file system allows it, else copied: the same bytes, dtype and tokenizer files (a hub SentencePiece tokenizer
@@ -22,6 +23,9 @@ import torch
 
 from cogpipe import atomic, checkpoint, models, paths
 from cogpipe.config import load_config, save_config
+from cogpipe.convert import ConversionError, convert
+
+COMFYUI_MODEL = "comfyui/{run}_comfyui_core.safetensors"  # a full fine-tune for ComfyUI core, inside export/
 
 
 def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
@@ -68,6 +72,14 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
         else:
             dtype = models.DTYPES[cfg.model.weight_dtype] if lora else torch.float32
             models.build_pipeline(cfg.model, dtype, transformer=transformer).save_pretrained(tmp)
+        if transformer is not None:  # the same weights as one file in ComfyUI core's own names
+            try:
+                summary = convert(tmp / "transformer", tmp / COMFYUI_MODEL.format(run=out.resolve().name),
+                                  to="comfyui")
+                for note in summary.notes:
+                    log(f"{COMFYUI_MODEL.format(run='<run>')}: {note}")
+            except ConversionError as e:
+                log(f"no ComfyUI-native transformer: {e}")
         save_config(cfg, tmp / "cogpipe_config.yaml")
     return out / "export"
 

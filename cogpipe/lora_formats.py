@@ -2,6 +2,7 @@
 
     read_lora(path, module_names) -> LoraWeights    any format in: diffusers, peft, SAT, ComfyUI (kohya) keys
     comfyui_state_dict(lora) -> {key: tensor}        the keys ComfyUI-CogVideoXWrapper's merge_lora reads
+    comfyui_native_state_dict(lora) -> {key: tensor} the keys ComfyUI core's LoRA loader reads (its native names)
     write_sat(diffusers_file, folder)                SAT lora2 (matrix_A/matrix_B), through cogpipe.convert
 
 One form: `state` in diffusers keys (`transformer.transformer_blocks.0.attn1.to_q.lora_A.weight`, the tensors
@@ -17,6 +18,10 @@ so every format of the same LoRA gives the same video. The formats (docs/lora_fo
                matrix_B.{0,1,2} (q, k, v) and ….dense.matrix_A.0 / matrix_B.0 (to_out.0); a `latest` folder or a
                .pt; SAT's LoraMixin scales by lora_alpha / r with lora_alpha 1 unless configured: alpha 1
     ComfyUI    lora_unet_<module, dots as underscores>.lora_down.weight (A) / .lora_up.weight (B) / .alpha
+               (ComfyUI-CogVideoXWrapper: Diffusers module names)
+    ComfyUI-native  diffusion_model.<native module>.lora_down.weight / .lora_up.weight / .alpha, or
+               lora_unet_<native module, dots as underscores>.…: ComfyUI core's own CogVideoX port's names
+               (`blocks.N.q`, `blocks.N.attn_out`, `blocks.N.ff_proj`; cogpipe.convert.mapping.NATIVE_RULES)
 """
 
 from __future__ import annotations
@@ -28,11 +33,15 @@ from pathlib import Path
 
 import torch
 
+from cogpipe.convert.mapping import diffusers_module, native_module
 from cogpipe.family import LORA_FILE
 
-FORMATS = ("diffusers", "peft", "sat", "comfyui")
+FORMATS = ("diffusers", "peft", "sat", "comfyui", "comfyui-native")
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfig
 COMFY_PREFIX = "lora_unet_"
+NATIVE_PREFIX = "diffusion_model."  # ComfyUI core's own key for the model's weights
+COMFY_PARTS = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B", "lora_A.weight": "lora_A",
+               "lora_B.weight": "lora_B"}
 SAT_LORA_ALPHA = 1.0  # SAT LoraMixin's default lora_alpha: what an unconfigured SAT run applies
 PICKLES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -112,6 +121,8 @@ def read_lora(path, module_names=None) -> LoraWeights:
     meta = _file_metadata(file)
     if any(k.startswith(COMFY_PREFIX) for k in tensors):
         return _read_comfyui(file, tensors, module_names)
+    if any(k.startswith(NATIVE_PREFIX) for k in tensors):
+        return _read_native(file, tensors)
     state, fmt = {}, "diffusers"
     for k, v in tensors.items():
         name = k
@@ -151,26 +162,68 @@ def _stored_config(file: Path, meta: dict, fmt: str) -> dict | None:
     return None
 
 
+def _gather(file: Path, parts: dict[str, tuple[str, str, torch.Tensor]], fmt: str) -> LoraWeights:
+    """{key: (diffusers module, part, tensor)} with part lora_A / lora_B / alpha -> LoraWeights."""
+    state, ranks, alphas = {}, {}, {}
+    for k, (module, part, v) in parts.items():
+        if part == "alpha":
+            alphas[module] = float(v.item())
+        else:
+            state[f"transformer.{module}.{part}.weight"] = v
+            if part == "lora_A":
+                ranks[module] = v.shape[0]
+    halves = [m for m in {k.split(".lora_")[0][len("transformer."):] for k in state}
+              if f"transformer.{m}.lora_A.weight" not in state or f"transformer.{m}.lora_B.weight" not in state]
+    if halves or set(alphas) - set(ranks):
+        raise ValueError(f"--lora {file}: modules without both lora_down and lora_up: "
+                         f"{sorted(set(halves) | (set(alphas) - set(ranks)))[:8]}")
+    return LoraWeights(state, _config(ranks, {m: alphas.get(m, float(r)) for m, r in ranks.items()}), fmt, file)
+
+
 def _read_comfyui(file: Path, tensors: dict, module_names) -> LoraWeights:
+    """lora_unet_ keys: the wrapper's (Diffusers module names) or ComfyUI core's (native names), dots as _."""
     if module_names is None:
         raise ValueError(f"--lora {file}: ComfyUI keys name modules with underscores; reading them needs the "
                          f"transformer's module names")
-    flat = {n.replace(".", "_"): n for n in module_names}
-    state, ranks, alphas = {}, {}, {}
+    flat = {n.replace(".", "_"): (n, "comfyui") for n in module_names}
+    flat.update({native.replace(".", "_"): (n, "comfyui-native") for n in module_names
+                 if (native := native_module(n)) is not None and native.replace(".", "_") not in flat})
+    parts, unknown, formats = {}, [], set()
     for k, v in tensors.items():
         layer, _, elem = k[len(COMFY_PREFIX):].partition(".")
-        module = flat.get(layer)
-        if module is None or elem not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            raise ValueError(f"--lora {file}: {k} names no module of this transformer (or is not lora_down/lora_up/"
-                             f"alpha)")
-        if elem == "alpha":
-            alphas[module] = float(v.item())
+        module, fmt = flat.get(layer, (None, None))
+        part = "alpha" if elem == "alpha" else COMFY_PARTS.get(elem)
+        if not k.startswith(COMFY_PREFIX) or module is None or part is None:
+            unknown.append(k)
+            continue
+        parts[k] = (module, part, v)
+        formats.add(fmt)
+    if unknown:
+        raise ValueError(f"--lora {file}: {len(unknown)} keys name no module of this transformer (or are not "
+                         f"lora_down/lora_up/alpha): {unknown[:8]}")
+    return _gather(file, parts, "comfyui-native" if formats == {"comfyui-native"} else "comfyui")
+
+
+def _read_native(file: Path, tensors: dict) -> LoraWeights:
+    """diffusion_model.<native module>.lora_down.weight / .lora_up.weight / .alpha (ComfyUI core's names)."""
+    parts, unknown = {}, []
+    for k, v in tensors.items():
+        body = k[len(NATIVE_PREFIX):] if k.startswith(NATIVE_PREFIX) else None
+        native, part = None, None
+        if body is not None:
+            for elem, name in (*COMFY_PARTS.items(), ("alpha", "alpha")):
+                if body.endswith("." + elem):
+                    native, part = body[:-len(elem) - 1], name
+                    break
+        module = diffusers_module(native) if native else None
+        if module is None:
+            unknown.append(k)
         else:
-            state[f"transformer.{module}.{'lora_A' if elem == 'lora_down.weight' else 'lora_B'}.weight"] = v
-            if elem == "lora_down.weight":
-                ranks[module] = v.shape[0]
-    return LoraWeights(state, _config(ranks, {m: alphas.get(m, float(r)) for m, r in ranks.items()}), "comfyui",
-                       file)
+            parts[k] = (module, part, v)
+    if unknown:
+        raise ValueError(f"--lora {file}: {len(unknown)} keys are not LoRA tensors (lora_down/lora_up/alpha) of a "
+                         f"module of ComfyUI core's CogVideoX port: {unknown[:8]}")
+    return _gather(file, parts, "comfyui-native")
 
 
 def _read_sat(path: Path) -> LoraWeights:
@@ -204,6 +257,23 @@ def comfyui_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
     out = {}
     for module in lora.modules:
         key = COMFY_PREFIX + module.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = lora.state[f"transformer.{module}.lora_A.weight"]
+        out[f"{key}.lora_up.weight"] = lora.state[f"transformer.{module}.lora_B.weight"]
+        out[f"{key}.alpha"] = torch.tensor(lora.alpha(module), dtype=torch.float32)
+    return out
+
+
+def comfyui_native_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
+    """ComfyUI core's keys: diffusion_model.<native module>.lora_down.weight = A, .lora_up.weight = B, .alpha (fp32
+    scalar), the names its model_lora_keys_unet accepts for its own CogVideoX port (scale alpha / rank, as
+    comfyui_state_dict). A module the port has no name for is an error naming it."""
+    names = {m: native_module(m) for m in lora.modules}
+    missing = [m for m, n in names.items() if n is None]
+    if missing:
+        raise ValueError(f"{lora.source}: modules with no ComfyUI-native name: {missing[:8]}")
+    out = {}
+    for module, native in names.items():
+        key = NATIVE_PREFIX + native
         out[f"{key}.lora_down.weight"] = lora.state[f"transformer.{module}.lora_A.weight"]
         out[f"{key}.lora_up.weight"] = lora.state[f"transformer.{module}.lora_B.weight"]
         out[f"{key}.alpha"] = torch.tensor(lora.alpha(module), dtype=torch.float32)

@@ -1,6 +1,6 @@
 """Any checkpoint in: a Diffusers pipeline folder, a hub id, a SAT checkpoint (pipeline folder with transformer/
-and vae/, or a transformer folder with `latest`), or a single-file transformer (.safetensors in SAT or Diffusers
-keys, .pt/.pth in SAT keys).
+and vae/, or a transformer folder with `latest`), or a single-file transformer (.safetensors in SAT, Diffusers or
+ComfyUI core's native keys, .pt/.pth in SAT keys).
 
     src = resolve("CogVideoX-5b-sat/")            # converted once, then read from the cache
     pipe = cls.from_pretrained(src.base, transformer=..., vae=...)   # see inference.pipeline
@@ -187,6 +187,22 @@ def _is_diffusers_file(path: Path) -> bool:
     return any(k.startswith(("transformer_blocks.", "patch_embed.")) for k in read_safetensors(path)[0])
 
 
+def _native_file_config(path: Path) -> dict | None:
+    """The Diffusers config of a single file in ComfyUI core's native keys (cogpipe.convert.detect.native_config);
+    None for any other file."""
+    if path.suffix != ".safetensors":
+        return None
+    from cogpipe.convert.detect import native_config, native_prefix
+    from cogpipe.weights import read_safetensors
+
+    tensors, metadata = read_safetensors(path)
+    prefix = native_prefix(tensors)
+    if prefix is None:
+        return None
+    return native_config({k[len(prefix):]: tuple(v.shape) for k, v in tensors.items() if k.startswith(prefix)},
+                         metadata, path)
+
+
 def _base_for(spec: str, config: dict, base: str | None, what: str) -> tuple[str, dict]:
     """(base, {"transformer": {...}, "vae": {...}} config values taken from it): `base`, else the released model of
     the source's version."""
@@ -228,8 +244,11 @@ def resolve(spec, base: str | None = None, log=print) -> Source:
     if kind in ("diffusers", "hub"):
         return Source(spec, kind, str(Path(spec).expanduser()) if kind == "diffusers" else spec)
     path = Path(spec).expanduser().resolve()
-    diffusers_file = kind == "single-file" and _is_diffusers_file(path)
-    if diffusers_file:
+    native = _native_file_config(path) if kind == "single-file" else None
+    diffusers_file = native is None and kind == "single-file" and _is_diffusers_file(path)
+    if native is not None:
+        config = native
+    elif diffusers_file:
         from cogpipe.weights import open_state_dict
 
         lazy = open_state_dict(path)
@@ -247,7 +266,8 @@ def resolve(spec, base: str | None = None, log=print) -> Source:
             return Source(spec, kind, str(entry), entry)
         log(f"refusing the cached conversion of {spec}: {problem}; converting it again")
         shutil.rmtree(entry, ignore_errors=True)
-    _convert(path, kind, entry, config, overrides, diffusers_file, base, log)
+    _convert(path, "comfyui-file" if native is not None else kind, entry, config, overrides, diffusers_file, base,
+             log)
     return Source(spec, kind, str(entry), entry, converted=True)
 
 
@@ -256,7 +276,7 @@ def _convert(path: Path, kind: str, entry: Path, config: dict, overrides: dict, 
     """Convert the source's parts into `entry` (atomically), link the base's other components beside them and
     write the manifest of what was converted."""
     global conversions
-    from cogpipe.convert.core import Options, sat_transformer, sat_vae
+    from cogpipe.convert.core import Options, comfyui_transformer, sat_transformer, sat_vae
 
     conversions += 1
     log(f"converting {path} into the checkpoint cache ({entry}); later loads reuse it")
@@ -266,6 +286,8 @@ def _convert(path: Path, kind: str, entry: Path, config: dict, overrides: dict, 
     with atomic.folder(entry) as tmp:
         if diffusers_file:
             _link_transformer(path, tmp / "transformer", {**config, **overrides["transformer"]})
+        elif kind == "comfyui-file":
+            comfyui_transformer(path, tmp / "transformer", o)
         else:
             sat_transformer(path / "transformer" if kind == "sat-pipeline" else path, tmp / "transformer", o)
         if kind == "sat-pipeline":

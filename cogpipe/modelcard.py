@@ -1,7 +1,8 @@
 """The exported LoRA's other formats and its model card (README.md beside it).
 
     lora/pytorch_lora_weights.safetensors        diffusers keys, rank/alpha in the metadata (cogpipe.lora.save_lora)
-    lora/comfyui/<run>_comfyui.safetensors       ComfyUI / ComfyUI-CogVideoXWrapper keys, alpha per module
+    lora/comfyui/<run>_comfyui_core.safetensors      ComfyUI core's own names (its LoraLoader), alpha per module
+    lora/comfyui/<run>_comfyui_wrapper.safetensors   ComfyUI-CogVideoXWrapper's keys (Diffusers names), alpha too
     lora/sat/latest, lora/sat/1/mp_rank_00_...   SAT lora2 keys, for SAT's default lora_alpha 1
     lora/README.md, lora/validation_strip.png    the card: base model, prompts, rank and alpha, steps, frames
 
@@ -17,6 +18,8 @@ from cogpipe.family import LORA_FILE
 from cogpipe.video import read_video, strip
 
 STRIP = "validation_strip.png"
+CORE_LORA = "{run}_comfyui_core.safetensors"  # for ComfyUI core's LoraLoader (its own CogVideoX port's names)
+WRAPPER_LORA = "{run}_comfyui_wrapper.safetensors"  # for kijai's ComfyUI-CogVideoXWrapper
 
 
 def write_formats(folder: Path, run_name: str) -> list[str]:
@@ -25,19 +28,25 @@ def write_formats(folder: Path, run_name: str) -> list[str]:
     from safetensors.torch import save_file
 
     from cogpipe.convert import ConversionError
-    from cogpipe.lora_formats import comfyui_state_dict, read_lora, write_sat
+    from cogpipe.lora_formats import comfyui_native_state_dict, comfyui_state_dict, read_lora, write_sat
 
     lora = read_lora(folder / LORA_FILE)
-    comfy = folder / "comfyui" / f"{run_name}_comfyui.safetensors"
-    comfy.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in comfyui_state_dict(lora).items()}, str(comfy),
-              metadata={"format": "pt", "ss_network_dim": str(lora.config["r"]),
-                        "ss_network_alpha": str(lora.config["lora_alpha"])})
+    meta = {"format": "pt", "ss_network_dim": str(lora.config["r"]), "ss_network_alpha": str(lora.config["lora_alpha"])}
+    (folder / "comfyui").mkdir(parents=True, exist_ok=True)
+    notes = []
+    for name, form in ((WRAPPER_LORA, comfyui_state_dict), (CORE_LORA, comfyui_native_state_dict)):
+        try:
+            tensors = form(lora)
+        except ValueError as e:
+            notes.append(f"no {name.format(run='<run>')}: {e}")
+            continue
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "comfyui" / name.format(run=run_name)),
+                  metadata=meta)
     try:
         write_sat(folder / LORA_FILE, folder / "sat")
     except ConversionError as e:
-        return [f"no SAT form: {e}"]
-    return []
+        notes.append(f"no SAT form: {e}")
+    return notes
 
 
 def _strip(videos: list[Path]) -> "object | None":
@@ -64,7 +73,8 @@ def write_card(folder: Path, cfg, step: int, videos: list[Path] = (), notes: lis
         atomic.write_bytes(folder / STRIP, buffer.getvalue())
     base = cfg.model.pretrained or f"a random `{cfg.model.preset}` preset (model.preset)"
     rank, alpha = cfg.lora.rank, cfg.lora.alpha
-    name = next(iter(sorted((folder / "comfyui").glob("*.safetensors"))), None)
+    core = next(iter(sorted((folder / "comfyui").glob(CORE_LORA.format(run="*")))), None)
+    wrapper = next(iter(sorted((folder / "comfyui").glob(WRAPPER_LORA.format(run="*")))), None)
     lines = [
         "---", "library_name: diffusers", "tags: [cogvideox, lora, cogpipe]", f"base_model: {base}", "---", "",
         f"# LoRA for {base}", "",
@@ -80,9 +90,14 @@ def write_card(folder: Path, cfg, step: int, videos: list[Path] = (), notes: lis
         "## Files", "",
         f"- `{LORA_FILE}`: diffusers keys, rank and alpha in its metadata",
     ]
-    if name is not None:
-        lines.append(f"- `comfyui/{name.name}`: ComfyUI keys (`lora_unet_…lora_down/lora_up/alpha`), for "
-                     f"ComfyUI-CogVideoXWrapper's LoRA loader")
+    if core is not None:
+        lines.append(f"- `comfyui/{core.name}`: for ComfyUI core (its own CogVideoX model, \"Load Diffusion Model\"): "
+                     f"put it in `ComfyUI/models/loras/` and load it with `LoraLoaderModelOnly` (keys "
+                     f"`diffusion_model.blocks.N.q…lora_down/lora_up/alpha`, the port's names)")
+    if wrapper is not None:
+        lines.append(f"- `comfyui/{wrapper.name}`: for kijai's ComfyUI-CogVideoXWrapper (its LoRA select node; keys "
+                     f"`lora_unet_transformer_blocks_N_attn1_to_q…`, Diffusers names); ComfyUI core does not read "
+                     f"these")
     if (folder / "sat" / "latest").is_file():
         lines.append(f"- `sat/`: SAT lora2 keys (`matrix_A`/`matrix_B`); SAT applies them with `LoraMixin(r={rank}, "
                      f"lora_alpha=1)`, its default")
@@ -91,7 +106,7 @@ def write_card(folder: Path, cfg, step: int, videos: list[Path] = (), notes: lis
               "from diffusers import CogVideoXPipeline  # or CogVideoXImageToVideoPipeline",
               f"pipe = CogVideoXPipeline.from_pretrained(\"{cfg.model.pretrained or 'path/to/the/run/export'}\")",
               f"pipe.load_lora_weights(\"path/to/this/folder\", weight_name=\"{LORA_FILE}\")", "```", "",
-              "or `python infer.py --model BASE --lora path/to/this/folder --prompt \"...\"` (any of the three "
+              "or `python infer.py --model BASE --lora path/to/this/folder --prompt \"...\"` (any of these "
               "files works with `--lora`).", ""]
     if image is not None:
         lines += ["## Validation", "", f"Generated at step {step} (rows: the prompts above, every few frames):", "",

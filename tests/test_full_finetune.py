@@ -34,6 +34,24 @@ def test_every_weight_trains_and_exports(full_run):
     assert not (out / "lora").exists()
 
 
+def test_the_export_holds_a_comfyui_native_transformer_that_converts_back_exactly(full_run, tmp_path):
+    from cogpipe.convert import convert
+    from cogpipe.weights import load_state_dict
+
+    from fixtures import comfy
+
+    out, cfg = full_run
+    native, = (out / "export" / "comfyui").glob("*_comfyui_core.safetensors")
+    assert native.name == f"{out.resolve().name}_comfyui_core.safetensors"
+    tensors = load_file(str(native))
+    config = dict(models.build_transformer(cfg.model, torch.float32).config)
+    assert {k: tuple(v.shape) for k, v in tensors.items()} == comfy.port_shapes(config)  # the port's tensors
+    convert(native, tmp_path / "back")
+    state = load_file(str(out / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))
+    back = load_state_dict(tmp_path / "back")
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+
+
 @pytest.mark.slow
 def test_full_finetune_on_two_processes_matches_one(full_run, clips, trained, tmp_path):
     from test_multiprocess import launch_two

@@ -83,6 +83,14 @@ def test_full_fine_tune_trains_and_exports(hub, clips, tmp_path, version):
     changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, before.state_dict()[n])]
     assert len(changed) > len(trained.state_dict()) // 2  # every weight trains (a few get no gradient at 2 steps)
     assert not (out / "lora").exists()
+    # the same transformer in ComfyUI core's native single file, read back exactly by the command line
+    from cogpipe import weights
+    from cogpipe.cli import main
+
+    native, = (out / "export" / "comfyui").glob("*_comfyui_core.safetensors")
+    assert main(["convert", str(native), str(tmp_path / "back")]) == 0
+    a, b = weights.load_state_dict(out / "export" / "transformer"), weights.load_state_dict(tmp_path / "back")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -1,4 +1,5 @@
-"""SAT <-> Diffusers conversion for the CogVideoX family: transformer, VAE, LoRA, whole pipelines.
+"""SAT <-> Diffusers conversion for the CogVideoX family: transformer, VAE, LoRA, whole pipelines; and any
+transformer <-> ComfyUI core's native single file (`to="comfyui"`).
 
     from cogpipe.convert import convert
     summary = convert("ckpt/sat", "out/", dtype=None, lora_mode="extract")   # direction and model detected

@@ -1,4 +1,5 @@
-"""`cogpipe convert SRC DST`: SAT <-> Diffusers, direction and model detected from the files."""
+"""`cogpipe convert SRC DST`: SAT <-> Diffusers, and any transformer -> ComfyUI core's native single file
+(`--to comfyui`) and back; direction and model detected from the files."""
 
 from __future__ import annotations
 
@@ -11,9 +12,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Convert CogVideoX checkpoints between SAT and Diffusers: a SAT transformer folder or .pt, a SAT "
         "3d-vae.pt, a SAT LoRA, or a SAT folder with transformer/ and vae/ (-> full pipeline), and the reverse of "
-        "each. The version (2B, 5B, 5B-I2V, 1.5-5B, 1.5-5B-I2V) is detected from the tensors.")
+        "each; with --to comfyui, any transformer (or a pipeline folder's) -> one .safetensors in ComfyUI core's "
+        "native keys, and such a file -> a Diffusers transformer folder. The version (2B, 5B, 5B-I2V, 1.5-5B, "
+        "1.5-5B-I2V) is detected from the tensors.")
     parser.add_argument("src", help="source checkpoint (file or folder)")
     parser.add_argument("dst", help="destination folder (or .safetensors file for a LoRA)")
+    parser.add_argument("--to", choices=["diffusers", "sat", "comfyui"],
+                        help="target format (default: SAT -> diffusers, diffusers -> sat, ComfyUI-native -> "
+                             "diffusers); comfyui: DST is a .safetensors file or a folder to write "
+                             "transformer_comfyui_core.safetensors in")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     parser.add_argument("--lora-mode", choices=["extract", "merge"], default="extract",
                         help="SAT transformer with LoRA layers: write base + dst/lora (extract) or fold it in")
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from .detect import ConversionError
 
         try:
-            summary = convert(args.src, args.dst, dtype=args.dtype, lora_mode=args.lora_mode,
+            summary = convert(args.src, args.dst, to=args.to, dtype=args.dtype, lora_mode=args.lora_mode,
                               text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                               transformer_config=sets["transformer"], vae_config=sets["vae"],
                               sat_lora_alpha=args.sat_lora_alpha, max_shard_size=args.max_shard_size,

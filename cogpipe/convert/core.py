@@ -22,11 +22,22 @@ from .. import atomic
 from ..family import DTYPES, LORA_FILE, VARIANTS, family_values, is_i2v, scheduler_config
 from ..weights import LazyTensor, diagnose, materialize, open_state_dict, read_safetensors
 from . import detect, fastcopy, shapes
-from .detect import ConversionError, _is_lora_key, split_sat, transformer_config, vae_config
-from .io import Out, atomic_dir, check_written, write_safetensors, write_torch
-from .mapping import LORA, SAT_PREFIX, TRANSFORMER, VAE
+from .detect import (
+    NATIVE_CONFIG_META,
+    ConversionError,
+    _is_lora_key,
+    native_config,
+    native_prefix,
+    split_sat,
+    transformer_config,
+    vae_config,
+)
+from .io import Out, atomic_dir, check_written, write_safetensors, write_safetensors_file, write_torch
+from .mapping import LORA, NATIVE, SAT_PREFIX, TRANSFORMER, VAE
 from .shapes import expected_shapes
 
+TARGETS = ("diffusers", "sat", "comfyui")
+NATIVE_FILE = "transformer_comfyui_core.safetensors"  # the native file's name when the destination is a folder
 SAT_MAX_SEQUENCE_LENGTH = 64  # transformer_args.max_sequence_length in CogVideoX's SAT configs
 COGPIPE_LORA_META = "cogpipe_sat_lora"  # safetensors metadata: how the SAT scale was baked in
 
@@ -79,7 +90,7 @@ class Summary:
         return "\n".join(lines + [str(p) for p in self.parts])
 
 
-def convert(src, dst, *, dtype: str | torch.dtype | None = None, lora_mode: str = "extract",
+def convert(src, dst, *, to: str | None = None, dtype: str | torch.dtype | None = None, lora_mode: str = "extract",
             text_encoder=None, tokenizer=None, transformer_config: dict | None = None,
             vae_config: dict | None = None, sat_lora_alpha: float = 1.0, max_shard_size: str | int = "5GB",
             overwrite: bool = False) -> Summary:
@@ -91,7 +102,11 @@ def convert(src, dst, *, dtype: str | torch.dtype | None = None, lora_mode: str 
     lora_mode: for a SAT transformer whose layers carry LoRA, "extract" writes the base weights plus the LoRA
     under dst/lora, "merge" folds the LoRA into the weights. sat_lora_alpha: SAT's lora_alpha (scale
     alpha/rank; SAT's default 1). transformer_config / vae_config override detected config values.
+    to: the target format, "diffusers" | "sat" | "comfyui" (ComfyUI core's native single-file transformer, from
+    any transformer or pipeline folder); default: SAT -> Diffusers, Diffusers -> SAT, ComfyUI-native -> Diffusers.
     """
+    if to not in (None, *TARGETS):
+        raise ConversionError(f"to {to!r}: choose one of {', '.join(TARGETS)}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConversionError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -106,6 +121,15 @@ def convert(src, dst, *, dtype: str | torch.dtype | None = None, lora_mode: str 
     readahead = fastcopy.start(src)  # None when the command line started it already
     try:
         fmt, kind = detect.source_kind(src)
+        if to == "comfyui":
+            return to_comfyui(src, dst, o, fmt, kind)
+        target = to or {"sat": "diffusers", "diffusers": "sat", "comfyui": "diffusers"}[fmt]
+        if target == fmt:
+            raise ConversionError(f"{src}: already in {fmt} keys")
+        if fmt == "comfyui":
+            if target != "diffusers":
+                raise ConversionError(f"{src}: a ComfyUI-native transformer converts to Diffusers (then to SAT)")
+            return comfyui_transformer(src, dst, o)
         fn = {("sat", "transformer"): sat_transformer, ("sat", "vae"): sat_vae, ("sat", "lora"): sat_lora,
               ("sat", "pipeline"): sat_pipeline, ("diffusers", "transformer"): diffusers_transformer,
               ("diffusers", "vae"): diffusers_vae, ("diffusers", "lora"): diffusers_lora,
@@ -178,7 +202,9 @@ def _summary(direction, kind, model, src, dst, outs, **kw) -> Summary:
 # --- transformer -------------------------------------------------------------------------------------------------
 
 
-def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = None) -> Summary:
+def _plan_sat_transformer(src: Path, o: Options):
+    """A SAT transformer's Diffusers outputs (its inline LoRA merged when o.lora_mode is "merge") ->
+    (outs, config.json text, dropped, ignored, lora or None, notes)."""
     body, ignored = split_sat(open_state_dict(src, master_weights=False))
     lora_keys = {k: v for k, v in body.items() if _is_lora_key(k)}
     base = {k.replace(".original.", "."): v for k, v in body.items() if not _is_lora_key(k)}
@@ -194,6 +220,12 @@ def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = No
             by_name[f"{module}.weight"].merge.append((a, b, scale))
         notes.append(f"LoRA ({lora['what']}) merged into the weights "
                      f"with SAT's scale {o.sat_lora_alpha:g}/rank")
+    return outs, config_json, dropped, ignored, lora, notes
+
+
+def sat_transformer(src: Path, dst: Path, o: Options, lora_dst: Path | None = None) -> Summary:
+    outs, config_json, dropped, ignored, lora, notes = _plan_sat_transformer(src, o)
+    cfg = json.loads(config_json)
     with atomic_dir(dst, o.overwrite) as tmp:
         files = write_safetensors(tmp, outs, prefix="diffusion_pytorch_model", max_shard_size=o.max_shard_size)
         check_written(files, outs)
@@ -243,6 +275,147 @@ def diffusers_transformer(src: Path, dst: Path, o: Options) -> Summary:
         (tmp / "latest").write_text("1")
     return _summary("diffusers->sat", "transformer", detect.model_name(cfg), src, dst, outs, config=cfg,
                     notes=notes, files=[str(dst / "1" / "mp_rank_00_model_states.pt")])
+
+
+# --- ComfyUI core's native single file ----------------------------------------------------------------------------
+
+
+def native_problems(cfg: dict) -> list[str]:
+    """What ComfyUI core's CogVideoX port cannot hold: tensors its modules always have that this config lacks."""
+    out = []
+    if not cfg["attention_bias"]:
+        out.append("attention_bias false (the port's q, k, v and attn_out always have a bias)")
+    if not cfg["norm_elementwise_affine"]:
+        out.append("norm_elementwise_affine false (the port's LayerNorms always have weights)")
+    if cfg["activation_fn"] != "gelu-approximate":
+        out.append(f"activation_fn {cfg['activation_fn']!r} (the port's feed-forward is tanh-GELU, 4x wide)")
+    return out
+
+
+def comfyui_notes(cfg: dict) -> list[str]:
+    """What ComfyUI core makes of a native file of this config (its model_detection reads the shapes)."""
+    notes = []
+    if cfg["attention_head_dim"] != 64:
+        notes.append(f"ComfyUI's model detection assumes 64-wide attention heads; this model's are "
+                     f"{cfg['attention_head_dim']}, so ComfyUI core cannot build it (cogpipe reads the file back)")
+    rope, learned = cfg["use_rotary_positional_embeddings"], cfg["use_learned_positional_embeddings"]
+    if learned:
+        notes.append("a learned position table with RoPE (CogVideoX-5B-I2V): ComfyUI's detection reads the table as "
+                     "'no RoPE', so ComfyUI core runs this version without its RoPE: not supported there")
+    elif not rope:
+        notes.append("3D sin-cos positions (CogVideoX-2B): the table is stored as patch_embed.pos_embedding, by which "
+                     "ComfyUI detects a model without RoPE, and which it adds as stored (Diffusers' table)")
+    return notes
+
+
+def _to_native(outs: list[Out], cfg: dict, dtype, src) -> list[Out]:
+    """Diffusers-named outputs -> the same tensors under the port's names, plus the 3D sin-cos table of a model
+    without RoPE (ComfyUI tells a 2B from a RoPE model by it)."""
+    problems = native_problems(cfg)
+    if problems:
+        raise ConversionError(f"{src}: ComfyUI core's CogVideoX port cannot hold this transformer: "
+                              f"{'; '.join(problems)}")
+    slots, unknown = NATIVE.to_sat([out.name for out in outs])
+    if unknown:
+        raise ConversionError(f"{src}: {len(unknown)} tensors have no ComfyUI-native name: {unknown[:8]}")
+    native = {pieces[0].source: name for name, pieces in slots.items()}
+    res = [Out(native[out.name], out.pieces, out.dtype, out.merge) for out in outs]
+    if not cfg["use_rotary_positional_embeddings"] and not cfg["use_learned_positional_embeddings"]:
+        weight = next(out for out in outs if out.name == "patch_embed.proj.weight")
+        table = shapes.sincos_pos_embedding(cfg).to(dtype or weight.dtype)
+        res.append(Out("patch_embed.pos_embedding", [(table, 0, 1)], table.dtype))
+    return res
+
+
+def to_comfyui(src: Path, dst: Path, o: Options, fmt: str, kind: str) -> Summary:
+    """Any transformer (a Diffusers or SAT transformer, or the transformer of a pipeline folder) -> one safetensors
+    file in ComfyUI core's native keys (what its UNETLoader / "Load Diffusion Model" reads), the Diffusers config in
+    its metadata (NATIVE_CONFIG_META) so that cogpipe reads it back exactly."""
+    if kind == "pipeline":
+        src = src / "transformer"
+        kind = "transformer"
+    if fmt == "comfyui":
+        raise ConversionError(f"{src}: already in ComfyUI-native keys")
+    if kind != "transformer":
+        raise ConversionError(f"{src}: a {kind}; --to comfyui writes transformers (ComfyUI core loads the Diffusers "
+                              f"VAE file and the T5 encoder as they are)")
+    notes, dropped, ignored = [], [], []
+    if fmt == "diffusers":
+        sd = open_state_dict(src)
+        expected, config_json = expected_shapes("CogVideoXTransformer3DModel",
+                                                {**json.loads((src / "config.json").read_text()),
+                                                 **o.transformer_config})
+        validate({k: tuple(v.shape) for k, v in sd.items()}, expected, "its own config.json", src)
+        outs = [Out(k, [(sd[k], 0, 1)], _cast(o.dtype, sd[k])) for k in sorted(sd, key=lambda k: _file_pos(sd[k]))]
+    else:
+        outs, config_json, dropped, ignored, lora, notes = _plan_sat_transformer(src, o)
+        if lora and o.lora_mode != "merge":
+            raise ConversionError(f"{src}: the SAT transformer carries a LoRA; a native file holds one set of weights: "
+                                  f"pass lora_mode='merge' (--lora-mode merge), or convert the LoRA on its own")
+    cfg = json.loads(config_json)
+    native = _to_native(outs, cfg, o.dtype, src)
+    dst = dst if dst.suffix == ".safetensors" else dst / NATIVE_FILE
+    if dst.exists() and not o.overwrite:
+        raise ConversionError(f"{dst}: exists (pass overwrite=True / --overwrite to replace it)")
+    atomic.sweep(dst.parent, dst.name)
+    with atomic.file(dst, sync=True) as tmp:
+        write_safetensors_file(tmp, native, metadata={NATIVE_CONFIG_META: json.dumps(cfg, sort_keys=True)})
+        check_written([tmp], native)
+    return _summary(f"{fmt}->comfyui", "transformer", detect.model_name(cfg), src, dst, native, config=cfg,
+                    dropped=dropped, ignored=ignored, notes=notes + comfyui_notes(cfg), files=[str(dst)])
+
+
+NATIVE_EXTRAS = {  # what an all-in-one ComfyUI checkpoint holds beside the transformer
+    "vae.": "VAE inside a ComfyUI checkpoint; the pipeline takes it from the base",
+    "text_encoders.": "text encoder inside a ComfyUI checkpoint; the pipeline takes it from the base",
+}
+
+
+def comfyui_transformer(src: Path, dst: Path, o: Options) -> Summary:
+    """A ComfyUI-native transformer file (bare keys, or under model.diffusion_model. / diffusion_model.) ->
+    a Diffusers transformer folder. Every key must map (docs/lora_formats.md): an unknown one is an error naming it."""
+    if src.is_dir():  # source_kind found one weights file in it
+        src = next(f for f in sorted(src.iterdir()) if f.suffix == ".safetensors")
+    tensors, metadata = read_safetensors(src)
+    prefix = native_prefix(tensors)
+    body, ignored = {}, {}
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            body[k[len(prefix):]] = v
+        else:
+            group = next((p for p in NATIVE_EXTRAS if k.startswith(p)), k.split(".")[0] + ".")
+            ignored[group] = ignored.get(group, 0) + 1
+    ignored = [{"prefix": p, "count": n, "reason": NATIVE_EXTRAS.get(p, f"not under {prefix or 'the model'}; not "
+                                                                       f"part of the transformer")}
+               for p, n in ignored.items()]
+    shapes_ = {k: tuple(v.shape) for k, v in body.items()}
+    cfg_in = native_config(shapes_, metadata, src, given=o.transformer_config)
+    expected, config_json = expected_shapes("CogVideoXTransformer3DModel", cfg_in)
+    cfg = json.loads(config_json)
+    outs, dropped, unknown = [], [], []
+    for k in sorted(body, key=lambda k: _file_pos(body[k])):
+        kind, res = NATIVE.to_diffusers(k)
+        if kind != "map":
+            unknown.append(k)
+        elif res[0][0] == "patch_embed.pos_embedding" and res[0][0] not in expected:
+            dropped.append(k)  # a 3D sin-cos model's table: Diffusers recomputes it
+        else:
+            outs.append(Out(res[0][0], [(body[k], 0, 1)], _cast(o.dtype, body[k])))
+    if unknown:
+        raise ConversionError(f"{src}: {len(unknown)} keys are not tensors of ComfyUI core's CogVideoX port "
+                              f"(comfy/ldm/cogvideo/model.py), refusing to guess: {unknown[:8]}")
+    validate({out.name: out.shape for out in outs}, expected, f"CogVideoXTransformer3DModel({cfg_in})", src)
+    with atomic_dir(dst, o.overwrite) as tmp:
+        files = write_safetensors(tmp, outs, prefix="diffusion_pytorch_model", max_shard_size=o.max_shard_size)
+        check_written(files, outs)
+        (tmp / "config.json").write_text(config_json)
+    notes = [] if NATIVE_CONFIG_META in metadata else [
+        "no cogpipe config in the file's metadata: the config was read from the shapes (sample size and text "
+        "length: the version's defaults; override with transformer_config / --set transformer.KEY=VALUE)"]
+    return _summary("comfyui->diffusers", "transformer", detect.model_name(cfg), src, dst, outs, config=cfg,
+                    dropped=[{"reason": "3D sin-cos table; Diffusers recomputes it", "count": len(dropped),
+                              "keys": dropped}] if dropped else [],
+                    ignored=ignored, notes=notes, files=[str(dst / f.name) for f in files])
 
 
 # --- VAE -----------------------------------------------------------------------------------------------------------

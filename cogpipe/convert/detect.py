@@ -29,8 +29,21 @@ def _sat_dir(p: Path) -> bool:
     return (p / "latest").is_file() or any(p.glob("*/mp_rank_00_model_states.pt"))
 
 
+NATIVE_MARK = "blocks.0.norm1.linear.weight"  # what ComfyUI's model_detection recognises its CogVideoX port by
+NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # checkpoint / LoRA prefixes ComfyUI strips
+NATIVE_CONFIG_META = "cogpipe_diffusers_config"  # safetensors metadata: the Diffusers config a native file came from
+
+
+def native_prefix(keys) -> str | None:
+    """The prefix under which `keys` hold ComfyUI's native CogVideoX transformer ("" for bare keys); None when
+    they do not."""
+    keys = set(keys)
+    return next((p for p in ("", *NATIVE_PREFIXES) if p + NATIVE_MARK in keys), None)
+
+
 def source_kind(src: Path) -> tuple[str, str]:
-    """-> (format, kind): format "sat" | "diffusers", kind "transformer" | "vae" | "lora" | "pipeline"."""
+    """-> (format, kind): format "sat" | "diffusers" | "comfyui" (ComfyUI core's native keys), kind "transformer" |
+    "vae" | "lora" | "pipeline"."""
     if not src.exists():
         raise ConversionError(f"{src}: no such file or folder")
     if src.is_dir():
@@ -56,6 +69,11 @@ def source_kind(src: Path) -> tuple[str, str]:
         keys = read_safetensors(src)[0]
         if keys and all(_is_lora_key(k) for k in keys):
             return "diffusers", "lora"
+        if native_prefix(keys) is not None:
+            return "comfyui", "transformer"
+        if any(k.startswith(("lora_unet_", "diffusion_model.")) for k in keys):
+            raise ConversionError(f"{src}: a LoRA in ComfyUI keys; pass it to infer.py --lora as it is (cogpipe "
+                                  f"convert writes LoRAs from SAT and Diffusers keys)")
         raise ConversionError(f"{src}: a Diffusers weights file without its config.json: pass the folder holding "
                               f"both (transformer/ or vae/)")
     return "sat", sat_kind(open_state_dict(src, master_weights=False), src)
@@ -148,6 +166,53 @@ def model_name(cfg: dict) -> str:
     if cfg.get("use_learned_positional_embeddings"):
         pos += " + learned"
     return f"{name}-{size}{i2v} ({pos})"
+
+
+# --- transformer config from ComfyUI-native shapes -----------------------------------------------------------------
+
+
+def native_config(shapes: dict[str, tuple], metadata: dict | None = None, src="checkpoint",
+                  given: dict | None = None) -> dict:
+    """Diffusers CogVideoXTransformer3DModel kwargs of a ComfyUI-native transformer (key -> shape, no prefix).
+
+    A file cogpipe wrote carries its Diffusers config in the metadata (NATIVE_CONFIG_META): that is used. Otherwise
+    the shapes say it, as ComfyUI's model_detection reads them, except that the head width is read from norm_q
+    (ComfyUI assumes 64) and the position table is read as the Diffusers models use it: none -> RoPE; a table in
+    an image-to-video 1.0 model -> learned table + RoPE (CogVideoX-5B-I2V); a table otherwise -> 3D sin-cos
+    (CogVideoX-2B, whose table Diffusers recomputes). `given`: values that override what is read."""
+    given = dict(given or {})
+    if metadata and NATIVE_CONFIG_META in metadata:
+        try:
+            return {**json.loads(metadata[NATIVE_CONFIG_META]), **given}
+        except ValueError as e:
+            raise ConversionError(f"{src}: metadata {NATIVE_CONFIG_META} is not JSON: {e}") from None
+    norm1 = _need(shapes, NATIVE_MARK, src)
+    proj = _need(shapes, "patch_embed.proj.weight", src)
+    v15 = len(proj) == 2  # 1.0: Conv2d [H, C, p, p]; 1.5: Linear [H, C * p_t * p * p]
+    patch, patch_t = (2, 2) if v15 else (proj[2], None)
+    in_ch = proj[1] // (patch * patch * patch_t) if v15 else proj[1]
+    head_dim = _need(shapes, "blocks.0.norm_q.weight", src)[0]
+    layers = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k)))
+    ofs = shapes.get("ofs_embedding_linear_1.weight")
+    table = shapes.get("patch_embed.pos_embedding")
+    learned = table is not None and not v15 and in_ch > family.LATENT_CHANNELS
+    cfg = dict(
+        num_attention_heads=norm1[0] // 6 // head_dim, attention_head_dim=head_dim, in_channels=in_ch,
+        out_channels=_need(shapes, "proj_out.weight", src)[0] // (patch * patch * (patch_t or 1)),
+        time_embed_dim=norm1[1], ofs_embed_dim=ofs[1] if ofs else None,
+        text_embed_dim=_need(shapes, "patch_embed.text_proj.weight", src)[1], num_layers=layers,
+        patch_size=patch, patch_size_t=patch_t, use_rotary_positional_embeddings=table is None or learned,
+        use_learned_positional_embeddings=learned,
+        patch_bias=False if v15 else "patch_embed.proj.bias" in shapes,
+    )
+    cfg.update(dict(sample_height=300, sample_width=300, sample_frames=81) if v15
+               else dict(sample_height=60, sample_width=90, sample_frames=49))
+    cfg.update(given)
+    if learned and "max_text_seq_length" not in given:  # the table: the text length plus the sample size's patches
+        frames = (cfg["sample_frames"] - 1) // family.VAE_TEMPORAL + 1
+        patches = frames * (cfg["sample_height"] // patch) * (cfg["sample_width"] // patch)
+        cfg["max_text_seq_length"] = table[1] - patches
+    return cfg
 
 
 # --- VAE config from SAT shapes ------------------------------------------------------------------------------------

@@ -174,22 +174,7 @@ def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_s
     names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     produce = Producer()
     for name, shard in zip(names, shards):
-        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
-        for out in shard:
-            header[out.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[out.dtype], "shape": list(out.shape),
-                                "data_offsets": [offset, offset + out.nbytes]}
-            offset += out.nbytes
-        head = json.dumps(header, separators=(",", ":")).encode()
-        head += b" " * (-len(head) % 8)
-        with Sink(folder / name) as f:
-            f.write(struct.pack("<Q", len(head)) + head)
-            for out in shard:
-                spans = direct_spans(out)
-                if spans is not None:
-                    f.copy(spans)
-                else:
-                    for block in produce(out):
-                        f.write(_bytes(block))
+        _write_shard(folder / name, shard, metadata, produce)
     for name in names:  # once at the end: an fsync per shard would stall reading while a shard drains
         atomic.fsync(folder / name)
     if n > 1:
@@ -197,6 +182,32 @@ def write_safetensors(folder: Path, outs: list[Out], *, prefix: str, max_shard_s
                  "weight_map": {o.name: name for name, shard in zip(names, shards) for o in shard}}
         (folder / f"{prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     return [folder / name for name in names]
+
+
+def _write_shard(path: Path, outs: list[Out], metadata: dict[str, str] | None, produce: Producer) -> None:
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+    for out in outs:
+        header[out.name] = {"dtype": SAFETENSORS_DTYPE_NAMES[out.dtype], "shape": list(out.shape),
+                            "data_offsets": [offset, offset + out.nbytes]}
+        offset += out.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with Sink(path) as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for out in outs:
+            spans = direct_spans(out)
+            if spans is not None:
+                f.copy(spans)
+            else:
+                for block in produce(out):
+                    f.write(_bytes(block))
+
+
+def write_safetensors_file(path: Path, outs: list[Out], metadata: dict[str, str] | None = None) -> Path:
+    """Write `outs` as the one safetensors file `path` (a single-file checkpoint, unsharded), fsync'd."""
+    _write_shard(Path(path), outs, metadata, Producer())
+    atomic.fsync(path)
+    return Path(path)
 
 
 def check_written(files: list[Path], outs: list[Out]) -> None:

@@ -1,5 +1,6 @@
-"""The SAT <-> Diffusers key mapping, written once as data (docs/design.md, "SAT checkpoints").
-Both directions derive from it.
+"""The SAT <-> Diffusers key mapping, written once as data (docs/design.md, "SAT checkpoints"), and the
+ComfyUI-native <-> Diffusers one (NATIVE_RULES: ComfyUI core's own CogVideoX port, docs/lora_formats.md).
+Both directions of each derive from it.
 
 A rule maps one SAT tensor to one or more Diffusers tensors. The SAT tensor is cut into n equal pieces along
 dim 0 (n = 1 + the largest piece index named) and each Diffusers tensor is the concatenation of the listed
@@ -65,6 +66,35 @@ LORA_RULES = [
     ("transformer.layers.{i}.attention.query_key_value.matrix_B.2", "transformer_blocks.{i}.attn1.to_v.lora_B.weight"),
     ("transformer.layers.{i}.attention.dense.matrix_A.0",           "transformer_blocks.{i}.attn1.to_out.0.lora_A.weight"),
     ("transformer.layers.{i}.attention.dense.matrix_B.0",           "transformer_blocks.{i}.attn1.to_out.0.lora_B.weight"),
+]
+
+# ComfyUI core's CogVideoX port (comfy/ldm/cogvideo/model.py) names its transformer's modules itself: one tensor
+# each way, no cuts. The "SAT" column of Mapping holds the native name here.
+NATIVE_RULES = [
+    # native                                 Diffusers
+    ("blocks.{i}.norm1.linear.{p}",          "transformer_blocks.{i}.norm1.linear.{p}"),
+    ("blocks.{i}.norm1.norm.{p}",            "transformer_blocks.{i}.norm1.norm.{p}"),
+    ("blocks.{i}.q.{p}",                     "transformer_blocks.{i}.attn1.to_q.{p}"),
+    ("blocks.{i}.k.{p}",                     "transformer_blocks.{i}.attn1.to_k.{p}"),
+    ("blocks.{i}.v.{p}",                     "transformer_blocks.{i}.attn1.to_v.{p}"),
+    ("blocks.{i}.norm_q.{p}",                "transformer_blocks.{i}.attn1.norm_q.{p}"),
+    ("blocks.{i}.norm_k.{p}",                "transformer_blocks.{i}.attn1.norm_k.{p}"),
+    ("blocks.{i}.attn_out.{p}",              "transformer_blocks.{i}.attn1.to_out.0.{p}"),
+    ("blocks.{i}.norm2.linear.{p}",          "transformer_blocks.{i}.norm2.linear.{p}"),
+    ("blocks.{i}.norm2.norm.{p}",            "transformer_blocks.{i}.norm2.norm.{p}"),
+    ("blocks.{i}.ff_proj.{p}",               "transformer_blocks.{i}.ff.net.0.proj.{p}"),
+    ("blocks.{i}.ff_out.{p}",                "transformer_blocks.{i}.ff.net.2.{p}"),
+    ("patch_embed.proj.{p}",                 "patch_embed.proj.{p}"),
+    ("patch_embed.text_proj.{p}",            "patch_embed.text_proj.{p}"),
+    ("patch_embed.pos_embedding",            "patch_embed.pos_embedding"),
+    ("time_embedding_linear_1.{p}",          "time_embedding.linear_1.{p}"),
+    ("time_embedding_linear_2.{p}",          "time_embedding.linear_2.{p}"),
+    ("ofs_embedding_linear_1.{p}",           "ofs_embedding.linear_1.{p}"),
+    ("ofs_embedding_linear_2.{p}",           "ofs_embedding.linear_2.{p}"),
+    ("norm_final.{p}",                       "norm_final.{p}"),
+    ("norm_out.linear.{p}",                  "norm_out.linear.{p}"),
+    ("norm_out.norm.{p}",                    "norm_out.norm.{p}"),
+    ("proj_out.{p}",                         "proj_out.{p}"),
 ]
 
 VAE_RULES = [
@@ -165,4 +195,18 @@ class Mapping:
 
 TRANSFORMER = Mapping(TRANSFORMER_RULES, TRANSFORMER_DROPS)
 LORA = Mapping(LORA_RULES)
+NATIVE = Mapping(NATIVE_RULES)
 VAE = Mapping(VAE_RULES, VAE_DROPS)
+
+
+def native_module(module: str) -> str | None:
+    """The ComfyUI-native name of a Diffusers module path (`transformer_blocks.0.attn1.to_out.0` ->
+    `blocks.0.attn_out`); None when the port has no such module."""
+    slots, unknown = NATIVE.to_sat([f"{module}.weight"])
+    return None if unknown else next(iter(slots))[:-len(".weight")]
+
+
+def diffusers_module(native: str) -> str | None:
+    """The Diffusers module path of a ComfyUI-native module name; None when it names no module of the port."""
+    kind, res = NATIVE.to_diffusers(f"{native}.weight")
+    return res[0][0][:-len(".weight")] if kind == "map" else None
