@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe import atomic, models
+from cogpipe.data import load_clip, load_image, probe_clip
 from cogpipe.devices import DTYPE_NAMES, encoder_dtype
 
 CACHE_FORMAT = 1  # bump when the stored tensors change meaning
@@ -106,8 +107,6 @@ class Cache:
 
     def probe(self, sample) -> tuple[int, int, int]:
         """(frames, height, width) of a sample's clip, remembered by content in the cache."""
-        from cogpipe.data import probe_clip
-
         path = self.root / "probe" / f"{file_digest(sample.video, self.root)}.json"
         if path.exists():
             return tuple(json.loads(path.read_text()))
@@ -244,8 +243,6 @@ def _encode_checked(vae, clips: list[torch.Tensor], log) -> list[dict]:
 
 
 def _encode_videos(cfg, cache: Cache, todo: list, device, dtype, log=print) -> None:
-    from cogpipe.data import load_clip, load_image
-
     vae = models.build_vae(cfg.model, dtype, device).to(device).eval()
     if cfg.model.vae_slicing:
         vae.enable_slicing()

@@ -13,7 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from cogpipe.cache import Cache
+from cogpipe.config import ConfigError, add_recipe_arguments, load_config
 from cogpipe.data import DataError, Problem, Sample, choose_bucket, load_image, report, scan, shape_problem
+from cogpipe.devices import inference_device
 
 
 def buckets(cfg) -> list[tuple[int, int, int]]:
@@ -26,8 +28,6 @@ def check_dataset(cfg, log=lambda *_: None, device=None) -> tuple[list[Sample], 
 
     With one shape, a clip too short or too small is a problem. With several buckets, a clip that
     fits none is skipped and counted instead (reported in the log)."""
-    from cogpipe.devices import inference_device
-
     samples, problems = scan(cfg.data.root)
     cache = Cache.for_config(cfg, device if device is not None else inference_device())
     shapes = buckets(cfg)
@@ -80,14 +80,10 @@ def usable_samples(cfg, log=print, device=None) -> list[Sample]:
 
 
 def add_arguments(parser) -> None:
-    from cogpipe.config import add_recipe_arguments
-
     add_recipe_arguments(parser)
 
 
 def run(args) -> int:
-    from cogpipe.config import ConfigError, load_config
-
     try:
         cfg = load_config(args.config, args.overrides)
         good, problems = check_dataset(cfg, print)

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from cogpipe import atomic, checkpoint, models, paths
+from cogpipe import atomic, checkpoint, modelcard, models, paths
 from cogpipe.config import load_config, save_config
 from cogpipe.convert import ConversionError, convert
+from cogpipe.lora import save_lora
 
 COMFYUI_MODEL = "comfyui/{run}_comfyui_core.safetensors"  # a full fine-tune for ComfyUI core, inside export/
 
@@ -42,9 +43,6 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
     trainable = checkpoint.load_file(str(ckpt / (checkpoint.EMA if ema else checkpoint.TRAINABLE)))
     lora = cfg.train.mode == "lora"
     if lora:
-        from cogpipe import modelcard
-        from cogpipe.lora import save_lora
-
         step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt.name.rsplit("-", 1)[-1].isdigit() else cfg.train.max_steps
         videos = sorted((out / "validation").glob(f"step-{step:06d}-*.mp4"))
         with atomic.folder(out / "lora") as tmp:

@@ -33,8 +33,11 @@ from pathlib import Path
 
 import torch
 
-from cogpipe.convert.mapping import diffusers_module, native_module
+from cogpipe.convert import convert
+from cogpipe.convert.detect import split_sat
+from cogpipe.convert.mapping import LORA, diffusers_module, native_module
 from cogpipe.family import LORA_FILE
+from cogpipe.weights import materialize, open_state_dict
 
 FORMATS = ("diffusers", "peft", "sat", "comfyui", "comfyui-native")
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights stores the LoraConfig
@@ -227,10 +230,6 @@ def _read_native(file: Path, tensors: dict) -> LoraWeights:
 
 
 def _read_sat(path: Path) -> LoraWeights:
-    from cogpipe.convert.detect import split_sat
-    from cogpipe.convert.mapping import LORA
-    from cogpipe.weights import materialize, open_state_dict
-
     body, _ = split_sat(open_state_dict(path, master_weights=False))
     state, ranks = {}, {}
     for k, v in body.items():
@@ -283,8 +282,6 @@ def comfyui_native_state_dict(lora: LoraWeights) -> dict[str, torch.Tensor]:
 def write_sat(diffusers_file: Path, folder: Path) -> Path:
     """The LoRA in SAT lora2 keys (`folder/latest`, `folder/1/mp_rank_00_model_states.pt`), scaled for SAT's default
     lora_alpha 1 (cogpipe.convert; only attention q, k, v and to_out.0 LoRAs have a SAT form)."""
-    from cogpipe.convert import convert
-
     convert(diffusers_file, folder, sat_lora_alpha=SAT_LORA_ALPHA)
     return folder
 

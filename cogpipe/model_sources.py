@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogpipe import atomic, family, models, paths
+from cogpipe.convert.core import Options, comfyui_transformer, sat_transformer, sat_vae
+from cogpipe.convert.detect import is_lora_key, native_config, native_prefix, split_sat, transformer_config
+from cogpipe.convert.mapping import TRANSFORMER
+from cogpipe.convert.shapes import expected_shapes
+from cogpipe.weights import open_state_dict, read_safetensors
 
 CONVERTER_VERSION = 1  # bump when a conversion's output changes: every entry is then rebuilt
 MANIFEST = "cogpipe_source.json"
@@ -148,20 +153,14 @@ def verify_entry(entry: Path) -> str | None:
 
 
 def _sat_transformer_config(path: Path) -> dict:
-    from cogpipe.convert.detect import _is_lora_key, split_sat, transformer_config
-    from cogpipe.weights import open_state_dict
-
     body, _ = split_sat(open_state_dict(path, master_weights=False))
-    shapes = {k.replace(".original.", "."): tuple(v.shape) for k, v in body.items() if not _is_lora_key(k)}
+    shapes = {k.replace(".original.", "."): tuple(v.shape) for k, v in body.items() if not is_lora_key(k)}
     return transformer_config(shapes, path)
 
 
 def _diffusers_keys_config(state: dict, path: Path) -> dict:
     """A transformer config from a Diffusers-key state dict's shapes (through the SAT mapping's shape rules). What
     shapes cannot say: 3D sin-cos positions (hidden 1920, CogVideoX-2B) or RoPE (every other size)."""
-    from cogpipe.convert.detect import transformer_config
-    from cogpipe.convert.mapping import TRANSFORMER
-
     learned = "patch_embed.pos_embedding" in state
     slots, _ = TRANSFORMER.to_sat(list(state), {"use_learned_positional_embeddings": learned})
     shapes = {}
@@ -182,8 +181,6 @@ def _diffusers_keys_config(state: dict, path: Path) -> dict:
 def _is_diffusers_file(path: Path) -> bool:
     if path.suffix != ".safetensors":
         return False
-    from cogpipe.weights import read_safetensors
-
     return any(k.startswith(("transformer_blocks.", "patch_embed.")) for k in read_safetensors(path)[0])
 
 
@@ -192,9 +189,6 @@ def _native_file_config(path: Path) -> dict | None:
     None for any other file."""
     if path.suffix != ".safetensors":
         return None
-    from cogpipe.convert.detect import native_config, native_prefix
-    from cogpipe.weights import read_safetensors
-
     tensors, metadata = read_safetensors(path)
     prefix = native_prefix(tensors)
     if prefix is None:
@@ -249,8 +243,6 @@ def resolve(spec, base: str | None = None, log=print) -> Source:
     if native is not None:
         config = native
     elif diffusers_file:
-        from cogpipe.weights import open_state_dict
-
         lazy = open_state_dict(path)
         config = _diffusers_keys_config({k: v for k, v in lazy.items()}, path)
     else:
@@ -276,8 +268,6 @@ def _convert(path: Path, kind: str, entry: Path, config: dict, overrides: dict, 
     """Convert the source's parts into `entry` (atomically), link the base's other components beside them and
     write the manifest of what was converted."""
     global conversions
-    from cogpipe.convert.core import Options, comfyui_transformer, sat_transformer, sat_vae
-
     conversions += 1
     log(f"converting {path} into the checkpoint cache ({entry}); later loads reuse it")
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -312,8 +302,6 @@ def _convert(path: Path, kind: str, entry: Path, config: dict, overrides: dict, 
 def _link_transformer(file: Path, dst: Path, config: dict) -> None:
     """A Diffusers transformer folder around a single weights file: its config.json and the file (hard-linked
     where the file system allows, else copied)."""
-    from cogpipe.convert.shapes import expected_shapes
-
     _, config_json = expected_shapes("CogVideoXTransformer3DModel", config)
     dst.mkdir(parents=True)
     (dst / "config.json").write_text(config_json)

@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from cogpipe import atomic
+from cogpipe.convert import ConversionError
 from cogpipe.family import LORA_FILE
+from cogpipe.lora_formats import comfyui_native_state_dict, comfyui_state_dict, read_lora, write_sat
 from cogpipe.video import read_video, strip
 
 STRIP = "validation_strip.png"
@@ -26,9 +28,6 @@ def write_formats(folder: Path, run_name: str) -> list[str]:
     """Write the ComfyUI and SAT forms of folder/LORA_FILE; returns notes for the card (a form that cannot hold this
     LoRA, e.g. SAT's attention-only lora2, is left out and said so)."""
     from safetensors.torch import save_file
-
-    from cogpipe.convert import ConversionError
-    from cogpipe.lora_formats import comfyui_native_state_dict, comfyui_state_dict, read_lora, write_sat
 
     lora = read_lora(folder / LORA_FILE)
     meta = {"format": "pt", "ss_network_dim": str(lora.config["r"]), "ss_network_alpha": str(lora.config["lora_alpha"])}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from cogpipe.atomic import write_text
+
 METRICS = "metrics.jsonl"
 
 
@@ -30,8 +32,6 @@ def start(accelerator, cfg, resumed_step: int) -> None:
         return
     file = Path(cfg.output_dir) / METRICS
     if file.exists():
-        from cogpipe.atomic import write_text
-
         keep = [line for line in file.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
         write_text(file, "".join(line + "\n" for line in keep))
     if cfg.report_to != "none":

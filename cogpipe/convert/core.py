@@ -25,7 +25,7 @@ from . import detect, fastcopy, shapes
 from .detect import (
     NATIVE_CONFIG_META,
     ConversionError,
-    _is_lora_key,
+    is_lora_key,
     native_config,
     native_prefix,
     split_sat,
@@ -206,8 +206,8 @@ def _plan_sat_transformer(src: Path, o: Options):
     """A SAT transformer's Diffusers outputs (its inline LoRA merged when o.lora_mode is "merge") ->
     (outs, config.json text, dropped, ignored, lora or None, notes)."""
     body, ignored = split_sat(open_state_dict(src, master_weights=False))
-    lora_keys = {k: v for k, v in body.items() if _is_lora_key(k)}
-    base = {k.replace(".original.", "."): v for k, v in body.items() if not _is_lora_key(k)}
+    lora_keys = {k: v for k, v in body.items() if is_lora_key(k)}
+    base = {k.replace(".original.", "."): v for k, v in body.items() if not is_lora_key(k)}
     cfg = {**transformer_config({k: tuple(v.shape) for k, v in base.items()}, src), **o.transformer_config}
     outs, dropped = plan_to_diffusers(TRANSFORMER, base, cfg, o.dtype, src)
     expected, config_json = expected_shapes("CogVideoXTransformer3DModel", cfg)

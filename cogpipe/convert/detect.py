@@ -21,7 +21,7 @@ class ConversionError(ValueError):
 # --- what the source is ------------------------------------------------------------------------------------------
 
 
-def _is_lora_key(k: str) -> bool:
+def is_lora_key(k: str) -> bool:
     return ".matrix_A." in k or ".matrix_B." in k or ".lora_A." in k or ".lora_B." in k
 
 
@@ -67,7 +67,7 @@ def source_kind(src: Path) -> tuple[str, str]:
                               f"or model_index.json) or single weights file")
     if src.suffix == ".safetensors":
         keys = read_safetensors(src)[0]
-        if keys and all(_is_lora_key(k) for k in keys):
+        if keys and all(is_lora_key(k) for k in keys):
             return "diffusers", "lora"
         if native_prefix(keys) is not None:
             return "comfyui", "transformer"
@@ -83,7 +83,7 @@ def sat_kind(module: dict, src) -> str:
     keys = list(module)
     if any(k.startswith(SAT_PREFIX) or k.startswith(("transformer.layers.", "mixins.")) for k in keys):
         body = [k for k in keys if k.startswith(SAT_PREFIX)] or keys
-        return "lora" if all(_is_lora_key(k) for k in body) else "transformer"
+        return "lora" if all(is_lora_key(k) for k in body) else "transformer"
     if any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
         return "vae"
     raise ConversionError(f"{src}: not a CogVideoX SAT checkpoint: no model.diffusion_model.* transformer keys and "

@@ -17,6 +17,7 @@ from pathlib import Path
 from cogpipe.paths import repo_path
 from cogpipe.video import read_video, write_mp4
 from cogpipe.world.render import COLOURS, DIRECTIONS, HELD_OUT_COLOUR, SHAPES, sample_specs
+from cogpipe.world.score import score_video
 
 
 def _write_layout(out: Path, prompts: list[str], videos: list[str]) -> None:
@@ -40,8 +41,6 @@ def make_world(out, n: int, seed: int = 0, frames: int = 17, size: int = 64, fps
 def make_tiny(out=None, seed: int = 0, frames: int = 17, size: int = 64, fps: int = 8) -> Path:
     """The held-out colour for every shape x direction (12 clips), deterministic from `seed`; each clip is
     scored after an mp4 round trip. Default `out`: the checkout's data/tiny."""
-    from cogpipe.world.score import score_video
-
     out = Path(out) if out is not None else repo_path("data/tiny", "--out")
     specs = sample_specs(len(SHAPES) * len(DIRECTIONS), seed, colours=[HELD_OUT_COLOUR])
     specs.sort(key=lambda s: (SHAPES.index(s.shape), DIRECTIONS.index(s.direction)))

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from cogpipe import models
+from cogpipe.config import ModelConfig
 from cogpipe.paths import repo_path
 
 NGRAM_OFFSETS = [k for k in range(-7, 8) if k != 0]  # neighbours each byte sees (T5's exact position buckets)
@@ -75,9 +77,6 @@ def assemble(vae_dir, out, preset: str = "tiny-world", seed: int = 0) -> Path:
     """The initial pipeline folder that stage 4 trains: tokenizer, text encoder, trained VAE, random DiT."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline
     from transformers import ByT5Tokenizer
-
-    from cogpipe import models
-    from cogpipe.config import ModelConfig
 
     model_cfg = ModelConfig(preset=preset, init_seed=seed)
     pipe = CogVideoXPipeline(tokenizer=ByT5Tokenizer(), text_encoder=ngram_text_encoder(seed=seed),

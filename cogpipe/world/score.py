@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cogpipe.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, load_pipeline
+from cogpipe.video import write_mp4
 from cogpipe.world.render import ALL_COLOURS, COLOURS, DIRECTIONS, HELD_OUT_COLOUR, RGB, SHAPES, parse_prompt
 
 MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing counts as foreground
@@ -267,8 +269,6 @@ def _hue_distance(a: float, b: float) -> float:
 def score_model(pipe, prompts, steps=None, guidance=None, seed: int = 0, frames: int = 17, height: int = 64,
                 width: int = 64, videos_dir=None) -> tuple[dict, list[dict]]:
     """Generate every prompt (prompt i with seed + i) and score it: (accuracies, per-prompt results)."""
-    from cogpipe.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
-
     steps = DEFAULT_STEPS if steps is None else steps
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     items, rows = [], []
@@ -279,8 +279,6 @@ def score_model(pipe, prompts, steps=None, guidance=None, seed: int = 0, frames:
         rows.append({"prompt": prompt, "seed": seed + i, **{a: result[a] for a in ATTRIBUTES},
                      "match": result["match"]})
         if videos_dir is not None:
-            from cogpipe.video import write_mp4
-
             write_mp4(video, f"{videos_dir}/{i:02d}_{prompt.replace(' ', '_')}.mp4")
     return score_many(items), rows
 
@@ -309,8 +307,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import json
-
-    from cogpipe.inference import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline
 
     prompts = fixed_prompts() if args.prompts == "fixed" else held_out_prompts()
     if args.limit is not None and args.limit < len(prompts):

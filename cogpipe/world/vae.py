@@ -32,6 +32,9 @@ from omegaconf import MISSING
 
 from cogpipe import atomic
 from cogpipe.config import ConfigError, _check, add_recipe_arguments, merge_structured, save_config
+from cogpipe.data import VideoDataset
+from cogpipe.world.render import render as world
+from cogpipe.world.score import score_many
 
 
 @dataclass
@@ -221,9 +224,6 @@ def evaluate(vae, n: int, frames: int = 17, size: int = 64, seed: int = 12345) -
 
     import numpy as np
 
-    from cogpipe.world.render import render as world
-    from cogpipe.world.score import score_many
-
     combos = list(itertools.product(world.SHAPES, world.ALL_COLOURS, world.DIRECTIONS))
     items, held, se = [], [], []
     for i in range(n):
@@ -290,8 +290,6 @@ def _stack_frames(items: list[dict]) -> dict:
 
 def train_vae(cfg: VaeConfig, log=print) -> Path:
     """Train as configured; returns <output_dir>/vae (a save_pretrained folder)."""
-    from cogpipe.data import VideoDataset
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for path in atomic.sweep(out):
