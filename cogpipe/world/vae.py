@@ -33,7 +33,7 @@ from omegaconf import MISSING
 from cogpipe import atomic
 from cogpipe.config import ConfigError, _check, add_recipe_arguments, merge_structured, save_config
 from cogpipe.data import VideoDataset
-from cogpipe.world.render import render as world
+from cogpipe.world import render as world
 from cogpipe.world.score import score_many
 
 

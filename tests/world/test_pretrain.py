@@ -61,7 +61,7 @@ def test_same_seed_same_video_and_the_prompt_matters(pipe):
 @needs_shipped
 def test_vae_reconstructs_world_clips_with_the_held_out_colour(pipe):
     """The VAE codes the palette and purple alike (it is the transformer that never saw purple)."""
-    from cogpipe.world.vae import reconstruct
+    from cogpipe.world.vae import evaluate, reconstruct
 
     for shape, colour, direction in [("triangle", "green", "left"), ("square", "purple", "up")]:
         clip = world.render(shape, colour, direction, seed=5)
@@ -71,6 +71,8 @@ def test_vae_reconstructs_world_clips_with_the_held_out_colour(pipe):
         frames = ((rec + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
         result = score_video(frames, world.caption(shape, colour, direction))
         assert result["match"]["all"], result
+    report = evaluate(pipe.vae, n=2)  # what train-vae reports at its end
+    assert report["psnr_db"] > 25 and report["palette"] is not None
 
 
 @needs_shipped
