@@ -1,29 +1,38 @@
 """cogpipe: CogVideoX fine-tuning, export, conversion and inference tools.
 
 Each subcommand lives in its own module with `add_arguments(parser)` and `run(args) -> int`; this file
-only dispatches, importing just the subcommand that runs.
+only dispatches, importing just the subcommand that runs. Packages add commands of their own through the
+`cogpipe.commands` entry points (pyproject.toml): each names a {command: (module, help)} table, which is how the
+synthetic world demo adds `cogpipe world` and `cogpipe score` without cogpipe importing it.
 """
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 # subcommand -> module providing add_arguments(parser) and run(args)
 COMMANDS = {
     "convert": ("cogpipe.convert.cli", "convert SAT <-> Diffusers checkpoints (transformer, VAE, LoRA)"),
     "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
     "check": ("cogpipe.check", "check a recipe's config and dataset without training"),
-    "score": ("cogpipe.world.score", "score a model (+ LoRA) on the synthetic world's fixed prompts"),
     "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
-    "world": ("cogpipe.world.cli", "the synthetic world demo: clips, tiny-model pretraining, frame strip"),
 }
+
+
+def commands() -> dict[str, tuple[str, str]]:
+    """COMMANDS and those the installed packages add (entry point group `cogpipe.commands`)."""
+    table = dict(COMMANDS)
+    for ep in entry_points(group="cogpipe.commands"):
+        table.update(ep.load())
+    return table
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="cogpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    for name, (module, help_text) in commands().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
         if argv and argv[0] == name:  # import only the subcommand that runs

@@ -52,7 +52,7 @@ _TINY = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, time_em
              use_rotary_positional_embeddings=True)
 _VAE_TINY = dict(block_out_channels=(16, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
                  sample_height=64, sample_width=64, scaling_factor=0.7)
-# tiny-world: hidden 128 (4 heads x 32), 4 layers; text from the fixed n-gram T5 of cogpipe/world/pretrain.py;
+# tiny-world: hidden 128 (4 heads x 32), 4 layers; text from the world demo's fixed n-gram T5 (its pretrain module);
 # its VAE compresses 4x in space (3 levels): a 64x64 clip is 16x16 latent pixels, 8x8 tokens a frame
 _TINY_WORLD = dict(num_attention_heads=4, attention_head_dim=32, num_layers=4, time_embed_dim=64, text_embed_dim=64,
                    sample_height=16, sample_width=16, sample_frames=17, max_text_seq_length=48,
@@ -131,7 +131,7 @@ _TABLE = (
     # image-to-video: 16 noisy + 16 first-frame latent channels in
     Variant("tiny-i2v", "tiny image-to-video (CPU tests)", None, transformer=dict(_TINY, in_channels=32),
             vae=_VAE_TINY, text_encoder=_T5_TINY, snr_shift_scale=1.0, **_RULES_10, **_TINY_CLIP),
-    # models/tiny-world: pretrained from scratch on the synthetic world by `cogpipe world pretrain`
+    # models/tiny-world: pretrained from scratch on the synthetic world by the demo's pretrain command
     Variant("tiny-world", "tiny-world", None, transformer=_TINY_WORLD, vae=_VAE_WORLD, text_encoder=_T5_WORLD,
             snr_shift_scale=1.0, **_RULES_10, **_TINY_CLIP),
     Variant("2b", "CogVideoX-2B", "THUDM/CogVideoX-2b", size="2B",
