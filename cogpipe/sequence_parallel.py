@@ -326,3 +326,32 @@ def exchanged_bytes(cfg: dict, video_tokens: int, text_tokens: int, batch: int, 
     forward = layers * (3 * a2a + a2a + text) + gather
     back = layers * (a2a + 3 * a2a + text_back) if backward else 0
     return {"forward": forward, "backward": back, "step": forward + back}
+
+
+def setup(rank: int, world: int, size: int) -> tuple[Layout, object]:
+    """A training run's place in world = DP x SP and its SP group (None at SP 1); every rank calls it."""
+    if world % size:
+        raise ValueError(f"train.sequence_parallel: {size} does not divide the {world} processes launched")
+    layout = Layout(rank, world, size)
+    return layout, new_group(layout)
+
+
+def start_inference(size: int, device, heads: int) -> int:
+    """infer.py --sequence-parallel N under `accelerate launch --num_processes N` (or torchrun): join the launch's
+    process group (NCCL beside CUDA, gloo elsewhere) and return this rank; every rank then runs the same video.
+    The process count and the head count are checked first, naming the flag."""
+    import os
+
+    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
+    if world != size:
+        raise ValueError(f"--sequence-parallel {size}: launch {size} processes, e.g. `accelerate launch "
+                         f"--num_processes {size} infer.py ... --sequence-parallel {size}` (this run has "
+                         f"{world or 'no launcher, one process'})")
+    message = problem(size, heads, world)
+    if message:
+        raise ValueError(f"--sequence-parallel {message}")
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank()

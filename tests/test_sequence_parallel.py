@@ -3,14 +3,18 @@ process's output and parameter gradients for every position scheme; the size che
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from cogpipe import checkpoint
 from cogpipe import sequence_parallel as sp
 
-from helpers import REPO, free_port
+from helpers import REPO, free_port, launch
 
 # fp64 throughout: the SP run sums the same products in another order (tokens split over ranks, gradients summed
 # over the group), so the results differ by rounding only: about 1e-16 of the values' scale a step; 1e-12 of the
@@ -75,3 +79,84 @@ def test_size_problems_name_the_valid_values():
     assert "does not divide the 6 processes" in sp.problem(4, 48, 6)
     layout = sp.Layout(rank=5, world=8, sp=4)
     assert (layout.sp_rank, layout.dp_rank, layout.dp_world, layout.group_ranks(1)) == (1, 1, 2, [4, 5, 6, 7])
+
+
+def _weights(out, step=4):
+    return load_file(str(out / "checkpoints" / f"checkpoint-{step:06d}" / checkpoint.TRAINABLE))
+
+
+def _assert_same_weights(a, b):
+    # fp32 training, the same global batch: the runs differ only in the order of sums (tokens split over ranks,
+    # gradients averaged over 2 or 4 ranks), about 1e-7 of a weight a step over 4 Adam steps; the tolerance of the
+    # data-parallel comparison in tests/test_multiprocess.py
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k)
+
+
+def _all_to_alls(r) -> int:
+    m = re.search(r"sequence parallel \d+: (\d+) all-to-alls", r.stdout + r.stderr)
+    assert m, (r.stdout + r.stderr)[-3000:]
+    return int(m.group(1))
+
+
+@pytest.mark.slow
+def test_sp2_on_two_processes_trains_the_weights_of_one_process(clips, trained, tmp_path):
+    """The done-when line at test size: train.sequence_parallel=2 on 2 processes (one data-parallel rank, batch 2) =
+    one process with batch 2; the end-of-run render runs across the group and writes its video once."""
+    r = launch("ddp", clips, tmp_path / "out", trained[2], **{"train.sequence_parallel": 2, "train.batch_size": 2,
+                                                               "validation.prompts": "[a purple square]"})
+    # tiny preset: 2 layers; per block and micro-step 2 all-to-alls forward, 3 backward; 4 steps
+    assert _all_to_alls(r) >= 4 * 2 * 5
+    _assert_same_weights(_weights(trained[0]), _weights(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out" / "validation").glob("*.mp4")) == ["step-000004-0.mp4"]
+
+
+@pytest.mark.slow
+def test_sp2_x_dp2_on_four_processes_resumes_to_the_weights_of_dp2(clips, trained, tmp_path):
+    """SP 2 x DP 2 (4 processes, batch 1 a DP rank), killed at step 3 and resumed from the step-2 checkpoint, ends
+    with the weights of the same global batch of 2 without sequence parallel (1 process here; tests/
+    test_multiprocess.py shows DP 2 on 2 processes gives these too)."""
+    out = tmp_path / "out"
+    sp4 = {"train.sequence_parallel": 2, "processes": 4}
+    killed = launch("ddp", clips, out, trained[2], failpoint="train-step:3", check=False, **sp4)
+    assert killed.returncode != 0 and (out / "checkpoints" / "checkpoint-000002").is_dir()
+    assert not (out / "checkpoints" / "checkpoint-000004").exists()
+    r = launch("ddp", clips, out, trained[2], **{"train.resume_from": "latest", **sp4})
+    assert "resumed from" in r.stdout + r.stderr and _all_to_alls(r) > 0
+    _assert_same_weights(_weights(trained[0]), _weights(out))
+
+
+@pytest.mark.slow
+def test_infer_runs_one_video_across_two_processes(tmp_path):
+    """`accelerate launch --num_processes 2 infer.py --sequence-parallel 2` writes the video one process writes."""
+    import numpy as np
+
+    from cogpipe.inference import cli
+    from cogpipe.video import read_video
+
+    args = ["--prompt", "a purple square moving left", "--steps", "2"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" /
+           "ddp.yaml"), "--num_processes", "2", "--main_process_port", str(free_port()), str(REPO / "infer.py"), *args,
+           "--sequence-parallel", "2", "--output", str(tmp_path / "sp.mp4")]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # tiny-world: 4 layers, 2 all-to-alls each a forward, one forward a step (guidance doubles the batch)
+    assert re.search(r"across 2 processes, 16 all-to-alls", r.stdout), r.stdout[-2000:]
+    assert cli.main([*args, "--output", str(tmp_path / "one.mp4")]) == 0
+    sp_video, one = read_video(tmp_path / "sp.mp4").astype(int), read_video(tmp_path / "one.mp4").astype(int)
+    # the same computation summed in another order: the float frames agree to about 1e-6, so at most a rare pixel
+    # rounds to the neighbouring 8-bit level before the (deterministic) encoder; a wrong attention changes them all
+    assert sp_video.shape == one.shape == (17, 64, 64, 3)
+    assert np.abs(sp_video - one).mean() < 0.05
+
+
+def test_infer_sequence_parallel_needs_its_launch(tmp_path, capsys):
+    from cogpipe.inference import cli
+
+    assert cli.main(["--prompt", "x", "--steps", "1", "--sequence-parallel", "2", "--output",
+                     str(tmp_path / "x.mp4")]) == 2
+    assert "accelerate launch --num_processes 2 infer.py" in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
