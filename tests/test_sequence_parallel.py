@@ -1,6 +1,7 @@
 """Sequence parallel (cogpipe/sequence_parallel.py): the transformer across 2 and 4 CPU processes (gloo) gives one
 process's output and parameter gradients for every position scheme; the size checks."""
 
+import dataclasses
 import json
 import os
 import re
@@ -160,3 +161,27 @@ def test_infer_sequence_parallel_needs_its_launch(tmp_path, capsys):
                      str(tmp_path / "x.mp4")]) == 2
     assert "accelerate launch --num_processes 2 infer.py" in capsys.readouterr().err
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_long_video_recipe_opens_with_its_8_gpu_launch_and_fits_only_split():
+    from cogpipe.config import load_config
+    from cogpipe.plan.launchers import per_launcher
+    from cogpipe.plan.memory import estimate
+    from cogpipe.plan.model import resolve_transformer_config
+
+    path = REPO / "configs" / "cogvideox1.5_5b_long_full.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 8 ")
+    assert first.endswith("train.py --config configs/cogvideox1.5_5b_long_full.yaml")
+    cfg = load_config(path, ["model.pretrained=null"])  # 161 frames pass the 1.5 rule; 8 divides 48 heads
+    assert (cfg.data.frames, cfg.data.height, cfg.data.width, cfg.train.sequence_parallel) == (161, 768, 1360, 8)
+    tc = resolve_transformer_config(cfg.model)[0]
+    split, whole = estimate(cfg, transformer_config=tc), estimate(dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, sequence_parallel=1)), transformer_config=tc)
+    assert split["tokens_per_gpu"] == 226 + 85_680 // 8 == 10_936
+    # activations follow the tokens a GPU holds: all 226 text tokens and 1/8 of the video
+    ratio = split["gb"]["activations_with_checkpointing"] / whole["gb"]["activations_with_checkpointing"]
+    assert 1 / 8 < ratio < 1.05 * 10_936 / 85_906
+    assert per_launcher(cfg, tc, 8)["fsdp"]["gpu_needs_gb"] < 40 < per_launcher(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sequence_parallel=1)), tc, 8)["fsdp"][
+        "gpu_needs_gb"]
