@@ -309,12 +309,14 @@ def loss_scale(sp_size: int) -> float:
 
 
 def exchanged_bytes(cfg: dict, video_tokens: int, text_tokens: int, batch: int, sp: int, element_size: int,
-                    backward: bool = True) -> dict:
-    """Bytes one rank sends per forward (and backward) of the whole transformer, analytically: per block one
-    all-to-all of q, k, v and one of the output (each rank sends (N-1)/N of its local tokens x hidden), the text
-    heads' all-gather (backward: a reduce-scatter of the same size); the output gather once per forward."""
+                    backward: bool = True, checkpointing: bool = False) -> dict:
+    """Bytes one rank sends in one forward (and backward) of the whole transformer, analytically. Per block: one
+    all-to-all of q, k, v and one of the attention output (each rank keeps 1/N of what it holds and sends the rest),
+    the all-gather of the text tokens' heads (backward: a reduce-scatter of the same tensor); once a forward, the
+    gather of the output tokens. Backward: each all-to-all once more, reversed. Gradient checkpointing recomputes
+    every block's forward in the backward."""
     if sp == 1:
-        return {"forward": 0, "backward": 0, "step": 0}
+        return {"forward": 0, "backward": 0, "recompute": 0, "step": 0}
     hidden = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     layers = cfg["num_layers"]
     local = math.ceil(video_tokens / sp)
@@ -323,9 +325,11 @@ def exchanged_bytes(cfg: dict, video_tokens: int, text_tokens: int, batch: int, 
     text = batch * text_tokens * (hidden // sp) * element_size * (sp - 1)  # all-gather: my heads to N-1 ranks
     text_back = batch * text_tokens * hidden * element_size * (sp - 1) // sp
     gather = batch * local * out_ch * element_size * (sp - 1)
-    forward = layers * (3 * a2a + a2a + text) + gather
+    blocks = layers * (3 * a2a + a2a + text)
+    forward = blocks + gather
     back = layers * (a2a + 3 * a2a + text_back) if backward else 0
-    return {"forward": forward, "backward": back, "step": forward + back}
+    recompute = blocks if backward and checkpointing else 0
+    return {"forward": forward, "backward": back, "recompute": recompute, "step": forward + back + recompute}
 
 
 def setup(rank: int, world: int, size: int) -> tuple[Layout, object]:
