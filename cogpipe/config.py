@@ -9,6 +9,7 @@ values. Checks that need the model (channels, frame and size rules) run in `vali
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -130,6 +131,7 @@ class TrainConfig:
     collective_timeout_min: int = 120  # how long a process waits at a barrier (caching, validation, saves)
     cpu_threads: int = 0  # on a CPU: threads a process; 0 = every core, shared among the machine's processes
     compile: bool = False  # torch.compile each transformer block (regional: one compile serves every block)
+    sequence_parallel: int = 1  # N processes share each sample (Ulysses; cogpipe/sequence_parallel.py); world = DP x N
 
     def __post_init__(self):
         if self.mixed_precision in ("False", "false"):  # `train.mixed_precision=no` reads as YAML false
@@ -145,6 +147,7 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1); 0 turns the EMA off")
         _one_of(self.optimizer, {"adamw", "adamw8bit"}, "train.optimizer")
         _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0: every core)")
+        _check(self.sequence_parallel >= 1, "train.sequence_parallel", f"must be >= 1, got {self.sequence_parallel}")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
@@ -279,3 +282,19 @@ def validate_against_model(cfg: Config) -> None:
     for frames_key, size_key, (frames, height, width) in shapes:
         for part, message in family.shape_problems(transformer_config, frames, height, width):
             raise ConfigError(f"{frames_key if part == 'frames' else size_key}: {message}")
+    _check_sequence_parallel(cfg.train.sequence_parallel, transformer_config)
+
+
+def launched_world_size() -> Optional[int]:
+    """The process count of the launch this config loads in (WORLD_SIZE, set by accelerate launch and torchrun);
+    None outside a launcher."""
+    return int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
+
+
+def _check_sequence_parallel(sp: int, transformer_config: dict) -> None:
+    """train.sequence_parallel divides the attention heads and the launched process count. A video token count that
+    does not divide by it needs no rule: the tokens are padded to a multiple and the padding never attends."""
+    from cogpipe.sequence_parallel import problem
+
+    message = problem(sp, transformer_config["num_attention_heads"], launched_world_size())
+    _check(message is None, "train.sequence_parallel", message)

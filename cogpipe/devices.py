@@ -32,6 +32,15 @@ def inference_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def process_device(device: torch.device) -> torch.device:
+    """Under a launcher (LOCAL_RANK set) a CUDA device without an index is this process's own GPU."""
+    import os
+
+    if device.type == "cuda" and device.index is None and os.environ.get("LOCAL_RANK"):
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 def inference_dtype(device: torch.device, requested: str | None = None, card_dtype: str | None = None) -> torch.dtype:
     """`requested` ("fp32" | "fp16" | "bf16") if given; else on CUDA the model card's (`card_dtype`, bf16 when the
     model has none), fp16 on MPS, fp32 on the CPU (half precision is slow or unsupported there)."""

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models, sharding, tracking
+from cogpipe import checkpoint, models, sequence_parallel, sharding, tracking
 from cogpipe.batches import Draws, EpochPlan, draw_batch, examples
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.config import Config, save_config, to_yaml
@@ -57,6 +57,8 @@ class Run:
     out: Path
     resume: Optional[Path]  # the checkpoint to continue from, None for a fresh start
     failpoints: bool = False  # COGPIPE_FAILPOINT is set (the fault tests): the loop's failpoints are live
+    layout: sequence_parallel.Layout = None  # world = DP x SP: this rank's data-parallel rank and SP group
+    sp_group: Any = None  # the SP process group (None at train.sequence_parallel 1)
 
     @property
     def log(self) -> Callable:
@@ -115,8 +117,10 @@ def _start(cfg: Config) -> Run:
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
     set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
+    layout, sp_group = sequence_parallel.setup(accelerator.process_index, accelerator.num_processes,
+                                               cfg.train.sequence_parallel)
     return Run(cfg=cfg, accelerator=accelerator, out=out, resume=resume,
-               failpoints=checkpoint.failpoints_armed())
+               failpoints=checkpoint.failpoints_armed(), layout=layout, sp_group=sp_group)
 
 
 def _prepare_data(run: Run) -> TrainData:
@@ -134,11 +138,13 @@ def _prepare_data(run: Run) -> TrainData:
     extra = val_prompts + ([""] if cfg.train.caption_dropout > 0 or val_prompts else [])
     entries = build_cache(cfg, samples, acc.device, acc.process_index, acc.num_processes, acc.wait_for_everyone,
                           run.log, extra)
-    plan = EpochPlan([s.shape for s in samples], cfg.train.batch_size, cfg.train.seed, acc.process_index,
-                     acc.num_processes)
+    # sequence parallel: the ranks of an SP group draw the same examples (the data order is per DP rank)
+    plan = EpochPlan([s.shape for s in samples], cfg.train.batch_size, cfg.train.seed, run.layout.dp_rank,
+                     run.layout.dp_world)
     if plan.per_epoch == 0:
         raise ValueError(f"data.root: no bucket holds one global batch of train.batch_size "
-                         f"{cfg.train.batch_size} x {acc.num_processes} processes ({len(entries)} clips)")
+                         f"{cfg.train.batch_size} x {run.layout.dp_world} data-parallel processes ({len(entries)} "
+                         f"clips)")
     extra_embeds = load_prompt_embeds(cfg, extra, acc.device)
     scheduler = models.build_scheduler(cfg.model)
     draws = Draws(seed=cfg.train.seed, num_timesteps=len(scheduler.alphas_cumprod),
@@ -165,6 +171,8 @@ def _prepare_model(run: Run) -> Model:
         add_lora(transformer, cfg.lora)
     else:
         transformer.requires_grad_(True)
+    if run.sp_group is not None:  # each sample's video tokens split across the SP group (Ulysses attention)
+        sequence_parallel.enable(transformer, run.sp_group)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if cfg.train.compile:
@@ -242,6 +250,8 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
             if checkpoint.failpoint(f"loss:{step + 1}:{acc.process_index}") == "NAN":
                 loss = loss * float("nan")
         meter.add(loss)
+        if cfg.train.sequence_parallel > 1:  # gradients are averaged over DP x SP ranks: see sequence_parallel.py
+            loss = loss * sequence_parallel.loss_scale(cfg.train.sequence_parallel)
         deepspeed = sharding.deepspeed_update(acc, loss)  # DeepSpeed: its backward, and its update at a boundary
         if deepspeed is None:
             acc.backward(loss)
@@ -282,8 +292,8 @@ def _validate(run: Run, model: Model, data: TrainData, step: int) -> None:
     from cogpipe.validation import validate_in_training
 
     acc = run.accelerator
-    validate_in_training(run.cfg, acc.unwrap_model(model.transformer), step, acc.process_index, acc.num_processes,
-                         acc.device, data.extra_embeds)
+    validate_in_training(run.cfg, acc.unwrap_model(model.transformer), step, run.layout.dp_rank,
+                         run.layout.dp_world, acc.device, data.extra_embeds, write=run.layout.sp_rank == 0)
     acc.wait_for_everyone()
     if acc.is_main_process:
         tracking.log_videos(acc, run.cfg, step)
@@ -316,8 +326,8 @@ def train(cfg: Config) -> Path:
     try:
         with StopSignals() as stop, _setup_heap_frozen():
             while state.step < tc.max_steps:
-                batch = draw_batch(next(batches), micro_step=state.micro_step, rank=acc.process_index,
-                                   world=acc.num_processes, draws=data.draws, device=acc.device)
+                batch = draw_batch(next(batches), micro_step=state.micro_step, rank=run.layout.dp_rank,
+                                   world=run.layout.dp_world, draws=data.draws, device=acc.device)
                 inputs = model_inputs(batch.x0, batch.noise, batch.timesteps, batch.prompt_embeds, batch.image_latents,
                                       transformer_config=model.transformer_config,
                                       alphas_cumprod=model.alphas_cumprod, rotary=model.rotary,
@@ -353,6 +363,10 @@ def train(cfg: Config) -> Path:
     finally:
         bar.close()
         metrics.close()
+    if run.sp_group is not None:
+        c = sequence_parallel.COUNTS
+        run.log(f"sequence parallel {tc.sequence_parallel}: {c['all_to_all']} all-to-alls and {c['all_gather']} "
+                f"all-gathers, {c['bytes_sent']} bytes sent by the first rank")
     model.transformer = model.unwrapped = opt.optimizer = None  # the export reads the final checkpoint: free them
     acc.free_memory()
     sharding.end_sharded_setup()
@@ -405,14 +419,19 @@ def _finish(run: Run, state: TrainState) -> None:
     from cogpipe.devices import compute_dtype
 
     acc, cfg = run.accelerator, run.cfg
-    if not acc.is_main_process:
+    group = run.sp_group if run.layout.dp_rank == 0 else None  # sequence parallel: the first group renders
+    if not acc.is_main_process and group is None:
         acc.end_training()  # ends this process's trackers and its part of the process group
         return
     from cogpipe.export import export
     from cogpipe.validation import render_validation
 
-    export(run.out)
+    if acc.is_main_process:
+        export(run.out)
+    if group is not None:
+        torch.distributed.barrier(group=group)  # the export is written
     dtype = compute_dtype(cfg.train.mixed_precision, models.DTYPES[cfg.model.weight_dtype], cfg.train.mode)
-    render_validation(run.out, cfg, state.step, device=acc.device, dtype=dtype)
-    tracking.log_videos(acc, cfg, state.step)
+    render_validation(run.out, cfg, state.step, device=acc.device, dtype=dtype, sequence_group=group)
+    if acc.is_main_process:
+        tracking.log_videos(acc, cfg, state.step)
     acc.end_training()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cogpipe import models
+from cogpipe import models, sequence_parallel
 
 
 def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
@@ -50,9 +50,12 @@ def _write(out: Path, step: int, i: int, frames, prompt: str, image, fps: int) -
 
 
 @torch.no_grad()
-def validate_in_training(cfg, transformer, step: int, rank: int, world: int, device, embeds: dict) -> list[Path]:
+def validate_in_training(cfg, transformer, step: int, rank: int, world: int, device, embeds: dict,
+                         write: bool = True) -> list[Path]:
     """Render this process's share of the validation prompts with `transformer` (unwrapped, LoRA
     active) and `embeds` {prompt: prompt_embeds [L, D]} from the cache (with "" for the negative).
+    Under sequence parallel, rank and world are the data-parallel ones: the ranks of an SP group render the same
+    videos together (the transformer carries the SP attention) and only the one with `write` writes them.
 
     The prompt list is padded to a multiple of `world` (repeating prompts, whose videos are not written), so every
     process runs the same number of denoising passes: under ZeRO-3 each forward gathers weight shards with
@@ -87,7 +90,7 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
                                   cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed, image=image,
                                   prompt_embeds=embeds[prompt][None].to(device, dtype),
                                   negative_prompt_embeds=embeds[""][None].to(device, dtype))
-            if i < len(inputs):
+            if i < len(inputs) and write:
                 written.append(_write(Path(cfg.output_dir), step, i, frames, prompt, image, cfg.validation.fps))
     finally:
         transformer.train(was_training)
@@ -97,10 +100,13 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     return written
 
 
-def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dtype=None) -> list[Path]:
+def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dtype=None,
+                      sequence_group=None) -> list[Path]:
     """Generate the validation prompts (and first frames, for image-to-video) from the exported
     pipeline + LoRA, as a user would load them, on `device` in `dtype` (the training run's: see
-    cogpipe.devices); write mp4s under <output_dir>/validation/. Nothing when there are no prompts."""
+    cogpipe.devices); write mp4s under <output_dir>/validation/. Nothing when there are no prompts.
+    With `sequence_group` every rank of that group calls this, each video runs across the group, and its first
+    rank writes."""
     from cogpipe.inference import generate, load_pipeline
 
     inputs = validation_inputs(cfg, prompts)
@@ -111,11 +117,18 @@ def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dty
     model = out / "export" if (out / "export").is_dir() else cfg.model.pretrained  # export.copy_base: false
     pipe = load_pipeline(model, lora, device=device, dtype=dtype, vae_tiling=True if cfg.model.vae_tiling else None)
     pipe.vae.enable_slicing()
-    written = [_write(out, step, i, generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width,
-                                             cfg.validation.steps, cfg.validation.guidance, cfg.validation.seed,
-                                             image=image), prompt, image, cfg.validation.fps)
-               for i, (prompt, image) in enumerate(inputs)]
+    if sequence_group is not None:
+        sequence_parallel.enable(pipe.transformer, sequence_group)
+    writer = sequence_group is None or torch.distributed.get_rank(sequence_group) == 0
+    written = []
+    for i, (prompt, image) in enumerate(inputs):
+        frames = generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width, cfg.validation.steps,
+                          cfg.validation.guidance, cfg.validation.seed, image=image)
+        if writer:
+            written.append(_write(out, step, i, frames, prompt, image, cfg.validation.fps))
     del pipe
+    if not writer:
+        return []
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if lora is not None and (lora / "README.md").is_file():  # the model card shows what was rendered

@@ -97,16 +97,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check: bool = True, **extra):
-    """`accelerate launch --config_file configs/accelerate/<launcher>.yaml` with 2 CPU processes (the CPU switch of
-    CPU_SWITCH, a free port) of train.py on the tiny recipe with the test overrides, batch 1 a process."""
+def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check: bool = True, processes: int = 2,
+           **extra):
+    """`accelerate launch --config_file configs/accelerate/<launcher>.yaml` with 2 (or `processes`) CPU processes (the
+    CPU switch of CPU_SWITCH, a free port) of train.py on the tiny recipe with the test overrides, batch 1 a
+    process."""
     import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2", "--main_process_port",
-           str(free_port()), str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_lora.yaml"),
+           str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", str(processes),
+           "--main_process_port", str(free_port()), str(REPO / "train.py"), "--config",
+           str(REPO / "configs" / "tiny_lora.yaml"),
            *tiny_overrides(clips, out, cache, **{"train.batch_size": 1, **extra})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **CPU_SWITCH[launcher]}
     if failpoint:

@@ -61,7 +61,7 @@ def recipe(name):
 
 def test_the_ten_recipes_exist():
     shipped = {p.stem for p in (REPO / "configs").glob("cogvideox*.yaml")}
-    assert shipped == set(FILES)
+    assert shipped - {"cogvideox1.5_5b_long_full"} == set(FILES)  # the long-video recipe: test_sequence_parallel
 
 
 @pytest.mark.parametrize("name", FILES)

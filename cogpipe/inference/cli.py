@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="VAE slicing and tiling (default: on on an accelerator)")
     p.add_argument("--output", default="output.mp4")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                   help="run each video across N processes (Ulysses attention): launch with `accelerate launch "
+                        "--num_processes N infer.py ...`; N divides the model's attention heads")
 
 
 def _fail(message: str) -> int:
@@ -62,7 +65,7 @@ def _fail(message: str) -> int:
 def run(a: argparse.Namespace) -> int:
     import torch
 
-    from cogpipe import devices, family, model_sources
+    from cogpipe import devices, family, model_sources, sequence_parallel
     from cogpipe.inference import generate_videos, load_pipeline, resolve_clip
     from cogpipe.inference.pipeline import shipped_model
     from cogpipe.inference.sampling import v2v_problem
@@ -96,6 +99,10 @@ def run(a: argparse.Namespace) -> int:
                             image.size if image is not None else None,
                             source.folder if source.kind == "diffusers" else None)
         device = devices.inference_device(a.device)
+        rank = 0
+        if a.sequence_parallel != 1:  # every rank runs the same video; the first one writes it
+            device = devices.process_device(device)
+            rank = sequence_parallel.start_inference(a.sequence_parallel, device, config["num_attention_heads"])
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     print(f"{source.spec}: {clip.frames} frames at {clip.height}x{clip.width}, {clip.fps} fps "
@@ -105,12 +112,16 @@ def run(a: argparse.Namespace) -> int:
     try:
         pipe = load_pipeline(source, a.lora, a.lora_scale or 1.0, a.dtype, device, base=a.base, scheduler=a.scheduler,
                              offload_mode=a.offload, quantization=a.quantize, vae_tiling=a.vae_tiling)
-        pipe.set_progress_bar_config(disable=False, desc="denoising")
+        pipe.set_progress_bar_config(disable=rank != 0, desc="denoising")
+        if a.sequence_parallel != 1:
+            sequence_parallel.enable(pipe.transformer, None)
         videos = generate_videos(pipe, a.prompt, clip.frames, clip.height, clip.width, a.steps, a.guidance, a.seed,
                                  image=image, negative_prompt=a.negative_prompt, num_videos=a.num_videos,
                                  dynamic_cfg=a.dynamic_cfg, video=a.video, strength=a.strength)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         return _fail(str(e))
+    if rank != 0:
+        return 0
     out = Path(a.output)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(videos))]
     for video, path in zip(videos, paths):
@@ -119,8 +130,12 @@ def run(a: argparse.Namespace) -> int:
     memory = ""
     if device.type == "cuda":
         memory = f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    across = ""
+    if a.sequence_parallel != 1:
+        across = (f"; across {a.sequence_parallel} processes, {sequence_parallel.COUNTS['all_to_all']} all-to-alls, "
+                  f"{sequence_parallel.COUNTS['bytes_sent']} bytes sent by this one")
     print(f"wrote {', '.join(str(p) for p in paths)} ({pipe.cogpipe_scheduler} scheduler, {a.steps} steps, "
-          f"{devices.DTYPE_NAMES.get(pipe.transformer.dtype, pipe.transformer.dtype)}) in {took:.1f} s{memory}")
+          f"{devices.DTYPE_NAMES.get(pipe.transformer.dtype, pipe.transformer.dtype)}) in {took:.1f} s{memory}{across}")
     return 0
 
 

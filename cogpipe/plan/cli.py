@@ -42,6 +42,9 @@ def _fmt_table(e: dict, advice: dict | None) -> str:
     lines.append(f"clip         batch {s['batch']} x {s['frames']} frames x {s['height']}x{s['width']} -> latents "
                  f"{s['latent_frames']}x{s['latent_height']}x{s['latent_width']} -> {s['video_tokens']:,} video + "
                  f"{s['text_tokens']} text tokens")
+    if e.get("sequence_parallel", 1) > 1:
+        lines.append(f"sequence     parallel over {e['sequence_parallel']} GPUs: {e['tokens_per_gpu']:,} tokens a GPU "
+                     f"(all text, 1/{e['sequence_parallel']} of the video)")
     train = (f"LoRA rank {e['lora_rank']} ({e['trainable_params'] / 1e6:.1f} M trainable), frozen weights "
              f"{e['weight_dtype']}" if e["mode"] == "lora" else f"full fine-tune ({e['trainable_params'] / 1e9:.2f} B "
              f"trainable, fp32 master weights)")

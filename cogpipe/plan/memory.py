@@ -8,7 +8,7 @@ import dataclasses
 from cogpipe import family
 
 from .flops import train_flops
-from .model import GB, largest_shape, lora_targets, model_stats, resolve_transformer_config
+from .model import GB, largest_shape, lora_targets, model_stats, per_gpu_shape, resolve_transformer_config
 
 # mixed precision -> bytes of an activation element
 _ACT_BYTES = {"bf16": 2, "fp16": 2, "no": 4}
@@ -151,6 +151,9 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     The peak is the largest of these phases. Sharding divides the kept and trainable parts by N
     (ZeRO-2: gradients and AdamW state; ZeRO-3 and FSDP: weights too, plus one or two gathered blocks;
     DeepSpeed also keeps its communication buckets and runs the module itself in 16-bit).
+    train.sequence_parallel S: the activations are those of the tokens one GPU holds (`per_gpu_shape`: all text
+    tokens, 1/S of the video tokens); the attention's q, k, v and output are the whole sequence's at heads/S,
+    about the same bytes. Sharding still spans all N GPUs (world = DP x SP).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -159,6 +162,10 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         transformer_config, note = resolve_transformer_config(cfg.model)
     stats = model_stats(transformer_config)
     shape = largest_shape(cfg, transformer_config)
+    sp = getattr(cfg.train, "sequence_parallel", 1)
+    if strategy != "single" and num_gpus % sp:
+        raise ValueError(f"train.sequence_parallel {sp} does not divide {num_gpus} GPUs")
+    local = per_gpu_shape(shape, sp)
     mode, mp = cfg.train.mode, cfg.train.mixed_precision
     policy = precision_policy(mp, device)
     N = max(1, num_gpus) if strategy != "single" else 1
@@ -195,11 +202,11 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         copies = copies / L  # only the gathered block's weights are cast at a time
     step_buffer = 4 * T / (N if strategy in ("zero2", "zero3", "fsdp") else 1)
 
-    blk = block_activations(transformer_config, shape, mode, policy, rank, cfg.lora.target_modules)
+    blk = block_activations(transformer_config, local, mode, policy, rank, cfg.lora.target_modules)
     block = sum(blk.values())
-    outside = outside_activations(transformer_config, shape, mode, policy)
-    work = workspace(transformer_config, shape, policy)
-    ckpt_inputs = L * shape["batch"] * shape["tokens"] * H * policy["act"]  # hidden + text states per block
+    outside = outside_activations(transformer_config, local, mode, policy)
+    work = workspace(transformer_config, local, policy)
+    ckpt_inputs = L * local["batch"] * local["tokens"] * H * policy["act"]  # hidden + text states per block
 
     kept = frozen + buffers + master + half_module + adam + ema + gathered
     no_ckpt = kept + max(copies + L * block + outside + work, grads + step_buffer)
@@ -211,7 +218,8 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         model=dict(version=family.version(transformer_config), i2v=family.is_i2v(transformer_config), layers=L,
                    hidden=H,
                    heads=transformer_config["num_attention_heads"], params=P, note=note),
-        shape=shape, mode=mode, lora_rank=rank or None, trainable_params=T,
+        shape=shape, sequence_parallel=sp, tokens_per_gpu=local["tokens"], mode=mode, lora_rank=rank or None,
+        trainable_params=T,
         weight_dtype=cfg.model.weight_dtype if mode == "lora" else "fp32", mixed_precision=mp,
         gradient_checkpointing=cfg.train.gradient_checkpointing, strategy=strategy, num_gpus=N, device=device,
         gb=dict(

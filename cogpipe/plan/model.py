@@ -98,3 +98,13 @@ def largest_shape(cfg, transformer_config: dict) -> dict:
     shapes += [tuple(b) for b in getattr(cfg.data, "buckets", None) or []]
     return max((token_shape(transformer_config, f, h, w, cfg.train.batch_size) for f, h, w in shapes),
                key=lambda s: s["tokens"])
+
+
+def per_gpu_shape(shape: dict, sequence_parallel: int) -> dict:
+    """The tokens one GPU holds through the blocks under train.sequence_parallel N: every text token (replicated)
+    and 1/N of the video tokens (rounded up: the padding of cogpipe/sequence_parallel.py). The latent shape stays
+    the whole sample's (every rank computes the loss on the gathered output)."""
+    if sequence_parallel <= 1:
+        return shape
+    video = math.ceil(shape["video_tokens"] / sequence_parallel)
+    return dict(shape, video_tokens=video, tokens=video + shape["text_tokens"])
