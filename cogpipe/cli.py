@@ -15,6 +15,7 @@ COMMANDS = {
     "check": ("cogpipe.check", "check a recipe's config and dataset without training"),
     "score": ("cogpipe.world.score", "score a model (+ LoRA) on the synthetic world's fixed prompts"),
     "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
+    "ui": ("cogpipe.ui.cli", "serve the web page: generate, watch runs, start training (the `ui` extra)"),
     "world": ("cogpipe.world.cli", "the synthetic world demo: clips, tiny-model pretraining, frame strip"),
 }
 
