@@ -103,7 +103,8 @@ def _generate_tab(ctx: Context) -> None:
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="auto", label="Scheduler")
                 button = gr.Button("Generate", variant="primary", elem_id="gen-button")
             with gr.Column():
-                result = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=320, elem_id="gen-video")
+                result = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=320,
+                                  elem_id="gen-video")
                 status = gr.Markdown(elem_id="gen-status")
                 gallery = gr.Gallery(label="History", columns=4, height=220, elem_id="gen-history")
                 table = gr.Dataframe(pd.DataFrame(columns=HISTORY_COLUMNS), label="History settings",
@@ -164,7 +165,7 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
         with gr.Row():
             with gr.Column():
                 videos = gr.Dropdown([], label="Validation video (by step)", elem_id="runs-videos")
-                video = gr.Video(label="Validation", interactive=False, elem_id="runs-video")
+                video = gr.Video(label="Validation", interactive=False, height=320, elem_id="runs-video")
             with gr.Column():
                 checkpoints = gr.Dataframe(pd.DataFrame(columns=["checkpoint", "step", "latest"]),
                                            label="Checkpoints", interactive=False, elem_id="runs-checkpoints")

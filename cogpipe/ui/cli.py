@@ -25,6 +25,9 @@ def run(args) -> int:
     if problem:
         print(f"cogpipe ui: error: {problem}", file=sys.stderr)
         return 2
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page makes no calls of its own to the network
     try:
         from cogpipe.ui.app import serve
     except ImportError as e:
