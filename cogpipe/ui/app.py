@@ -197,11 +197,16 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
                     gr.update(choices=vids, value=vids[-1][1] if vids else None), ckpts,
                     runs.resolved_config(folder), log_text)
 
-        def live(name):
-            """What changes while a run goes: the list, the state, the curves, the checkpoints, the log."""
+        def live(name, shown):
+            """What changes while a run goes: the list, the state, the curves, the checkpoints, the log. The list
+            is sent only when a run came or changed state (an open list is left alone otherwise)."""
+            now = _run_choices(ctx)
+            listed = gr.update(choices=now, value=name) if now != shown else gr.update()
+            state = dict((n, label) for label, n in now).get(name, "")
+            if name and not state.endswith((": running", ": queued")) and now == shown:
+                return (listed, now, _runs_table(ctx)) + (gr.update(),) * 6  # nothing of this run moves
             summary_, loss_, lr_, grad_, _, ckpts, _, log_ = view(name)
-            return (gr.update(choices=_run_choices(ctx), value=name), _runs_table(ctx), summary_, loss_, lr_, grad_,
-                    ckpts, log_)
+            return listed, now, _runs_table(ctx), summary_, loss_, lr_, grad_, ckpts, log_
 
         def stop_run(name):
             if not name:
@@ -227,12 +232,13 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
             ctx.queue.submit(recipes.export_job(run_dir(name), ctx.outputs))
             return f"{name}: export queued (log: ui_export.log in the run folder)"
 
+        listed = gr.State([])  # the run list this page shows
         outputs = [summary, loss, lr, grad, videos, checkpoints, config, log]
         choice.change(view, choice, outputs)
         videos.change(lambda v: v, videos, video)
         refresh.click(lambda: (gr.update(choices=_run_choices(ctx)), _runs_table(ctx)), None, [choice, table])
         tab.select(lambda: (gr.update(choices=_run_choices(ctx)), _runs_table(ctx)), None, [choice, table])
-        timer.tick(live, choice, [choice, table, summary, loss, lr, grad, checkpoints, log])
+        timer.tick(live, [choice, listed], [choice, listed, table, summary, loss, lr, grad, checkpoints, log])
         stop.click(stop_run, choice, action)
         resume.click(resume_run, choice, action)
         export.click(export_run, choice, action)

@@ -34,8 +34,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        of = f"{self.step if self.step is not None else 0} of {self.max_steps}" if self.max_steps else ""
-        return f"{self.name}: {self.state}" + (f", step {of}" if of else "")
+        return f"{self.name}: {self.state}"
 
 
 def read_job(run_dir) -> dict:
