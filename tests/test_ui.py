@@ -89,6 +89,7 @@ def test_run_states_from_files(tmp_path):
         (ext / "validation" / f"step-{step:06d}-0.mp4").write_bytes(b"")
         (ext / "validation" / f"step-{step:06d}-0.txt").write_text(f"prompt {step}\n")
     assert [(v["step"], v["prompt"]) for v in runs.validation_videos(ext)] == [(5, "prompt 5"), (20, "prompt 20")]
+    assert runs.readable("start\ntrain: 1/3\rtrain: 2/3\rtrain: 3/3\ndone\n", lines=3) == "train: 3/3\ndone\n"
 
 
 CHILD = """

@@ -14,12 +14,12 @@ import time
 
 import pytest
 
-from helpers import REPO, free_port
+from helpers import REPO, SPECS, free_port, make_clips
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FAST = ("train.batch_size=1 lora.rank=4 lora.alpha=4 train.checkpoint_every=0 validation.steps=2 report_to=none "
-        "train.warmup_steps=0")
+FAST = ("data.root={outputs}/clips data.cache_dir={outputs}/.cache train.batch_size=1 lora.rank=4 lora.alpha=4 "
+        "train.checkpoint_every=0 validation.steps=2 report_to=none train.warmup_steps=0")
 
 
 def _need(ok: bool, what: str) -> None:
@@ -32,6 +32,7 @@ def server(tmp_path_factory):
     _need(CHROMIUM is not None, "no chromium (apt-get install chromium)")
     _need(importlib.util.find_spec("gradio") is not None, "no gradio (pip install -e '.[ui]')")
     outputs = tmp_path_factory.mktemp("ui") / "outputs"
+    make_clips(outputs / "clips", SPECS)  # 4 clips (data/tiny has 12): less to encode; inside the page's folders
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "GRADIO_ANALYTICS_ENABLED": "False"}
@@ -123,7 +124,7 @@ def finished_run(server, browser):
     url, outputs = server
     pg = browser.new_page(viewport={"width": 1400, "height": 1000})
     pg.goto(url, wait_until="domcontentloaded")
-    message = _start(pg, "page_run", f"train.max_steps=20 train.log_every=5 {FAST} data.cache_dir={outputs}/.cache")
+    message = _start(pg, "page_run", "train.max_steps=20 train.log_every=5 " + FAST.format(outputs=outputs))
     assert "started" in message, message
     jobs = _text(pg, "#train-jobs", r"page_run\s+(finished|failed)", 600)
     assert re.search(r"page_run\s+finished", jobs), (outputs / "page_run" / "ui_train.log").read_text()[-3000:]
@@ -164,7 +165,7 @@ def test_runs_tab_shows_the_loss_plot(page, finished_run):
 
 def test_stop_a_running_run(page, server, finished_run):
     outputs = server[1]
-    message = _start(page, "stop_run", f"train.max_steps=1000 train.log_every=1 {FAST} data.cache_dir={outputs}/.cache")
+    message = _start(page, "stop_run", "train.max_steps=1000 train.log_every=1 " + FAST.format(outputs=outputs))
     assert "stop_run" in message
     _open_run(page, "stop_run")
     _text(page, "#runs-summary", r"running, step [1-9]", 300)

@@ -191,7 +191,7 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
                     for v in runs.validation_videos(folder)]
             ckpts = pd.DataFrame([(c["name"], c["step"], "latest" if c["latest"] else "")
                                   for c in runs.checkpoints(folder)], columns=["checkpoint", "step", "latest"])
-            log_text = runs.log_tail(folder) or runs.log_tail(folder, name="ui_export.log")
+            log_text = runs.readable(runs.log_tail(folder) or runs.log_tail(folder, name="ui_export.log"))
             return (_summary(run, curves), _plot(curves["loss"], "loss"), _plot(curves["lr"], "lr"),
                     _plot(curves["grad_norm"], "grad_norm"),
                     gr.update(choices=vids, value=vids[-1][1] if vids else None), ckpts,
@@ -293,7 +293,7 @@ def _train_tab(ctx: Context, timer: gr.Timer) -> None:
             shown = ctx.queue.current() or (ctx.queue.jobs[-1] if ctx.queue.jobs else None)
             text = ""
             if shown is not None and shown.log.is_file():
-                text = shown.log.read_text(errors="replace")[-20000:]
+                text = runs.readable(runs.log_tail(shown.log.parent, name=shown.log.name))
             return pd.DataFrame(rows, columns=["job", "state", "started"]), text
 
         recipe.change(recipe_name, recipe, name)

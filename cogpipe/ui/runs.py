@@ -138,6 +138,14 @@ def log_tail(run_dir, chars: int = 20000, name: str = LOG) -> str:
         return ""
 
 
+def readable(text: str, lines: int = 80) -> str:
+    """A log as a terminal shows it: each progress bar redrawn in place (carriage returns) as its last state, and
+    the last `lines` lines."""
+    shown = [line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
+             for line in text.split("\n")]
+    return "\n".join(shown[-lines:])
+
+
 def finished_files(run_dir) -> bool:
     """The end of a run is on disk: its export or its LoRA."""
     run_dir = Path(run_dir)
