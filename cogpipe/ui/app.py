@@ -293,7 +293,7 @@ def _train_tab(ctx: Context, timer: gr.Timer) -> None:
             shown = ctx.queue.current() or (ctx.queue.jobs[-1] if ctx.queue.jobs else None)
             text = ""
             if shown is not None and shown.log.is_file():
-                text = runs.readable(runs.log_tail(shown.log.parent, name=shown.log.name))
+                text = runs.readable(runs.log_tail(shown.log.parent, name=shown.log.name), lines=20)
             return pd.DataFrame(rows, columns=["job", "state", "started"]), text
 
         recipe.change(recipe_name, recipe, name)
