@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .pipeline import OFFLOADS, QUANTIZE, SCHEDULERS
@@ -62,65 +63,103 @@ def _fail(message: str) -> int:
     return 2
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """What the checks settled before any weights load: the model, the first frame, the clip and the device."""
+    source: object  # cogpipe.model_sources.Source
+    image: object  # the PIL first frame (image-to-video) or None
+    clip: object  # cogpipe.inference.settings.Clip
+    device: object  # torch.device
+    rank: int = 0  # this process's rank in the --sequence-parallel group (0 alone): only rank 0 writes
+
+
+def prepare(a: argparse.Namespace) -> Prepared:
+    """Every check that needs no weights, on parsed infer.py arguments (the web page's Generate tab parses its
+    fields with this same parser). Raises ValueError or FileNotFoundError naming the flag and the rule."""
+    from cogpipe import devices, family, model_sources, sequence_parallel
+    from cogpipe.inference import resolve_clip
+    from cogpipe.inference.pipeline import shipped_model
+    from cogpipe.inference.sampling import v2v_problem
+
+    if a.num_videos < 1:
+        raise ValueError(f"--num-videos must be at least 1, got {a.num_videos}")
+    if a.image and a.video:
+        raise ValueError("--image and --video: give one (image-to-video or video-to-video)")
+    for flag, path in (("--image", a.image), ("--video", a.video)):
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    source = model_sources.resolve(shipped_model() if a.model is None else a.model, base=a.base)
+    config = source.transformer_config
+    i2v = family.is_i2v(config)
+    name = family.released_variant(config).title if family.released_variant(config) else "this model"
+    if i2v and not a.image:
+        raise ValueError(f"--image: {name} is image-to-video: pass its first frame with --image FILE")
+    if not i2v and a.image:
+        raise ValueError(f"--image: {name} is text-to-video; image-to-video needs an I2V model")
+    if a.video and v2v_problem(config):
+        raise ValueError(v2v_problem(config))
+    image = None
+    if a.image:
+        from diffusers.utils import load_image
+
+        image = load_image(a.image)
+    clip = resolve_clip(config, source.vae_config, a.num_frames, a.height, a.width, a.fps,
+                        image.size if image is not None else None,
+                        source.folder if source.kind == "diffusers" else None)
+    device = devices.inference_device(a.device)
+    rank = 0
+    if a.sequence_parallel != 1:  # every rank runs the same video; the first one writes it
+        device = devices.process_device(device)
+        rank = sequence_parallel.start_inference(a.sequence_parallel, device, config["num_attention_heads"])
+    return Prepared(source, image, clip, device, rank)
+
+
+def load(a: argparse.Namespace, prepared: Prepared):
+    """The pipeline the arguments ask for (cogpipe.inference.load_pipeline), its progress bar over the steps on."""
+    from cogpipe import sequence_parallel
+    from cogpipe.inference import load_pipeline
+
+    pipe = load_pipeline(prepared.source, a.lora, a.lora_scale or 1.0, a.dtype, prepared.device, base=a.base,
+                         scheduler=a.scheduler, offload_mode=a.offload, quantization=a.quantize,
+                         vae_tiling=a.vae_tiling)
+    pipe.set_progress_bar_config(disable=prepared.rank != 0, desc="denoising")
+    if a.sequence_parallel != 1:
+        sequence_parallel.enable(pipe.transformer, None)
+    return pipe
+
+
+def sample(a: argparse.Namespace, prepared: Prepared, pipe) -> list:
+    """The videos (uint8 [F, H, W, 3] each) the arguments ask for, from a pipeline `load` gave."""
+    from cogpipe.inference import generate_videos
+
+    clip = prepared.clip
+    return generate_videos(pipe, a.prompt, clip.frames, clip.height, clip.width, a.steps, a.guidance, a.seed,
+                           image=prepared.image, negative_prompt=a.negative_prompt, num_videos=a.num_videos,
+                           dynamic_cfg=a.dynamic_cfg, video=a.video, strength=a.strength)
+
+
 def run(a: argparse.Namespace) -> int:
     import torch
 
-    from cogpipe import devices, family, model_sources, sequence_parallel
-    from cogpipe.inference import generate_videos, load_pipeline, resolve_clip
-    from cogpipe.inference.pipeline import shipped_model
-    from cogpipe.inference.sampling import v2v_problem
+    from cogpipe import devices, sequence_parallel
     from cogpipe.video import write_mp4
 
     start = time.perf_counter()
     try:  # everything that needs no weights, first
-        if a.num_videos < 1:
-            raise ValueError(f"--num-videos must be at least 1, got {a.num_videos}")
-        if a.image and a.video:
-            raise ValueError("--image and --video: give one (image-to-video or video-to-video)")
-        for flag, path in (("--image", a.image), ("--video", a.video)):
-            if path and not Path(path).is_file():
-                raise FileNotFoundError(f"{flag} {path}: no such file")
-        source = model_sources.resolve(shipped_model() if a.model is None else a.model, base=a.base)
-        config = source.transformer_config
-        i2v = family.is_i2v(config)
-        name = family.released_variant(config).title if family.released_variant(config) else "this model"
-        if i2v and not a.image:
-            raise ValueError(f"--image: {name} is image-to-video: pass its first frame with --image FILE")
-        if not i2v and a.image:
-            raise ValueError(f"--image: {name} is text-to-video; image-to-video needs an I2V model")
-        if a.video and v2v_problem(config):
-            raise ValueError(v2v_problem(config))
-        image = None
-        if a.image:
-            from diffusers.utils import load_image
-
-            image = load_image(a.image)
-        clip = resolve_clip(config, source.vae_config, a.num_frames, a.height, a.width, a.fps,
-                            image.size if image is not None else None,
-                            source.folder if source.kind == "diffusers" else None)
-        device = devices.inference_device(a.device)
-        rank = 0
-        if a.sequence_parallel != 1:  # every rank runs the same video; the first one writes it
-            device = devices.process_device(device)
-            rank = sequence_parallel.start_inference(a.sequence_parallel, device, config["num_attention_heads"])
+        prepared = prepare(a)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e))
+    source, clip, device = prepared.source, prepared.clip, prepared.device
     print(f"{source.spec}: {clip.frames} frames at {clip.height}x{clip.width}, {clip.fps} fps "
           f"(defaults from {clip.source}) on {device}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        pipe = load_pipeline(source, a.lora, a.lora_scale or 1.0, a.dtype, device, base=a.base, scheduler=a.scheduler,
-                             offload_mode=a.offload, quantization=a.quantize, vae_tiling=a.vae_tiling)
-        pipe.set_progress_bar_config(disable=rank != 0, desc="denoising")
-        if a.sequence_parallel != 1:
-            sequence_parallel.enable(pipe.transformer, None)
-        videos = generate_videos(pipe, a.prompt, clip.frames, clip.height, clip.width, a.steps, a.guidance, a.seed,
-                                 image=image, negative_prompt=a.negative_prompt, num_videos=a.num_videos,
-                                 dynamic_cfg=a.dynamic_cfg, video=a.video, strength=a.strength)
+        pipe = load(a, prepared)
+        videos = sample(a, prepared, pipe)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         return _fail(str(e))
-    if rank != 0:
+    if prepared.rank != 0:
         return 0
     out = Path(a.output)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(videos))]
@@ -139,8 +178,12 @@ def run(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infer.py", description="Generate a video with a CogVideoX model (default: the "
                                                              "shipped tiny model, models/tiny-world).")
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return p
+
+
+def main(argv=None) -> int:
+    return run(parser().parse_args(argv))

@@ -1,0 +1,180 @@
+"""The page in a real browser (headless Chromium from the system's packages, driven by Playwright): generate a video
+with models/tiny-world and see it play, start a 20-step tiny run from the Train tab and see it finish, read its loss
+plot in the Runs tab, stop a running run and see its checkpoint. One server (`cogpipe ui`, as a user starts it) and
+one browser serve every test; the finished run is shared. COGPIPE_UI_SCREENSHOTS=1 also writes docs/ui_*.png."""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, SPECS, free_port, make_clips
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FAST = ("data.root={outputs}/clips data.cache_dir={outputs}/.cache train.batch_size=1 lora.rank=4 lora.alpha=4 "
+        "train.checkpoint_every=0 validation.steps=2 report_to=none train.warmup_steps=0")
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:  # CI installs both (.ci/run): missing there is a failure, not a skip
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(what)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    _need(CHROMIUM is not None, "no chromium (apt-get install chromium)")
+    _need(importlib.util.find_spec("gradio") is not None, "no gradio (pip install -e '.[ui]')")
+    outputs = tmp_path_factory.mktemp("ui") / "outputs"
+    make_clips(outputs / "clips", SPECS)  # 4 clips (data/tiny has 12): less to encode; inside the page's folders
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
+           "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([sys.executable, "-m", "cogpipe.cli", "ui", "--outputs", str(outputs), "--port",
+                             str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"cogpipe ui did not start: {proc.stdout.read()[-3000:]}")
+            time.sleep(0.5)
+    yield url, outputs
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _need(importlib.util.find_spec("playwright") is not None, "no playwright (pip install -e '.[ui,test]')")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])  # the system's browser
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(server, browser):
+    url, _ = server
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.set_default_timeout(60_000)
+    pg.goto(url, wait_until="domcontentloaded")
+    pg.wait_for_selector("#gen-button")
+    yield pg
+    pg.close()
+
+
+def _shot(pg, name):
+    if os.environ.get("COGPIPE_UI_SCREENSHOTS"):
+        pg.screenshot(path=str(REPO / "docs" / f"ui_{name}.png"), full_page=True)
+
+
+def _text(pg, selector, pattern, timeout_s):
+    """Wait until the element's text matches `pattern`; returns the text."""
+    pg.wait_for_function("([s, p]) => { const e = document.querySelector(s); return e && new RegExp(p).test("
+                         "e.innerText) }", arg=[selector, pattern], timeout=timeout_s * 1000)
+    return pg.inner_text(selector)
+
+
+def _start(pg, name, overrides):
+    pg.get_by_role("tab", name="Train").click()
+    pg.locator("#train-name").get_by_role("textbox").fill(name)
+    pg.locator("#train-overrides").get_by_role("textbox").fill(overrides)
+    pg.click("#train-start")
+    return _text(pg, "#train-message", name, 30)
+
+
+def _open_run(pg, name):
+    pg.get_by_role("tab", name="Runs").click()
+    pg.locator("#runs-choice").get_by_role("combobox").click()
+    pg.get_by_role("option", name=re.compile(f"^{name}:")).click()
+
+
+def test_generate_plays(page, server):
+    page.locator("#gen-prompt").get_by_role("textbox").fill("a blue circle moving up")
+    page.fill("#gen-steps input", "2")
+    page.click("#gen-button")
+    status = _text(page, "#gen-status", "wrote|error", 300)
+    assert "17 frames at 64x64" in status, status  # the model's own clip, filled in from its configs
+    duration = page.wait_for_function("() => { const v = document.querySelector('#gen-video video'); "
+                                      "return v && v.duration > 0 ? v.duration : null }").json_value()
+    assert duration == pytest.approx(17 / 8, abs=0.2)  # 17 frames at the model's 8 fps, as the browser decodes it
+    assert len(list((server[1] / "ui_generate").glob("*.mp4"))) == 1
+    assert page.locator("#gen-history-table").inner_text().count("a blue circle moving up") == 1
+    _shot(page, "generate")
+
+
+@pytest.fixture(scope="module")
+def finished_run(server, browser):
+    """A 20-step tiny run started from the Train tab, seen to finish there."""
+    url, outputs = server
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.goto(url, wait_until="domcontentloaded")
+    message = _start(pg, "page_run", "train.max_steps=20 train.log_every=5 " + FAST.format(outputs=outputs))
+    assert "started" in message, message
+    jobs = _text(pg, "#train-jobs", r"page_run\s+(finished|failed)", 600)
+    assert re.search(r"page_run\s+finished", jobs), (outputs / "page_run" / "ui_train.log").read_text()[-3000:]
+    _shot(pg, "train")
+    pg.close()
+    return outputs / "page_run"
+
+
+def test_train_from_page_finishes(finished_run):
+    from cogpipe.ui import runs
+
+    run = runs.load_run(finished_run)
+    assert (run.state, run.step, run.max_steps) == ("finished", 20, 20)
+    assert (finished_run / "checkpoints" / "checkpoint-000020" / "trainer_state.json").is_file()
+    assert (finished_run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "accelerate.commands.launch" in json.loads((finished_run / runs.JOB).read_text())["command"]
+
+
+def test_runs_tab_shows_the_loss_plot(page, finished_run):
+    from cogpipe.ui import runs
+
+    _open_run(page, "page_run")
+    summary = _text(page, "#runs-summary", "last loss", 60)
+    assert "finished, step 20 of 20" in summary
+    loss = runs.curves(finished_run)["loss"]
+    assert [s for s, _ in loss] == [5, 10, 15, 20]
+    assert f"last loss: {loss[-1][1]:.6g} at step 20 (4 points)" in summary
+    # the plot itself: Vega's SVG line through one vertex per logged step, its axis titled "loss"
+    page.wait_for_selector("#runs-loss svg path[aria-roledescription='line mark']")
+    d = page.get_attribute("#runs-loss svg path[aria-roledescription='line mark']", "d")
+    assert len(re.findall(r"[ML]", d)) == len(loss)
+    assert "loss" in page.inner_text("#runs-loss")
+    assert "checkpoint-000020" in page.inner_text("#runs-checkpoints")
+    page.wait_for_function("() => { const v = document.querySelector('#runs-video video'); "
+                           "return v && v.duration > 0 }")  # the validation video of step 20 plays
+    _shot(page, "runs")
+
+
+def test_stop_a_running_run(page, server, finished_run):
+    outputs = server[1]
+    message = _start(page, "stop_run", "train.max_steps=1000 train.log_every=1 " + FAST.format(outputs=outputs))
+    assert "stop_run" in message
+    _open_run(page, "stop_run")
+    _text(page, "#runs-summary", r"running, step [1-9]", 300)
+    page.click("#runs-stop")
+    assert "SIGTERM sent" in _text(page, "#runs-action", "SIGTERM|not", 30)
+    summary = _text(page, "#runs-summary", "interrupted|failed", 120)
+    assert "interrupted" in summary, (outputs / "stop_run" / "ui_train.log").read_text()[-3000:]
+    shown = _text(page, "#runs-checkpoints", "checkpoint-", 30)
+    saved = sorted((outputs / "stop_run" / "checkpoints").glob("checkpoint-*"))
+    assert len(saved) == 1 and saved[0].name in shown
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    assert 1 <= step < 1000 and f"{saved[0].name}\n{step}" in shown.replace("\t", "\n")
