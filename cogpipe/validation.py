@@ -13,14 +13,17 @@ from pathlib import Path
 
 import torch
 
-from cogpipe import models, sequence_parallel
+from cogpipe import modelcard, models, sequence_parallel
+from cogpipe.data import load_clip, scan
+from cogpipe.devices import compute_dtype
+from cogpipe.inference import generate, load_pipeline
+from cogpipe.inference.pipeline import set_scheduler
+from cogpipe.video import write_mp4
 
 
 def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
     """(prompt, first-frame PIL image or None) pairs: `prompts`, else validation.prompts, else, only where the
     recipe asks for validation during training (validation.every), the dataset's first caption; [] when none."""
-    from cogpipe.data import load_clip, scan
-
     samples = scan(cfg.data.root)[0]
     prompts = prompts or cfg.validation.prompts or ([samples[0].caption] if cfg.validation.every and samples else [])
     if not prompts:
@@ -39,8 +42,6 @@ def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
 
 
 def _write(out: Path, step: int, i: int, frames, prompt: str, image, fps: int) -> Path:
-    from cogpipe.video import write_mp4
-
     stem = out / "validation" / f"step-{step:06d}-{i}"
     path = write_mp4(frames, stem.with_suffix(".mp4"), fps=fps)
     stem.with_suffix(".txt").write_text(prompt + "\n")
@@ -60,9 +61,6 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     The prompt list is padded to a multiple of `world` (repeating prompts, whose videos are not written), so every
     process runs the same number of denoising passes: under ZeRO-3 each forward gathers weight shards with
     collectives that every process must join."""
-    from cogpipe.devices import compute_dtype
-    from cogpipe.inference import generate
-
     inputs = validation_inputs(cfg)
     if not inputs:
         return []
@@ -73,8 +71,6 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     vae.enable_slicing()
     if cfg.model.vae_tiling:
         vae.enable_tiling()
-    from cogpipe.inference.pipeline import set_scheduler
-
     cls = models.pipeline_class(dict(transformer.config))
     pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                scheduler=models.build_scheduler(cfg.model))
@@ -107,8 +103,6 @@ def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dty
     cogpipe.devices); write mp4s under <output_dir>/validation/. Nothing when there are no prompts.
     With `sequence_group` every rank of that group calls this, each video runs across the group, and its first
     rank writes."""
-    from cogpipe.inference import generate, load_pipeline
-
     inputs = validation_inputs(cfg, prompts)
     if not inputs:
         return []
@@ -132,8 +126,6 @@ def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dty
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if lora is not None and (lora / "README.md").is_file():  # the model card shows what was rendered
-        from cogpipe import modelcard
-
         modelcard.write_card(lora, cfg, step, written, _card_notes(lora))
     return written
 

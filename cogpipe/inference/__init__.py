@@ -8,6 +8,8 @@ so what training shows is what inference gives.
 
 from __future__ import annotations
 
+from cogpipe.video import write_mp4
+
 from .pipeline import DEFAULT_MODEL, load_pipeline
 from .sampling import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate, generate_videos, model_clip, tiled_decode_size
 from .settings import Clip, resolve_clip
@@ -18,7 +20,5 @@ __all__ = ["DEFAULT_MODEL", "DEFAULT_STEPS", "DEFAULT_GUIDANCE", "load_pipeline"
 
 def generate_to_file(output, fps: int | None = None, **kwargs):
     """Load (model, lora, lora_scale), generate one video and write it as mp4 at `fps` (default: the model's)."""
-    from cogpipe.video import write_mp4
-
     pipe = load_pipeline(kwargs.pop("model", None), kwargs.pop("lora", None), kwargs.pop("lora_scale", 1.0))
     return write_mp4(generate(pipe, **kwargs), output, fps=fps or model_clip(pipe)["fps"])

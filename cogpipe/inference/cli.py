@@ -1,7 +1,10 @@
 """infer.py: generate videos from any CogVideoX checkpoint, at the model's own settings unless told otherwise.
 
 Every check that needs no weights (the frame and size rules of the model's version, image- vs text-to-video, the
-flags' values) runs before any weights load; the run ends with the time taken and, on a GPU, the peak memory."""
+flags' values) runs before any weights load; the run ends with the time taken and, on a GPU, the peak memory.
+
+This module imports only the standard library at its top: cogpipe's modules bring torch with them, and
+`infer.py --help` (and a flag's error) should answer at once, so they are imported where they are used."""
 
 from __future__ import annotations
 

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from cogpipe import devices, family, lora_formats, model_sources
+from cogpipe.models import pipeline_class
+from cogpipe.paths import repo_path
+
 SCHEDULERS = ("auto", "keep", "ddim", "dpm")
 OFFLOADS = ("none", "model", "sequential")
 QUANTIZE = ("none", "int8", "fp8")
@@ -14,8 +18,6 @@ FP8_CAPABILITY = (8, 9)  # float8 matmuls: Ada (8.9), Hopper (9.0) and newer
 
 
 def shipped_model():
-    from cogpipe.paths import repo_path
-
     model = repo_path(DEFAULT_MODEL, "--model (a Diffusers pipeline folder or hub id)")
     if not (model / "model_index.json").is_file():
         raise FileNotFoundError(f"{model}: the shipped tiny model is incomplete (a partial checkout?); pass "
@@ -29,8 +31,6 @@ def set_scheduler(pipe, choice: str, transformer_config: dict) -> str:
     any other (the tiny models were scored and shown with it). Both keep the folder's schedule (betas, SNR shift)
     with trailing timesteps. Returns the name in use."""
     from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-
-    from cogpipe import family
 
     if choice not in SCHEDULERS:
         raise ValueError(f"--scheduler must be one of {SCHEDULERS}, got {choice!r}")
@@ -97,9 +97,6 @@ def load_pipeline(model=None, lora=None, lora_scale=1.0, dtype: str | torch.dtyp
     model when `model` is None), with `lora` (a path or a list, any key format, each at lora_scale times its stored
     alpha/rank). Device and dtype follow cogpipe.devices unless given: the best accelerator, bf16 there (fp16 for
     CogVideoX-2B), fp32 on the CPU. On an accelerator the VAE decodes in slices and tiles (vae_tiling: force)."""
-    from cogpipe import devices, family, lora_formats, model_sources
-    from cogpipe.models import pipeline_class
-
     source = model if isinstance(model, model_sources.Source) else \
         model_sources.resolve(shipped_model() if model is None else model, base=base, log=log)
     transformer_config = source.transformer_config

@@ -7,6 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cogpipe import family
+from cogpipe.data import load_clip
+
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 6.0
 
@@ -26,8 +29,6 @@ def tiled_decode_size(vae, latent_height: int, latent_width: int, scale: int) ->
 
 def model_clip(pipe) -> dict:
     """The pipeline's own default clip {frames, height, width, fps} (family.default_clip)."""
-    from cogpipe import family
-
     vae_config = getattr(pipe, "cogpipe_vae_config", None) or dict(pipe.vae.config)
     return family.default_clip(dict(pipe.transformer.config), vae_config)
 
@@ -36,8 +37,6 @@ def video_frames(path, num_frames: int, height: int, width: int) -> list:
     """The frames of a clip for video-to-video: `num_frames` sampled evenly, resized and center-cropped to
     height x width (as training reads clips), as PIL images."""
     from PIL import Image
-
-    from cogpipe.data import load_clip
 
     clip = load_clip(path, num_frames, height, width)  # [F, 3, H, W] in [-1, 1]
     pixels = ((clip.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()

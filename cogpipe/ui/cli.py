@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from cogpipe.ui.safety import host_problem, parse_auth
+
 
 def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
@@ -14,8 +16,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from cogpipe.ui.safety import host_problem, parse_auth
-
     try:
         auth = parse_auth(args.auth)
     except ValueError as e:
@@ -29,7 +29,7 @@ def run(args) -> int:
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the page makes no calls of its own to the network
     try:
-        from cogpipe.ui.app import serve
+        from cogpipe.ui.app import serve  # keep: gradio
     except ImportError as e:
         print(f"cogpipe ui: error: {e}; the page needs the `ui` extra: pip install -e \".[ui]\"", file=sys.stderr)
         return 2

@@ -8,16 +8,18 @@ import threading
 import time
 from pathlib import Path
 
+from cogpipe import model_sources
 from cogpipe.inference import cli as infer
+from cogpipe.inference import resolve_clip
+from cogpipe.inference.pipeline import shipped_model
 from cogpipe.ui.safety import PathGuard
+from cogpipe.video import write_mp4
 
 GENERATED = "ui_generate"  # under the outputs folder: the page's videos (not a run)
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def shipped_models() -> list[str]:
-    from cogpipe.inference.pipeline import shipped_model
-
     try:
         return [str(shipped_model())]
     except FileNotFoundError:
@@ -95,9 +97,6 @@ def parse(argv: list[str]):
 
 def model_defaults(guard: PathGuard, model) -> dict:
     """The model's own clip {frames, height, width, fps} from its configs alone (no weights)."""
-    from cogpipe import model_sources
-    from cogpipe.inference import resolve_clip
-
     source = model_sources.resolve(guard.model(model, "model"))
     clip = resolve_clip(source.transformer_config, source.vae_config,
                         folder=source.folder if source.kind == "diffusers" else None)
@@ -114,8 +113,6 @@ class Generator:
 
     def generate(self, **fields) -> tuple[Path, dict]:
         """One video for the page's fields: (the mp4 under outputs/ui_generate/, its settings)."""
-        from cogpipe.video import write_mp4
-
         a = parse(infer_argv(self.guard, **fields))
         prepared = infer.prepare(a)  # every rule, before any weights load
         key = (prepared.source.spec, tuple(a.lora or ()), tuple(a.lora_scale or ()), a.scheduler, a.dtype,
