@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models, sharding, tracking
+from cogpipe import checkpoint, models, offload, sharding, tracking
 from cogpipe.batches import Draws, EpochPlan, draw_batch, examples
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.config import Config, save_config, to_yaml
@@ -158,6 +158,7 @@ def _prepare_model(run: Run) -> Model:
         transformer = models.build_transformer(cfg.model, weight_dtype if cfg.train.mode == "lora" else torch.float32)
     if cfg.model.fp8_frozen:  # before the adapter: only the frozen base layers are stored in fp8
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
+    offload.quantize_frozen(transformer, cfg.model)  # model.quantize_frozen: before the adapter, as fp8
     if cfg.train.mode == "lora":
         from cogpipe.lora import add_lora
 
@@ -166,6 +167,7 @@ def _prepare_model(run: Run) -> Model:
         transformer.requires_grad_(True)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    offload.apply(transformer, cfg.train, run.accelerator.device, launcher=sharding.kind(run.accelerator))
     if cfg.train.compile:
         models.compile_blocks(transformer)
     transformer_config = dict(transformer.config)
