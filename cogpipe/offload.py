@@ -47,8 +47,9 @@ class Mover:
         self.copies[way] += 1
         self.bytes[way] += t.numel() * t.element_size()
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        """A host copy of `t`, started without blocking the compute stream."""
+    def to_host(self, t: torch.Tensor, kind: str = "activation") -> torch.Tensor:
+        """A host copy of `t`, started without blocking the compute stream; `kind` ("parameter" | "activation")
+        for the observer."""
         h = torch.empty(t.shape, dtype=t.dtype, device=self.host, pin_memory=self.cuda)
         if self.cuda:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # `t` is ready on the compute stream
@@ -59,7 +60,7 @@ class Mover:
             h.copy_(t)
         self._count("to_host", t)
         if self.observer is not None:
-            self.observer.to_host(h)
+            self.observer.to_host(h, kind)
         return h
 
     def to_device(self, h: torch.Tensor, side: bool = True):
@@ -130,7 +131,7 @@ class BlockSwap:
                 for name, p in list(module._parameters.items()):
                     if p is None or p.requires_grad:
                         continue  # trained weights (LoRA) stay on the device
-                    host = _rebuild(p, {k: mover.to_host(v.detach()) for k, v in _parts(p).items()})
+                    host = _rebuild(p, {k: mover.to_host(v.detach(), "parameter") for k, v in _parts(p).items()})
                     entries.append((module, name, host))
                     self._set(module, name, _empty_like_parts(p, mover.device))
             self.stored[i] = entries

@@ -147,7 +147,8 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
                        + activations: every block's (no checkpointing) or only each block's inputs
       backward         + gradients (4T) fill up while the activations are freed; with checkpointing one
                        block is recomputed at a time, plus a workspace of its backward
-      optimizer step   + gradients 4T + AdamW's sqrt(v) buffer 4T (foreach implementation)
+      optimizer step   + gradients 4T (training.py's fused AdamW updates in place in one kernel: no sqrt(v)
+                       buffer as the foreach implementation's; `cogpipe plan --simulate` measured the difference)
     The peak is the largest of these phases. Sharding divides the kept and trainable parts by N
     (ZeRO-2: gradients and AdamW state; ZeRO-3 and FSDP: weights too, plus one or two gathered blocks;
     DeepSpeed also keeps its communication buckets and runs the module itself in 16-bit).
@@ -193,7 +194,6 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         frozen, master, grads, adam, ema = frozen / N, master / N, grads / N, adam / N, ema / N
         gathered = 2 * stats["block_params"] * (4 if mode == "full" else wdt)
         copies = copies / L  # only the gathered block's weights are cast at a time
-    step_buffer = 4 * T / (N if strategy in ("zero2", "zero3", "fsdp") else 1)
 
     blk = block_activations(transformer_config, shape, mode, policy, rank, cfg.lora.target_modules)
     block = sum(blk.values())
@@ -202,10 +202,10 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     ckpt_inputs = L * shape["batch"] * shape["tokens"] * H * policy["act"]  # hidden + text states per block
 
     kept = frozen + buffers + master + half_module + adam + ema + gathered
-    no_ckpt = kept + max(copies + L * block + outside + work, grads + step_buffer)
+    no_ckpt = kept + max(copies + L * block + outside + work, grads)
     with_ckpt = kept + max(copies + ckpt_inputs + outside,
                            max(ckpt_inputs + outside, grads) + block + work + copies / L,
-                           grads + step_buffer)
+                           grads)
     chosen = with_ckpt if cfg.train.gradient_checkpointing else no_ckpt
     return dict(
         model=dict(version=family.version(transformer_config), i2v=family.is_i2v(transformer_config), layers=L,
@@ -217,7 +217,7 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         gb=dict(
             weights=(frozen + buffers + half_module + (master if mode == "full" else 0)) / GB,
             trainable_params=(master if mode == "lora" else 0) / GB,
-            grads=grads / GB, adam=adam / GB, ema=ema / GB, optimizer_step_buffer=step_buffer / GB,
+            grads=grads / GB, adam=adam / GB, ema=ema / GB,
             autocast_weight_copies=copies / GB, gathered_blocks=gathered / GB,
             activations_one_block=block / GB, activations_all_blocks=L * block / GB,
             checkpointed_inputs=ckpt_inputs / GB, outside_blocks=outside / GB, backward_workspace=work / GB,

@@ -155,13 +155,25 @@ class AdamW8bitMemory(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _first_gradient_hook(register, tensors, fn, mode="all"):
+    """register_multi_grad_hook as ModTracker's backward bookkeeping uses it, in mode "any" (see Tracker)."""
+    if mode == "any":
+        return register(tensors, fn, mode="any")
+    return register(tensors, lambda grad: fn([grad]), mode="any")
+
+
 def _tracker_class():
+    from torch.distributed._tools import mod_tracker
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _UpdateType
 
     class Tracker(MemTracker):
-        """torch's MemTracker, with three changes: gradient hooks only on trained parameters (it registers them on
+        """torch's MemTracker, with four changes: gradient hooks only on trained parameters (it registers them on
         every parameter, which a frozen one refuses); only the whole-step peak is kept (not each module's, which
-        costs a pass over every module at every operation); tensors `to_host` names are counted on the CPU."""
+        costs a pass over every module at every operation); tensors `to_host` names are counted on the CPU; and
+        its module tracker's backward hooks fire on a module's first input gradient instead of holding each one
+        until all have arrived (mode "any" of register_multi_grad_hook, not "all"): in a full fine-tune every
+        block takes the time embedding, whose gradient is complete only after the last block's backward, so the
+        tracker itself would keep a hidden-state gradient a block alive, memory no real run holds."""
 
         def __init__(self):
             super().__init__()
@@ -182,6 +194,17 @@ def _tracker_class():
                         param.register_post_accumulate_grad_hook(lambda p: grad_hook(p.grad)))
             return memory
 
+        def __enter__(self):
+            if self._depth == 0:
+                self._patched = mod_tracker.register_multi_grad_hook
+                mod_tracker.register_multi_grad_hook = functools.partial(_first_gradient_hook, self._patched)
+            return super().__enter__()
+
+        def __exit__(self, *args):
+            super().__exit__(*args)
+            if self._depth == 0:
+                mod_tracker.register_multi_grad_hook = self._patched
+
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
                 total = snap["Total"]
@@ -189,15 +212,14 @@ def _tracker_class():
                     self._peak_mem[dev] = total
                     self._peak_mem_snap[dev] = dict(snap)
 
-        def to_host(self, tensor: torch.Tensor) -> None:
-            """Count `tensor` (created under the tracker) as host memory: the CPU side of a meta simulation."""
+        def to_host(self, tensor: torch.Tensor, kind: str = "activation") -> None:
+            """Count `tensor` as host memory (the CPU side of a meta simulation), a parameter or an activation."""
             from torch.distributed._tools.common_utils import get_untyped_storages
 
+            reftype = _MemRefType.PARAM if kind == "parameter" else _MemRefType.ACT
+            self._update_and_maybe_create_winfos(tensor, reftype)
             for st in get_untyped_storages(tensor):
-                winfo, _ = self._WINFO.get(st, (None, None))
-                if winfo is None:
-                    self._track(_MemRefType.ACT, tensor)
-                    winfo, _ = self._WINFO[st]
+                winfo, _ = self._WINFO[st]
                 if winfo.device.type == "cpu":
                     continue
                 if winfo.mem_consumed > 0:
@@ -337,6 +359,7 @@ def simulate(cfg, transformer_config: dict | None = None) -> dict:
         host_peak_gib=round(host.get("Total", 0) / GiB, 3), host_categories=_gib(host),
         peak_allocated_bytes=gpu.get("Total", 0), host_peak_bytes=host.get("Total", 0),
         category_bytes={_NAMES.get(k, k): v for k, v in gpu.items()},
+        host_category_bytes={_NAMES.get(k, k): v for k, v in host.items()},
         mode=cfg.train.mode, lora_rank=cfg.lora.rank if cfg.train.mode == "lora" else None,
         weight_dtype=cfg.model.weight_dtype if cfg.train.mode == "lora" else "fp32",
         mixed_precision=cfg.train.mixed_precision, gradient_checkpointing=cfg.train.gradient_checkpointing,
@@ -384,3 +407,120 @@ def dumps(result: dict) -> str:
 def with_overrides(cfg, **sections):
     """`cfg` with fields replaced: with_overrides(cfg, train=dict(blocks_to_swap=36))."""
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which switches make a recipe fit, measured
+# ---------------------------------------------------------------------------------------------------------------
+
+PCIE_BYTES_PER_S = 25e9  # what a PCIe 4.0 x16 link moves in practice, one way
+
+
+def _needed_gb(peak_bytes: int) -> float:
+    from .memory import needed_gb
+
+    return needed_gb(peak_bytes / 1e9)
+
+
+def simulated_advice(cfg, transformer_config: dict, gpu_memory: float, log=None) -> dict:
+    """The low-VRAM switches that make `cfg` fit a GPU of `gpu_memory` GB (1e9 bytes; allocated peak + the CUDA
+    context and allocator slack of `needed_gb`), each simulated, added cheapest first until it fits:
+
+      train.activation_offload=true        the block inputs to host memory (costs PCIe time: out and back)
+      model.fp8_frozen=true / model.quantize_frozen=int8 (LoRA)   frozen weights in 1 byte (small numeric cost)
+      train.optimizer=adamw8bit (full)     8-bit AdamW state
+      train.blocks_to_swap=N (LoRA)        the fewest blocks that fit: N from the measured per-block bytes, then
+                                           simulated (costs PCIe time: each swapped block fetched twice a step)
+    Each step's cost in step time is its bytes over PCIe a step at PCIE_BYTES_PER_S, an upper bound: the copies run
+    on a side stream, hidden behind compute where the compute takes longer."""
+    log = log or (lambda *_: None)
+    steps, cur, overrides = [], cfg, []
+
+    def measure(c, label, extra):
+        sim = simulate(c, transformer_config)
+        needs = _needed_gb(sim["peak_allocated_bytes"])
+        pcie = sim["pcie_bytes_per_step"]
+        step = dict(switch=label, overrides=list(extra), peak_allocated_gib=sim["peak_allocated_gib"],
+                    host_peak_gib=sim["host_peak_gib"], needs_gb=round(needs, 2), fits=needs <= gpu_memory,
+                    pcie_gb_per_step=round(pcie / 1e9, 2), pcie_seconds_per_step=round(pcie / PCIE_BYTES_PER_S, 3))
+        log(step)
+        return step, sim
+
+    first, sim = measure(cur, "as configured", [])
+    steps.append(first)
+    lora = cfg.train.mode == "lora"
+    ladder = [(dict(train=dict(activation_offload=True)), "train.activation_offload=true")]
+    if lora and cfg.model.weight_dtype != "fp32" and not cfg.model.fp8_frozen and cfg.model.quantize_frozen == "none":
+        ladder.append((dict(model=dict(fp8_frozen=True)), "model.fp8_frozen=true"))
+    elif lora and not cfg.model.fp8_frozen and cfg.model.quantize_frozen == "none":
+        ladder.append((dict(model=dict(quantize_frozen="int8")), "model.quantize_frozen=int8"))
+    if not lora and cfg.train.optimizer != "adamw8bit":
+        ladder.append((dict(train=dict(optimizer="adamw8bit")), "train.optimizer=adamw8bit"))
+    for change, label in ladder:
+        if steps[-1]["fits"]:
+            break
+        if label.startswith("train.activation_offload") and cur.train.activation_offload:
+            continue
+        if not cur.train.gradient_checkpointing:
+            cur, overrides = with_overrides(cur, train=dict(gradient_checkpointing=True)), overrides + [
+                "train.gradient_checkpointing=true"]
+        cur, overrides = with_overrides(cur, **change), overrides + [label]
+        step, sim = measure(cur, label, overrides)
+        steps.append(step)
+    if lora and not steps[-1]["fits"]:
+        layers = transformer_config["num_layers"]
+        block = _block_frozen_bytes(cur, transformer_config)
+        over = steps[-1]["needs_gb"] - gpu_memory  # GB to save
+        n = min(layers, max(1, int(over * 1e9 / 1.05 / block) + 3))  # + the two swapped blocks kept on the GPU
+        while True:
+            label = f"train.blocks_to_swap={n}"
+            step, sim = measure(with_overrides(cur, train=dict(blocks_to_swap=n)), label, overrides + [label])
+            steps.append(step)
+            if step["fits"] or n == layers:
+                break
+            n = min(layers, n + max(1, layers // 8))
+    return dict(gpu_memory_gb=gpu_memory, fits=steps[0]["fits"], steps=steps, fits_after_steps=steps[-1]["fits"],
+                pcie_bytes_per_s=PCIE_BYTES_PER_S)
+
+
+def _block_frozen_bytes(cfg, transformer_config: dict) -> int:
+    """Bytes of one block's frozen weights as `cfg` stores them (from a meta build)."""
+    model, _ = build_meta_model(with_overrides(cfg, train=dict(blocks_to_swap=0, activation_offload=False)),
+                                transformer_config)
+    block = model.transformer_blocks[0]
+    from cogpipe.offload import _parts
+
+    return sum(t.numel() * t.element_size() for p in block.parameters() if not p.requires_grad
+               for t in _parts(p).values())
+
+
+def format_simulation(sim: dict, per_rank_rows=()) -> str:
+    c, h = sim["categories"], sim["host_categories"]
+    s = sim["shape"]
+    lines = [f"simulated step: batch {s['batch']} x {s['frames']} frames x {s['height']}x{s['width']} "
+             f"({s['tokens']:,} tokens), {sim['mode']}, {sim['seconds']:.0f} s to simulate",
+             f"{'GiB (2**30 bytes) at the peak':34s} {'GPU':>8s} {'host':>8s}"]
+    for key in ("parameters", "buffers", "gradients", "optimizer_state", "activations", "temporaries", "inputs"):
+        lines.append(f"{key:34s} {c.get(key, 0):8.2f} {h.get(key, 0):8.2f}")
+    lines.append(f"{'peak allocated':34s} {sim['peak_allocated_gib']:8.2f} {sim['host_peak_gib']:8.2f}")
+    if sim["pcie_bytes_per_step"]:
+        lines.append(f"PCIe traffic a step: {sim['pcie_bytes_per_step'] / 1e9:.2f} GB "
+                     f"(<= {sim['pcie_bytes_per_step'] / PCIE_BYTES_PER_S:.2f} s at {PCIE_BYTES_PER_S / 1e9:.0f} GB/s)")
+    for r in per_rank_rows:
+        lines.append(f"  {r['strategy']} on {r['num_gpus']} GPUs: {r['peak_allocated_gib']:.2f} GiB a rank")
+    return "\n".join(lines)
+
+
+def format_advice(advice: dict) -> str:
+    lines = [f"switches for {advice['gpu_memory_gb']:g} GB (simulated, cheapest first, each added to the last):"]
+    for st in advice["steps"]:
+        mark = "fits" if st["fits"] else "    "
+        cost = f", PCIe {st['pcie_gb_per_step']:.1f} GB/step (<= {st['pcie_seconds_per_step']:.2f} s)" \
+            if st["pcie_gb_per_step"] else ""
+        lines.append(f"  {mark}  {st['switch']:32s} peak {st['peak_allocated_gib']:6.2f} GiB, needs "
+                     f"{st['needs_gb']:6.1f} GB, host {st['host_peak_gib']:.1f} GiB{cost}")
+    if not advice["fits_after_steps"]:
+        lines.append("  none of these fits; see the formula's advice without --simulate (rank, frames, size, GPUs)")
+    else:
+        lines.append("  overrides: " + " ".join(advice["steps"][-1]["overrides"]))
+    return "\n".join(lines)
