@@ -80,18 +80,20 @@ def add_formula(results: dict) -> dict:
 def readme_table(results: dict) -> str:
     """The README's memory table (markdown), from memory_sim.json."""
     rows = ["| run | simulated peak GiB | parameters | activations | gradients | optimizer | host GiB | PCIe GB/step "
-            "| `cogpipe plan` formula GiB | peers (GB, as published) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| FSDP, 8 GPUs: a rank | `cogpipe plan` formula | peers (GB, as published) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         if r.get("error"):
             continue
         c = r["categories"]
         over = " ".join(r["overrides"])
         label = f"`{r['recipe'].split('/')[-1]}`" + (f" `{over}`" if over else "")
+        fsdp = next((f"{x['peak_allocated_gib']:.2f}" for x in r.get("launchers", []) if x["strategy"] == "fsdp"), "")
+        formula = f"{r['formula_gib']:.2f}" if "formula_gib" in r else ""
         rows.append(f"| {label} | **{r['peak_allocated_gib']:.2f}** | {c.get('parameters', 0):.2f} | "
                     f"{c.get('activations', 0):.2f} | {c.get('gradients', 0):.2f} | {c.get('optimizer_state', 0):.2f} "
-                    f"| {r['host_peak_gib']:.2f} | {r['pcie_bytes_per_step'] / 1e9:.1f} | "
-                    f"{r.get('formula_gib', '')} | {PEERS.get(r['name'], '') if not over else ''} |")
+                    f"| {r['host_peak_gib']:.2f} | {r['pcie_bytes_per_step'] / 1e9:.1f} | {fsdp} | {formula} | "
+                    f"{PEERS.get(r['name'], '') if not over else ''} |")
     return "\n".join(rows)
 
 
