@@ -68,7 +68,7 @@ def add_formula(results: dict) -> dict:
     from cogpipe.plan.cli import load
 
     for r in results["runs"]:
-        if r.get("error") or r["overrides"]:
+        if r.get("error"):
             continue
         cfg, transformer_config, _ = load(ROOT / r["recipe"], r["overrides"])
         formula = estimate(cfg, transformer_config=transformer_config)["gb"]["peak"] * 1e9 / 2 ** 30

@@ -168,12 +168,23 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
 
     switched_adam, switched_frozen = memory_switches(cfg)
     adam_bytes = adam_bytes or switched_adam
+    layerwise_fp8 = frozen_bytes is None and switched_frozen == 1  # diffusers' layerwise casting: not every weight
     frozen_bytes = frozen_bytes or switched_frozen
     rank = cfg.lora.rank if mode == "lora" else 0
     targets = lora_targets(stats["linears"], cfg.lora.target_modules) if mode == "lora" else []
     T = sum(rank * (i + o) for _, i, o in targets) if mode == "lora" else P
     wdt = _DTYPE_BYTES[cfg.model.weight_dtype] if mode == "lora" else 4
     frozen = P * (frozen_bytes or wdt) if mode == "lora" else 0
+    if mode == "lora" and layerwise_fp8:  # norms, embeddings and proj_out keep model.weight_dtype
+        frozen = P * wdt - stats["fp8_params"] * (wdt - 1)
+    if mode == "lora" and getattr(cfg.model, "quantize_frozen", "none") == "int8":  # the blocks' Linears in 1 byte
+        frozen -= L * stats["block_linear_params"] * ((frozen_bytes or wdt) - 1)
+    swapped = min(getattr(cfg.train, "blocks_to_swap", 0), L) if mode == "lora" else 0
+    host = 0
+    if swapped:  # offload.py: their frozen weights in host memory, at most two of them on the GPU at a time
+        per_block = frozen / P * stats["block_params"]
+        host += swapped * per_block
+        frozen -= max(0, swapped - 2) * per_block
     buffers = stats["buffers"] * wdt  # position tables (2B sincos, 5B-I2V learned), cast with the model
     master, grads, adam = 4 * T, 4 * T, adam_bytes * T
     ema = 4 * T if cfg.train.ema_decay > 0 else 0  # fp32 copy of the trained weights, beside them on the GPU
@@ -200,6 +211,9 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
     outside = outside_activations(transformer_config, shape, mode, policy)
     work = workspace(transformer_config, shape, policy)
     ckpt_inputs = L * shape["batch"] * shape["tokens"] * H * policy["act"]  # hidden + text states per block
+    if getattr(cfg.train, "activation_offload", False) and cfg.train.gradient_checkpointing:
+        host += ckpt_inputs  # offload.py: in host memory, one block's back on the GPU while it is recomputed
+        ckpt_inputs = ckpt_inputs / L
 
     kept = frozen + buffers + master + half_module + adam + ema + gathered
     no_ckpt = kept + max(copies + L * block + outside + work, grads)
@@ -224,6 +238,7 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
             activations_without_checkpointing=(L * block + outside + work) / GB,
             activations_with_checkpointing=(ckpt_inputs + outside + block + work) / GB,
             peak_without_checkpointing=no_ckpt / GB, peak_with_checkpointing=with_ckpt / GB, peak=chosen / GB,
+            host_offloaded=host / GB,
             vae_and_text_encoder=0.0),
         block_items_gb={k: v / GB for k, v in blk.items()},
         flops_per_step=train_flops(transformer_config, shape, mode, rank, cfg.lora.target_modules),
