@@ -65,13 +65,16 @@ class Mover:
 
     def to_device(self, h: torch.Tensor, side: bool = True):
         """(device copy of `h`, event or None). side=True: on the side stream (wait on the event before use)."""
-        d = torch.empty(h.shape, dtype=h.dtype, device=self.device)
         event = None
         if self.cuda and side:
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.stream):  # allocated on the side stream: its blocks come back to it only
+                d = torch.empty(h.shape, dtype=h.dtype, device=self.device)  # when record_stream's uses are done
                 d.copy_(h, non_blocking=True)
                 event = self.stream.record_event()
         else:
+            d = torch.empty(h.shape, dtype=h.dtype, device=self.device)
+            if self.cuda:  # `h` may still be being written by a side-stream copy to the host
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
             d.copy_(h, non_blocking=self.cuda)  # on the compute stream: ordered before what reads it
         self._count("to_device", h)
         return d, event
@@ -89,7 +92,7 @@ class Mover:
 # ---- storage of a weight, plain or a tensor subclass (torchao's int8) ------------------------------------------
 
 
-def _parts(t: torch.Tensor) -> dict:
+def parts(t: torch.Tensor) -> dict:
     """The plain tensors that hold `t`: itself, or a wrapper subclass's inner tensors (int8 data and scales)."""
     if is_traceable_wrapper_subclass(t):
         names, _ = t.__tensor_flatten__()
@@ -97,15 +100,15 @@ def _parts(t: torch.Tensor) -> dict:
     return {"": t}
 
 
-def _rebuild(like: torch.Tensor, parts: dict) -> torch.Tensor:
+def _rebuild(like: torch.Tensor, pieces: dict) -> torch.Tensor:
     if is_traceable_wrapper_subclass(like):
         _, ctx = like.__tensor_flatten__()
-        return type(like).__tensor_unflatten__(parts, ctx, like.size(), like.stride())
-    return parts[""]
+        return type(like).__tensor_unflatten__(pieces, ctx, like.size(), like.stride())
+    return pieces[""]
 
 
 def _empty_like_parts(t: torch.Tensor, device) -> torch.Tensor:
-    return _rebuild(t, {n: torch.empty(0, dtype=p.dtype, device=device) for n, p in _parts(t).items()})
+    return _rebuild(t, {n: torch.empty(0, dtype=p.dtype, device=device) for n, p in parts(t).items()})
 
 
 def in_backward() -> bool:
@@ -131,7 +134,7 @@ class BlockSwap:
                 for name, p in list(module._parameters.items()):
                     if p is None or p.requires_grad:
                         continue  # trained weights (LoRA) stay on the device
-                    host = _rebuild(p, {k: mover.to_host(v.detach(), "parameter") for k, v in _parts(p).items()})
+                    host = _rebuild(p, {k: mover.to_host(v.detach(), "parameter") for k, v in parts(p).items()})
                     entries.append((module, name, host))
                     self._set(module, name, _empty_like_parts(p, mover.device))
             self.stored[i] = entries
@@ -142,10 +145,10 @@ class BlockSwap:
         module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
 
     def host_tensors(self):
-        return [part for entries in self.stored.values() for _, _, h in entries for part in _parts(h).values()]
+        return [part for entries in self.stored.values() for _, _, h in entries for part in parts(h).values()]
 
     def block_bytes(self, i: int) -> int:
-        return sum(p.numel() * p.element_size() for _, _, h in self.stored[i] for p in _parts(h).values())
+        return sum(p.numel() * p.element_size() for _, _, h in self.stored[i] for p in parts(h).values())
 
     def bytes_per_step(self) -> int:
         """Host-to-device bytes of one training step: each swapped block fetched for the forward and again for
@@ -161,11 +164,11 @@ class BlockSwap:
             return
         tensors, event = [], None
         for module, name, host in self.stored[i]:
-            parts = {}
-            for k, h in _parts(host).items():
-                parts[k], event = self.mover.to_device(h)
-                tensors.append(parts[k])
-            weight = _rebuild(host, parts)
+            pieces = {}
+            for k, h in parts(host).items():
+                pieces[k], event = self.mover.to_device(h)
+                tensors.append(pieces[k])
+            weight = _rebuild(host, pieces)
             self._set(module, name, weight)
             if self.mover.observer is not None:
                 self.mover.observer.fetched(weight)

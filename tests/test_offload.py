@@ -139,6 +139,7 @@ def test_switch_rules():
         offload.apply(_model(_cfg())[0], _cfg("train.blocks_to_swap=1").train, torch.device("cpu"), launcher="fsdp")
 
 
+@pytest.mark.slow
 def test_training_with_the_switches_gives_the_same_weights(trained, clips, tmp_path):
     out, _ = run_tiny(clips, tmp_path / "swap", trained[2], **{
         "train.gradient_checkpointing": True, "train.blocks_to_swap": 1, "train.activation_offload": True})

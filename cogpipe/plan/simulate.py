@@ -35,6 +35,12 @@ import weakref
 import torch
 from torch.overrides import TorchFunctionMode
 
+from cogpipe import family, offload
+from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
+from cogpipe.lora import add_lora
+
+from .model import largest_shape, resolve_transformer_config
+
 GiB = 2 ** 30
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,8 +266,6 @@ def build_meta_model(cfg, transformer_config: dict, observer=None, context_fn=No
     cogpipe/training.py's _prepare_model): dtype, fp8 or int8 storage, LoRA, gradient checkpointing, offload."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogpipe import family, offload
-
     lora = cfg.train.mode == "lora"
     weight_dtype = family.DTYPES[cfg.model.weight_dtype]
     with torch.device("meta"):
@@ -271,8 +275,6 @@ def build_meta_model(cfg, transformer_config: dict, observer=None, context_fn=No
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     offload.quantize_frozen(model, cfg.model)
     if lora:
-        from cogpipe.lora import add_lora
-
         add_lora(model, cfg.lora)
     else:
         model.requires_grad_(True)
@@ -300,11 +302,6 @@ def simulate(cfg, transformer_config: dict | None = None) -> dict:
 
     Returns dict(peak_allocated_gib, categories (the device's at its peak), host_peak_gib, host_categories,
     shape, seconds, ...)."""
-    from cogpipe import family
-    from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
-
-    from .model import largest_shape, resolve_transformer_config
-
     if transformer_config is None:
         transformer_config, _ = resolve_transformer_config(cfg.model)
     shape = largest_shape(cfg, transformer_config)
@@ -488,10 +485,8 @@ def _block_frozen_bytes(cfg, transformer_config: dict) -> int:
     model, _ = build_meta_model(with_overrides(cfg, train=dict(blocks_to_swap=0, activation_offload=False)),
                                 transformer_config)
     block = model.transformer_blocks[0]
-    from cogpipe.offload import _parts
-
     return sum(t.numel() * t.element_size() for p in block.parameters() if not p.requires_grad
-               for t in _parts(p).values())
+               for t in offload.parts(p).values())
 
 
 def format_simulation(sim: dict, per_rank_rows=()) -> str:
