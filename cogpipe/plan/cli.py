@@ -85,8 +85,8 @@ def _fmt_table(e: dict, advice: dict | None) -> str:
                 lines.append(f"  {mark}  {st['switch']:40s} -> {st['needs_gb']:6.1f} GB   ({st['cost']})")
             if not advice["fits_after_steps"]:
                 lines.append("  no single-GPU combination of these fits")
-            lines.append("  the low-VRAM switches (train.activation_offload, train.blocks_to_swap, model.quantize_frozen) "
-                         "are measured with --simulate --gpu-memory GB")
+            lines.append("  the low-VRAM switches (train.activation_offload, train.blocks_to_swap, "
+                         "model.quantize_frozen): --simulate --gpu-memory GB measures which fit")
             for u in advice["unavailable"]:
                 saves = f" would save ~{u['saves_gb']:.1f} GB" if u["saves_gb"] is not None else ""
                 lines.append(f"  (n/a)  {u['switch']}{saves} ({u['why']})")
