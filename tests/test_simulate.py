@@ -105,3 +105,19 @@ def test_recorded_simulations_cover_every_recipe_meet_the_goals_and_match_the_fo
     assert runs["5b_lora+swap36+offload"]["peak_allocated_gib"] <= 12
     assert runs["1.5_5b_lora+swap36+offload"]["peak_allocated_gib"] <= 24
     assert runs["5b_full+offload+adamw8bit"]["peak_allocated_gib"] < runs["cogvideox_5b_full"]["peak_allocated_gib"]
+
+
+@pytest.mark.slow
+def test_the_gpu_memory_measurement_runs_tiny_on_the_cpu(tmp_path):
+    """bench/memory_measure.py (bench/gpu_check.py's memory part) at toy sizes: the training step with the switches
+    runs (block swap and activation offload copying), so what a GPU session measures is known to work."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "memory_measure.py"), "--tiny", "--only", "swap36",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [m["name"] for m in runs] == ["5b_lora+swap36+offload", "1.5_5b_lora+swap36+offload"]
+    assert all(m["loss_finite"] and m["pcie_bytes_per_step"] > 0 for m in runs)
