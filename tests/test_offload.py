@@ -43,15 +43,19 @@ def _model(cfg, dequantized_from=None):
     return t, off
 
 
-def _step(t, dtype=torch.float32):
-    """One training step's loss and LoRA gradients, cogpipe's own model inputs and loss."""
+def _inputs(t, dtype=torch.float32):
     tc = dict(t.config)
     g = torch.Generator().manual_seed(1)
     x0, noise = torch.randn(2, 1, 5, 16, 8, 8, generator=g)  # each (B, F, C, H, W): 17 frames, 64x64, as latents
     prompt = torch.randn(1, tc["max_text_seq_length"], tc["text_embed_dim"], generator=g)
     alphas = torch.linspace(0.999, 0.01, 1000)
-    inputs = model_inputs(x0, noise, torch.tensor([500]), prompt, None, transformer_config=tc, alphas_cumprod=alphas,
-                          rotary=RotaryTables(tc), dtype=dtype)
+    return model_inputs(x0, noise, torch.tensor([500]), prompt, None, transformer_config=tc, alphas_cumprod=alphas,
+                        rotary=RotaryTables(tc), dtype=dtype)
+
+
+def _step(t, dtype=torch.float32):
+    """One training step's loss and LoRA gradients, cogpipe's own model inputs and loss."""
+    inputs = _inputs(t, dtype)
     loss = diffusion_loss(t(**inputs.kwargs)[0], inputs.target)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in t.named_parameters() if p.requires_grad}
@@ -86,6 +90,12 @@ def test_block_swap_is_exact_and_fetches_in_order(plain):
     assert swap.events[:3] == [("wait", 0), ("fetch", 1), ("release", 0)]
     assert off.mover.copies["to_device"] > 0 and off.mover.bytes["to_host"] == swap.bytes_per_step() // 2
     assert set(swap.resident) == {0}
+    # a forward without gradients (validation during training) fetches in forward order and gives the same output
+    swap.events.clear()
+    reference = _model(_cfg())[0]
+    with torch.no_grad():
+        assert torch.equal(t(**_inputs(t).kwargs)[0], reference(**_inputs(reference).kwargs)[0])
+    assert [e for e in swap.events if e[0] == "wait"] == [("wait", 0), ("wait", 1)]
 
 
 def test_activation_offload_is_exact_and_copies_every_blocks_inputs(plain):
