@@ -11,6 +11,8 @@ Parts, in this order, each timed and recorded even when another fails:
           LoRA at the model's own size: wall time and peak GPU memory of each
   steps   bench/train_step.py for each LoRA recipe at its real size (2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v: bf16,
           gradient checkpointing, rank 128) and one full fine-tune (2b): step time, peak memory, MFU
+  memory  bench/memory_measure.py: max_memory_allocated/reserved of recipes with the low-VRAM switches, and the
+          ratio to their simulation (bench/results/memory_sim.json)
 Parts are skipped, and say so, once the time budget would be overrun.
 """
 
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO / "tests"))  # fixtures/hub.py: the hub's folder lay
 
 import torch  # noqa: E402
 from common import write_json  # noqa: E402
+from memory_measure import part_memory  # noqa: E402
 
 STEP_RUNS = [("2b", "lora"), ("5b", "lora"), ("5b-i2v", "lora"), ("1.5-5b", "lora"), ("1.5-5b-i2v", "lora"),
              ("2b", "full")]
@@ -181,7 +184,8 @@ def main(argv=None) -> int:
         write_json(args.out, report)
 
     parts = {"run": functools.partial(part_run, args.work, args.tiny),
-             "steps": functools.partial(part_steps, args.work, args.tiny, deadline)}
+             "steps": functools.partial(part_steps, args.work, args.tiny, deadline),
+             "memory": functools.partial(part_memory, args.work, args.tiny, deadline)}
     for name, run in parts.items():
         try:
             report["parts"][name] = run()

@@ -45,6 +45,7 @@ class ModelConfig:
     vae_slicing: bool = False  # encode/decode one clip of a batch at a time
     vae_tiling: bool = False  # encode/decode in spatial tiles (large resolutions)
     fp8_frozen: bool = False  # store frozen transformer weights in fp8 (e4m3), compute in weight_dtype
+    quantize_frozen: str = "none"  # none | int8: frozen block Linears stored int8 + a scale a row (torchao)
 
     def __post_init__(self):
         _check(
@@ -57,6 +58,9 @@ class ModelConfig:
         _one_of(self.weight_dtype, set(family.DTYPES), "model.weight_dtype")
         _check(not (self.fp8_frozen and self.weight_dtype == "fp32"), "model.fp8_frozen",
                "computes in model.weight_dtype: set model.weight_dtype=bf16 (or fp16) with it")
+        _one_of(self.quantize_frozen, {"none", "int8"}, "model.quantize_frozen")
+        _check(not (self.fp8_frozen and self.quantize_frozen != "none"), "model.quantize_frozen",
+               "and model.fp8_frozen both set the frozen weights' storage: choose one")
         if self.pretrained is None:
             _one_of(self.preset, set(family.VARIANTS), "model.preset")
 
@@ -132,6 +136,8 @@ class TrainConfig:
     cpu_threads: int = 0  # on a CPU: threads a process; 0 = every core, shared among the machine's processes
     compile: bool = False  # torch.compile each transformer block (regional: one compile serves every block)
     sequence_parallel: int = 1  # N processes share each sample (Ulysses; cogpipe/sequence_parallel.py); world = DP x N
+    blocks_to_swap: int = 0  # frozen weights of this many blocks in host memory, fetched ahead of use (offload.py)
+    activation_offload: bool = False  # the block inputs gradient checkpointing keeps, in host memory
 
     def __post_init__(self):
         if self.mixed_precision in ("False", "false"):  # `train.mixed_precision=no` reads as YAML false
@@ -148,6 +154,15 @@ class TrainConfig:
         _one_of(self.optimizer, {"adamw", "adamw8bit"}, "train.optimizer")
         _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0: every core)")
         _check(self.sequence_parallel >= 1, "train.sequence_parallel", f"must be >= 1, got {self.sequence_parallel}")
+        _check(self.blocks_to_swap >= 0, "train.blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
+        for key in ("blocks_to_swap", "activation_offload"):
+            _check(not getattr(self, key) or self.gradient_checkpointing, f"train.{key}",
+                   "needs train.gradient_checkpointing=true (the backward runs each block again, from what was "
+                   "kept of its inputs)")
+        _check(not self.blocks_to_swap or self.mode == "lora", "train.blocks_to_swap",
+               "swaps frozen weights: it needs train.mode=lora (a full fine-tune trains every weight)")
+        _check(not (self.blocks_to_swap and self.compile), "train.blocks_to_swap",
+               "swaps weights in hooks around each block: it does not combine with train.compile")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
         _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
@@ -253,6 +268,8 @@ def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
         validate_against_model(config)
     _check(not (config.model.fp8_frozen and config.train.mode != "lora"), "model.fp8_frozen",
            "stores frozen weights in fp8: it needs train.mode=lora (full fine-tuning trains every weight)")
+    _check(config.model.quantize_frozen == "none" or config.train.mode == "lora", "model.quantize_frozen",
+           "stores frozen weights in int8: it needs train.mode=lora (full fine-tuning trains every weight)")
     return config
 
 

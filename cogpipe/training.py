@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models, sequence_parallel, sharding, tracking
+from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking
 from cogpipe.batches import Draws, EpochPlan, draw_batch, examples
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.config import Config, save_config, to_yaml
@@ -165,6 +165,7 @@ def _prepare_model(run: Run) -> Model:
                                                empty=sharding.weights_from_main_process())
     if cfg.model.fp8_frozen:  # before the adapter: only the frozen base layers are stored in fp8
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
+    offload.quantize_frozen(transformer, cfg.model)  # model.quantize_frozen: before the adapter, as fp8
     if cfg.train.mode == "lora":
         from cogpipe.lora import add_lora
 
@@ -175,6 +176,7 @@ def _prepare_model(run: Run) -> Model:
         sequence_parallel.enable(transformer, run.sp_group)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    offload.apply(transformer, cfg.train, run.accelerator.device, launcher=sharding.kind(run.accelerator))
     if cfg.train.compile:
         models.compile_blocks(transformer)
     transformer_config = dict(transformer.config)

@@ -18,6 +18,9 @@ def add_arguments(parser) -> None:
                         help="memory of one GPU in GB (1e9 bytes); default: this machine's GPU, if any")
     parser.add_argument("--json", action="store_true", help="print the estimate (and advice) as JSON")
     parser.add_argument("--gpus", type=int, default=8, help="GPUs a machine, for the per-launcher table (default 8)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="run the recipe's real step at real size on the meta device and measure it (about a "
+                             "minute a run on 2 cores); with --gpu-memory, the low-VRAM switches that fit, measured")
 
 
 def load(path, overrides=()):
@@ -85,6 +88,8 @@ def _fmt_table(e: dict, advice: dict | None) -> str:
                 lines.append(f"  {mark}  {st['switch']:40s} -> {st['needs_gb']:6.1f} GB   ({st['cost']})")
             if not advice["fits_after_steps"]:
                 lines.append("  no single-GPU combination of these fits")
+            lines.append("  the low-VRAM switches (train.activation_offload, train.blocks_to_swap, "
+                         "model.quantize_frozen): --simulate --gpu-memory GB measures which fit")
             for u in advice["unavailable"]:
                 saves = f" would save ~{u['saves_gb']:.1f} GB" if u["saves_gb"] is not None else ""
                 lines.append(f"  (n/a)  {u['switch']}{saves} ({u['why']})")
@@ -110,6 +115,8 @@ def run(args) -> int:
 
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_properties(0).total_memory / GB
+    if args.simulate:
+        return _run_simulation(args, cfg, transformer_config, note, gpu)
     e = estimate(cfg, transformer_config=transformer_config)
     e["model"]["note"] = note
     advice = fit_advice(cfg, gpu, transformer_config=transformer_config) if gpu else None
@@ -123,4 +130,27 @@ def run(args) -> int:
         print(_fmt_table(e, advice))
         print()
         print(format_table(launchers, args.gpus))
+    return 0
+
+
+def _run_simulation(args, cfg, transformer_config, note, gpu) -> int:
+    from .model import model_stats
+    from .simulate import format_advice, format_simulation, per_rank, simulate, simulated_advice
+
+    sim = simulate(cfg, transformer_config)
+    sim["note"] = note
+    block = model_stats(transformer_config)["block_params"] * (4 if cfg.train.mode == "full" else 2) / 2 ** 30
+    sim["per_rank"] = [per_rank(sim, s, args.gpus, block) for s in ("zero2", "zero3", "fsdp")]
+    advice = None
+    if gpu:
+        log = None if args.json else (lambda step: print(f"  simulated {step['switch']}: {step['needs_gb']} GB",
+                                                         file=sys.stderr, flush=True))
+        advice = simulated_advice(cfg, transformer_config, gpu, log=log)
+    if args.json:
+        print(json.dumps(dict(sim, config=str(args.config), advice=advice)))
+    else:
+        print(f"cogpipe plan --simulate: {args.config}" + (f" ({note})" if note else ""))
+        print(format_simulation(sim, sim["per_rank"]))
+        if advice:
+            print(format_advice(advice))
     return 0

@@ -147,7 +147,8 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
                        + activations: every block's (no checkpointing) or only each block's inputs
       backward         + gradients (4T) fill up while the activations are freed; with checkpointing one
                        block is recomputed at a time, plus a workspace of its backward
-      optimizer step   + gradients 4T + AdamW's sqrt(v) buffer 4T (foreach implementation)
+      optimizer step   + gradients 4T (training.py's fused AdamW updates in place in one kernel: no sqrt(v)
+                       buffer as the foreach implementation's; `cogpipe plan --simulate` measured the difference)
     The peak is the largest of these phases. Sharding divides the kept and trainable parts by N
     (ZeRO-2: gradients and AdamW state; ZeRO-3 and FSDP: weights too, plus one or two gathered blocks;
     DeepSpeed also keeps its communication buckets and runs the module itself in 16-bit).
@@ -174,12 +175,23 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
 
     switched_adam, switched_frozen = memory_switches(cfg)
     adam_bytes = adam_bytes or switched_adam
+    layerwise_fp8 = frozen_bytes is None and switched_frozen == 1  # diffusers' layerwise casting: not every weight
     frozen_bytes = frozen_bytes or switched_frozen
     rank = cfg.lora.rank if mode == "lora" else 0
     targets = lora_targets(stats["linears"], cfg.lora.target_modules) if mode == "lora" else []
     T = sum(rank * (i + o) for _, i, o in targets) if mode == "lora" else P
     wdt = _DTYPE_BYTES[cfg.model.weight_dtype] if mode == "lora" else 4
     frozen = P * (frozen_bytes or wdt) if mode == "lora" else 0
+    if mode == "lora" and layerwise_fp8:  # norms, embeddings and proj_out keep model.weight_dtype
+        frozen = P * wdt - stats["fp8_params"] * (wdt - 1)
+    if mode == "lora" and getattr(cfg.model, "quantize_frozen", "none") == "int8":  # the blocks' Linears in 1 byte
+        frozen -= L * stats["block_linear_params"] * ((frozen_bytes or wdt) - 1)
+    swapped = min(getattr(cfg.train, "blocks_to_swap", 0), L) if mode == "lora" else 0
+    host = 0
+    if swapped:  # offload.py: their frozen weights in host memory, at most two of them on the GPU at a time
+        per_block = frozen / P * stats["block_params"]
+        host += swapped * per_block
+        frozen -= max(0, swapped - 2) * per_block
     buffers = stats["buffers"] * wdt  # position tables (2B sincos, 5B-I2V learned), cast with the model
     master, grads, adam = 4 * T, 4 * T, adam_bytes * T
     ema = 4 * T if cfg.train.ema_decay > 0 else 0  # fp32 copy of the trained weights, beside them on the GPU
@@ -200,19 +212,21 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         frozen, master, grads, adam, ema = frozen / N, master / N, grads / N, adam / N, ema / N
         gathered = 2 * stats["block_params"] * (4 if mode == "full" else wdt)
         copies = copies / L  # only the gathered block's weights are cast at a time
-    step_buffer = 4 * T / (N if strategy in ("zero2", "zero3", "fsdp") else 1)
 
     blk = block_activations(transformer_config, local, mode, policy, rank, cfg.lora.target_modules)
     block = sum(blk.values())
     outside = outside_activations(transformer_config, local, mode, policy)
     work = workspace(transformer_config, local, policy)
     ckpt_inputs = L * local["batch"] * local["tokens"] * H * policy["act"]  # hidden + text states per block
+    if getattr(cfg.train, "activation_offload", False) and cfg.train.gradient_checkpointing:
+        host += ckpt_inputs  # offload.py: in host memory, one block's back on the GPU while it is recomputed
+        ckpt_inputs = ckpt_inputs / L
 
     kept = frozen + buffers + master + half_module + adam + ema + gathered
-    no_ckpt = kept + max(copies + L * block + outside + work, grads + step_buffer)
+    no_ckpt = kept + max(copies + L * block + outside + work, grads)
     with_ckpt = kept + max(copies + ckpt_inputs + outside,
                            max(ckpt_inputs + outside, grads) + block + work + copies / L,
-                           grads + step_buffer)
+                           grads)
     chosen = with_ckpt if cfg.train.gradient_checkpointing else no_ckpt
     return dict(
         model=dict(version=family.version(transformer_config), i2v=family.is_i2v(transformer_config), layers=L,
@@ -225,13 +239,14 @@ def estimate(cfg, *, device: str = "cuda", strategy: str = "single", num_gpus: i
         gb=dict(
             weights=(frozen + buffers + half_module + (master if mode == "full" else 0)) / GB,
             trainable_params=(master if mode == "lora" else 0) / GB,
-            grads=grads / GB, adam=adam / GB, ema=ema / GB, optimizer_step_buffer=step_buffer / GB,
+            grads=grads / GB, adam=adam / GB, ema=ema / GB,
             autocast_weight_copies=copies / GB, gathered_blocks=gathered / GB,
             activations_one_block=block / GB, activations_all_blocks=L * block / GB,
             checkpointed_inputs=ckpt_inputs / GB, outside_blocks=outside / GB, backward_workspace=work / GB,
             activations_without_checkpointing=(L * block + outside + work) / GB,
             activations_with_checkpointing=(ckpt_inputs + outside + block + work) / GB,
             peak_without_checkpointing=no_ckpt / GB, peak_with_checkpointing=with_ckpt / GB, peak=chosen / GB,
+            host_offloaded=host / GB,
             vae_and_text_encoder=0.0),
         block_items_gb={k: v / GB for k, v in blk.items()},
         flops_per_step=train_flops(transformer_config, shape, mode, rank, cfg.lora.target_modules),

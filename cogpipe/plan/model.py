@@ -63,9 +63,12 @@ def _model_stats(transformer_config_json: str) -> dict:
     linears = [(name, m.in_features, m.out_features) for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear)]
     block = model.transformer_blocks[0]
-    return dict(params=sum(p.numel() for p in model.parameters()),
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    fp8 = sum(p.numel() for p in model.parameters() if p.dtype == torch.float8_e4m3fn)  # what model.fp8_frozen casts
+    return dict(fp8_params=fp8,params=sum(p.numel() for p in model.parameters()),
                 buffers=sum(b.numel() for b in model.buffers() if b.is_floating_point()),
                 block_params=sum(p.numel() for p in block.parameters()),
+                block_linear_params=sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear)),
                 linears=linears)
 
 
