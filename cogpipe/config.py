@@ -17,21 +17,24 @@ from typing import Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cogpipe import atomic, family
+from cogpipe import atomic, family, model_sources
 from cogpipe.family import frame_rule  # noqa: F401 (config.frame_rule stays importable)
+from cogpipe.models import component_configs
+from cogpipe.sequence_parallel import problem
 
 
 class ConfigError(ValueError):
     """A config value breaks a rule; the message names the key."""
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def ensure(ok: bool, key: str, message: str) -> None:
+    """ConfigError naming `key` unless `ok` (every schema rule; world/vae.py's too)."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
 def _one_of(value, choices, key: str) -> None:
-    _check(value in choices, key, f"must be one of {sorted(choices)}, got {value!r}")
+    ensure(value in choices, key, f"must be one of {sorted(choices)}, got {value!r}")
 
 
 @dataclass
@@ -48,7 +51,7 @@ class ModelConfig:
     quantize_frozen: str = "none"  # none | int8: frozen block Linears stored int8 + a scale a row (torchao)
 
     def __post_init__(self):
-        _check(
+        ensure(
             self.latent_input,
             "model.latent_input",
             "must be true. The CogVideoX transformer takes 16-channel VAE latents (32 for image-to-video), "
@@ -56,10 +59,10 @@ class ModelConfig:
             "cache), so there is no RGB-input mode.",
         )
         _one_of(self.weight_dtype, set(family.DTYPES), "model.weight_dtype")
-        _check(not (self.fp8_frozen and self.weight_dtype == "fp32"), "model.fp8_frozen",
+        ensure(not (self.fp8_frozen and self.weight_dtype == "fp32"), "model.fp8_frozen",
                "computes in model.weight_dtype: set model.weight_dtype=bf16 (or fp16) with it")
         _one_of(self.quantize_frozen, {"none", "int8"}, "model.quantize_frozen")
-        _check(not (self.fp8_frozen and self.quantize_frozen != "none"), "model.quantize_frozen",
+        ensure(not (self.fp8_frozen and self.quantize_frozen != "none"), "model.quantize_frozen",
                "and model.fp8_frozen both set the frozen weights' storage: choose one")
         if self.pretrained is None:
             _one_of(self.preset, set(family.VARIANTS), "model.preset")
@@ -78,16 +81,16 @@ class DataConfig:
     num_workers: Optional[int] = None  # DataLoader workers reading cached latents; None: 4 beside a GPU, 0 on a CPU
 
     def __post_init__(self):
-        _check(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
-        _check(self.image_noise_variants >= 1, "data.image_noise_variants", "must be >= 1")
+        ensure(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
+        ensure(self.image_noise_variants >= 1, "data.image_noise_variants", "must be >= 1")
         for i, b in enumerate(self.buckets):
-            _check(len(b) == 3 and b[0] >= 1, f"data.buckets[{i}]", f"must be [frames, height, width], got {list(b)}")
-            _check(b[1] % family.SIZE_MULTIPLE == 0 and b[2] % family.SIZE_MULTIPLE == 0 and min(b[1:]) > 0,
+            ensure(len(b) == 3 and b[0] >= 1, f"data.buckets[{i}]", f"must be [frames, height, width], got {list(b)}")
+            ensure(b[1] % family.SIZE_MULTIPLE == 0 and b[2] % family.SIZE_MULTIPLE == 0 and min(b[1:]) > 0,
                    f"data.buckets[{i}]", f"height and width must be positive multiples of {family.SIZE_MULTIPLE}, "
                    f"got {list(b)}")
         for key in ("height", "width"):
             value = getattr(self, key)
-            _check(value > 0 and value % family.SIZE_MULTIPLE == 0, f"data.{key}",
+            ensure(value > 0 and value % family.SIZE_MULTIPLE == 0, f"data.{key}",
                    f"must be a positive multiple of {family.SIZE_MULTIPLE} (VAE {family.VAE_SPATIAL}x times patch "
                    f"{family.PATCH}), got {value}")
 
@@ -100,9 +103,9 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
     def __post_init__(self):
-        _check(self.rank > 0, "lora.rank", f"must be positive, got {self.rank}")
-        _check(self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha}")
-        _check(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
+        ensure(self.rank > 0, "lora.rank", f"must be positive, got {self.rank}")
+        ensure(self.alpha > 0, "lora.alpha", f"must be positive, got {self.alpha}")
+        ensure(len(self.target_modules) > 0, "lora.target_modules", "must name at least one module")
 
 
 @dataclass
@@ -145,27 +148,27 @@ class TrainConfig:
         _one_of(self.mode, {"lora", "full"}, "train.mode")
         _one_of(self.mixed_precision, {"no", "fp16", "bf16"}, "train.mixed_precision")
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
-            _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
-        _check(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "must be in [0, 1)")
+            ensure(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        ensure(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+        ensure(0.0 <= self.caption_dropout < 1.0, "train.caption_dropout", "must be in [0, 1)")
         _one_of(self.timestep_sampling, {"uniform", "logit_normal"}, "train.timestep_sampling")
-        _check(self.timestep_logit_std > 0, "train.timestep_logit_std", "must be positive")
-        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1); 0 turns the EMA off")
+        ensure(self.timestep_logit_std > 0, "train.timestep_logit_std", "must be positive")
+        ensure(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1); 0 turns the EMA off")
         _one_of(self.optimizer, {"adamw", "adamw8bit"}, "train.optimizer")
-        _check(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0: every core)")
-        _check(self.sequence_parallel >= 1, "train.sequence_parallel", f"must be >= 1, got {self.sequence_parallel}")
-        _check(self.blocks_to_swap >= 0, "train.blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
+        ensure(self.cpu_threads >= 0, "train.cpu_threads", "must be >= 0 (0: every core)")
+        ensure(self.sequence_parallel >= 1, "train.sequence_parallel", f"must be >= 1, got {self.sequence_parallel}")
+        ensure(self.blocks_to_swap >= 0, "train.blocks_to_swap", f"must be >= 0, got {self.blocks_to_swap}")
         for key in ("blocks_to_swap", "activation_offload"):
-            _check(not getattr(self, key) or self.gradient_checkpointing, f"train.{key}",
+            ensure(not getattr(self, key) or self.gradient_checkpointing, f"train.{key}",
                    "needs train.gradient_checkpointing=true (the backward runs each block again, from what was "
                    "kept of its inputs)")
-        _check(not self.blocks_to_swap or self.mode == "lora", "train.blocks_to_swap",
+        ensure(not self.blocks_to_swap or self.mode == "lora", "train.blocks_to_swap",
                "swaps frozen weights: it needs train.mode=lora (a full fine-tune trains every weight)")
-        _check(not (self.blocks_to_swap and self.compile), "train.blocks_to_swap",
+        ensure(not (self.blocks_to_swap and self.compile), "train.blocks_to_swap",
                "swaps weights in hooks around each block: it does not combine with train.compile")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
-        _check(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
-        _check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+        ensure(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        ensure(len(self.adam_betas) == 2, "train.adam_betas", "must hold two numbers")
+        ensure(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
                "train.checkpoints_total_limit", "must be >= 1 or null")
         from diffusers.optimization import SchedulerType
 
@@ -248,8 +251,6 @@ def _converted(pretrained: str | None, base: str | None) -> str | None:
     checkpoint cache (cogpipe.model_sources: converted once, verified on every later load)."""
     if not pretrained or not Path(pretrained).expanduser().exists():
         return pretrained
-    from cogpipe import model_sources
-
     try:
         if model_sources.kind_of(pretrained) == "diffusers":
             return pretrained
@@ -266,9 +267,9 @@ def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
     config.data.root = _recipe_relative(config.data.root, path)
     if validate_model:
         validate_against_model(config)
-    _check(not (config.model.fp8_frozen and config.train.mode != "lora"), "model.fp8_frozen",
+    ensure(not (config.model.fp8_frozen and config.train.mode != "lora"), "model.fp8_frozen",
            "stores frozen weights in fp8: it needs train.mode=lora (full fine-tuning trains every weight)")
-    _check(config.model.quantize_frozen == "none" or config.train.mode == "lora", "model.quantize_frozen",
+    ensure(config.model.quantize_frozen == "none" or config.train.mode == "lora", "model.quantize_frozen",
            "stores frozen weights in int8: it needs train.mode=lora (full fine-tuning trains every weight)")
     return config
 
@@ -289,11 +290,9 @@ def save_config(cfg: Config, path) -> None:
 
 def validate_against_model(cfg: Config) -> None:
     """Cross-field rules that need the model's configs: channels, frames and size (cogpipe/family.py)."""
-    from cogpipe.models import component_configs
-
     transformer_config, vcfg = component_configs(cfg.model)
     problem = family.channel_problem(transformer_config, vcfg)
-    _check(problem is None, "model", problem)
+    ensure(problem is None, "model", problem)
     shapes = [("data.frames", "data.height/width", (cfg.data.frames, cfg.data.height, cfg.data.width))]
     shapes += [(f"data.buckets[{i}]", f"data.buckets[{i}]", tuple(b)) for i, b in enumerate(cfg.data.buckets)]
     for frames_key, size_key, (frames, height, width) in shapes:
@@ -311,7 +310,5 @@ def launched_world_size() -> Optional[int]:
 def _check_sequence_parallel(sp: int, transformer_config: dict) -> None:
     """train.sequence_parallel divides the attention heads and the launched process count. A video token count that
     does not divide by it needs no rule: the tokens are padded to a multiple and the padding never attends."""
-    from cogpipe.sequence_parallel import problem
-
     message = problem(sp, transformer_config["num_attention_heads"], launched_world_size())
-    _check(message is None, "train.sequence_parallel", message)
+    ensure(message is None, "train.sequence_parallel", message)

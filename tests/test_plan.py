@@ -338,9 +338,9 @@ def test_switches_are_found_by_name_in_the_schema():
 
     cfg = Cfg(Train(), Model())
     assert plan.memory_switches(cfg) == (8, None)
-    label, on = plan._switch_on(cfg, "fp8")
+    label, on = plan.switch_on(cfg, "fp8")
     assert label == "model.fp8_frozen=true" and plan.memory_switches(on) == (8, 1)
-    label, on = plan._switch_on(on, "8bit")
+    label, on = plan.switch_on(on, "8bit")
     assert label == "train.optimizer=adamw8bit" and plan.memory_switches(on) == (2, 1)
     assert plan.memory_switches(Cfg(Train(mode="full"), Model(fp8_frozen=True))) == (8, None)  # LoRA only
 

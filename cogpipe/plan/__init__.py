@@ -21,7 +21,7 @@ advice (fit advice), cli (the command). Import the names from here.
 
 from __future__ import annotations
 
-from .advice import _switch_on, _with, fit_advice  # noqa: F401 (_switch_on: tests)
+from .advice import fit_advice, switch_on, with_changes  # noqa: F401 (switch_on: tests)
 from .cli import add_arguments, load, run
 from .flops import forward_flops, train_flops
 from .memory import (

@@ -11,7 +11,7 @@ from .memory import estimate, memory_switches, needed_gb
 from .model import resolve_transformer_config
 
 
-def _switch_on(cfg, word: str):
+def switch_on(cfg, word: str):
     """(label, config) with the schema's switch for `word` ('8bit', 'fp8') turned on, or None if the schema
     has none (or the config refuses it): switches that do not exist are reported, not advised."""
     for section in ("train", "model"):
@@ -25,13 +25,14 @@ def _switch_on(cfg, word: str):
             else:
                 continue
             try:
-                return f"{section}.{f.name}={str(next(iter(change.values()))).lower()}", _with(cfg, section, **change)
+                label = f"{section}.{f.name}={str(next(iter(change.values()))).lower()}"
+                return label, with_changes(cfg, section, **change)
             except ValueError:  # ConfigError: this value is not one the schema accepts
                 return None
     return None
 
 
-def _with(cfg, section: str, **changes):
+def with_changes(cfg, section: str, **changes):
     return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
 
 
@@ -70,16 +71,16 @@ def fit_advice(cfg, gpu_memory: float, transformer_config: dict | None = None, d
     fits = start <= gpu_memory
     if not fits and not cur.train.gradient_checkpointing:
         fits = add("train.gradient_checkpointing=true", "one extra forward per step (~+30% step time), same "
-                   "result", _with(cur, "train", gradient_checkpointing=True))
+                   "result", with_changes(cur, "train", gradient_checkpointing=True))
     if not fits and memory_switches(cur)[0] != 2:
-        switch = _switch_on(cur, "8bit")
+        switch = switch_on(cur, "8bit")
         if switch:
             fits = add(switch[0], "8-bit AdamW state, nearly the same result", switch[1])
         else:
             unavailable.append(dict(switch="8-bit AdamW", saves_gb=estimate(cur, **opts)["gb"]["adam"] * 0.75,
                                     why="no config key for it yet"))
     if not fits and cur.train.mode == "lora" and memory_switches(cur)[1] is None:
-        switch = _switch_on(cur, "fp8")
+        switch = switch_on(cur, "fp8")
         if switch:
             fits = add(switch[0], "fp8 storage of the frozen weights, small numeric cost", switch[1])
         else:
@@ -88,10 +89,10 @@ def fit_advice(cfg, gpu_memory: float, transformer_config: dict | None = None, d
     if not fits and cur.train.mode == "full":
         half = cur.train.mixed_precision if cur.train.mixed_precision != "no" else "bf16"
         fits = add(f"train.mode=lora model.weight_dtype={half}", "trains a rank-r adapter instead of every weight",
-                   _with(_with(cur, "train", mode="lora"), "model", weight_dtype=half))
+                   with_changes(with_changes(cur, "train", mode="lora"), "model", weight_dtype=half))
     if not fits and cur.train.mode == "lora":
         ranks = [r for r in (64, 32, 16, 8) if r < cur.lora.rank]
-        hit = first_fit([(_with(cur, "lora", rank=r, alpha=cur.lora.alpha * r / cur.lora.rank), f"lora.rank={r}")
+        hit = first_fit([(with_changes(cur, "lora", rank=r, alpha=cur.lora.alpha * r / cur.lora.rank), f"lora.rank={r}")
                          for r in ranks])
         if hit:
             fits = add(hit[1], "less adapter capacity (alpha scaled with it)", hit[0])
@@ -106,11 +107,11 @@ def fit_advice(cfg, gpu_memory: float, transformer_config: dict | None = None, d
     if not fits and not (bucketed or learned):
         multiple, _ = family.frame_rule(family.version(transformer_config))
         frames = list(range(cur.data.frames - multiple, 0, -multiple))
-        hit = first_fit([(_with(cur, "data", frames=f), f"data.frames={f}") for f in frames])
+        hit = first_fit([(with_changes(cur, "data", frames=f), f"data.frames={f}") for f in frames])
         if hit:
             fits = add(hit[1], "shorter clips", hit[0])
         elif frames:
-            fits = add(f"data.frames={frames[-1]}", "shorter clips", _with(cur, "data", frames=frames[-1]))
+            fits = add(f"data.frames={frames[-1]}", "shorter clips", with_changes(cur, "data", frames=frames[-1]))
     if not fits and not (bucketed or learned):
         sizes = []
         for s in (0.875, 0.75, 0.625, 0.5, 0.375, 0.25):
@@ -120,13 +121,13 @@ def fit_advice(cfg, gpu_memory: float, transformer_config: dict | None = None, d
                 h, w = (short, max(short, w)) if cfg.data.height <= cfg.data.width else (max(short, h), short)
             if (h, w) != (cur.data.height, cur.data.width) and all((h, w) != (c.data.height, c.data.width)
                                                                     for c, _ in sizes):
-                sizes.append((_with(cur, "data", height=h, width=w), f"data.height={h} data.width={w}"))
+                sizes.append((with_changes(cur, "data", height=h, width=w), f"data.height={h} data.width={w}"))
         hit = first_fit(sizes)
         if hit:
             fits = add(hit[1], "lower resolution", hit[0])
 
     sharded = {}
-    base = cfg if cfg.train.gradient_checkpointing else _with(cfg, "train", gradient_checkpointing=True)
+    base = cfg if cfg.train.gradient_checkpointing else with_changes(cfg, "train", gradient_checkpointing=True)
     if needed_gb(estimate(base, transformer_config=transformer_config, device=device)["gb"]["peak"]) > gpu_memory:
         # sharding is worth naming only where checkpointing alone is not enough
         for strategy in ("zero2", "zero3", "fsdp"):

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import sys
 
-from .advice import _with, fit_advice
+from cogpipe.config import ConfigError, add_recipe_arguments, load_config, validate_against_model
+
+from .advice import fit_advice, with_changes
+from .launchers import format_table, per_launcher
 from .memory import estimate, needed_gb
-from .model import GB, _stand_in_note, resolve_model
+from .model import GB, model_stats, resolve_model, stand_in_note
+from .simulate import format_advice, format_simulation, per_rank, simulate, simulated_advice
 
 
 def add_arguments(parser) -> None:
-    from cogpipe.config import add_recipe_arguments
-
     add_recipe_arguments(parser, "configs/cogvideox_5b_lora.yaml")
     parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
                         help="memory of one GPU in GB (1e9 bytes); default: this machine's GPU, if any")
@@ -26,12 +28,10 @@ def add_arguments(parser) -> None:
 def load(path, overrides=()):
     """(config, transformer config, note): the recipe, validated against the model's shapes (frames, size,
     channels); a hub id that cannot be read is checked and planned with its stand-in preset."""
-    from cogpipe.config import load_config, validate_against_model
-
     cfg = load_config(path, overrides, validate_model=False)
     transformer_config, preset = resolve_model(cfg.model)
-    validate_against_model(cfg if preset is None else _with(cfg, "model", pretrained=None, preset=preset))
-    return cfg, transformer_config, _stand_in_note(cfg.model, preset)
+    validate_against_model(cfg if preset is None else with_changes(cfg, "model", pretrained=None, preset=preset))
+    return cfg, transformer_config, stand_in_note(cfg.model, preset)
 
 
 def _fmt_table(e: dict, advice: dict | None) -> str:
@@ -102,8 +102,6 @@ def _fmt_table(e: dict, advice: dict | None) -> str:
 
 
 def run(args) -> int:
-    from cogpipe.config import ConfigError
-
     try:
         cfg, transformer_config, note = load(args.config, args.overrides)
     except (ConfigError, ValueError) as e:
@@ -120,8 +118,6 @@ def run(args) -> int:
     e = estimate(cfg, transformer_config=transformer_config)
     e["model"]["note"] = note
     advice = fit_advice(cfg, gpu, transformer_config=transformer_config) if gpu else None
-    from .launchers import format_table, per_launcher
-
     launchers = per_launcher(cfg, transformer_config, args.gpus)
     if args.json:
         print(json.dumps(dict(config=str(args.config), estimate=e, advice=advice, launchers=launchers)))
@@ -134,9 +130,6 @@ def run(args) -> int:
 
 
 def _run_simulation(args, cfg, transformer_config, note, gpu) -> int:
-    from .model import model_stats
-    from .simulate import format_advice, format_simulation, per_rank, simulate, simulated_advice
-
     sim = simulate(cfg, transformer_config)
     sim["note"] = note
     block = model_stats(transformer_config)["block_params"] * (4 if cfg.train.mode == "full" else 2) / 2 ** 30

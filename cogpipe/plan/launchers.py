@@ -18,6 +18,8 @@ from __future__ import annotations
 import functools
 import json
 
+from cogpipe import family
+
 from .memory import estimate, needed_gb
 from .model import GB, model_stats
 
@@ -40,8 +42,6 @@ T5_SHARD = 5e9  # the largest safetensors shard of T5-XXL in the released CogVid
 def encoder_host_bytes(cfg) -> float:
     """Host bytes one encoding process holds at once: the VAE in bf16 and one shard of T5 (the whole T5 in bf16
     where it is smaller than a shard: the tiny models)."""
-    from cogpipe import family
-
     preset = cfg.model.preset if cfg.model.preset in family.VARIANTS else "5b"
     t5 = _text_encoder_params(json.dumps(dict(family.variant(preset).text_encoder), sort_keys=True)) * 2
     vae = (215_583_907 if family.variant(preset).released else 2_000_000) * 2  # the full CogVideoX VAE

@@ -9,6 +9,7 @@ import json
 import math
 
 from cogpipe import family
+from cogpipe.models import component_configs, resolve_configs
 
 GB = 1e9
 
@@ -21,8 +22,6 @@ def resolve_model(model_cfg) -> tuple[dict, str | None]:
     model the id names (family.preset_for_hub_id). Planning an unreadable model with the tiny shapes would be
     meaningless: that is an error that says what to set.
     """
-    from cogpipe.models import component_configs, resolve_configs
-
     if not model_cfg.pretrained:
         return component_configs(model_cfg)[0], None
     try:
@@ -40,7 +39,7 @@ def resolve_model(model_cfg) -> tuple[dict, str | None]:
     return component_configs(dataclasses.replace(model_cfg, pretrained=None, preset=preset))[0], preset
 
 
-def _stand_in_note(model_cfg, preset) -> str | None:
+def stand_in_note(model_cfg, preset) -> str | None:
     return None if preset is None else (f"model.pretrained {model_cfg.pretrained!r} could not be read here; "
                                         f"planned with the shapes of preset {preset!r}")
 
@@ -48,7 +47,7 @@ def _stand_in_note(model_cfg, preset) -> str | None:
 def resolve_transformer_config(model_cfg) -> tuple[dict, str | None]:
     """(transformer config, note): `resolve_model` with a sentence saying which preset stood in, if any."""
     transformer_config, preset = resolve_model(model_cfg)
-    return transformer_config, _stand_in_note(model_cfg, preset)
+    return transformer_config, stand_in_note(model_cfg, preset)
 
 
 @functools.lru_cache(maxsize=16)

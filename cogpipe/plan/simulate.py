@@ -39,6 +39,7 @@ from cogpipe import family, offload
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
 from cogpipe.lora import add_lora
 
+from .memory import needed_gb
 from .model import largest_shape, resolve_transformer_config
 
 GiB = 2 ** 30
@@ -414,8 +415,6 @@ PCIE_BYTES_PER_S = 25e9  # what a PCIe 4.0 x16 link moves in practice, one way
 
 
 def _needed_gb(peak_bytes: int) -> float:
-    from .memory import needed_gb
-
     return needed_gb(peak_bytes / 1e9)
 
 

@@ -31,7 +31,7 @@ import torch
 from omegaconf import MISSING
 
 from cogpipe import atomic
-from cogpipe.config import ConfigError, _check, add_recipe_arguments, merge_structured, save_config
+from cogpipe.config import ConfigError, add_recipe_arguments, ensure, merge_structured, save_config
 from cogpipe.data import VideoDataset
 from cogpipe.world import render as world
 from cogpipe.world.score import score_many
@@ -52,12 +52,12 @@ class VaeModelConfig:
     scaled_latent_std: float = 1.0
 
     def __post_init__(self):
-        _check(len(self.block_out_channels) in (3, 4), "model.block_out_channels",
+        ensure(len(self.block_out_channels) in (3, 4), "model.block_out_channels",
                f"needs 3 or 4 levels (4x or 8x spatial compression; the first two also compress time 4x), "
                f"got {len(self.block_out_channels)}")
-        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "model.norm_num_groups",
+        ensure(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "model.norm_num_groups",
                f"must divide every block_out_channels {self.block_out_channels}")
-        _check(self.scaled_latent_std > 0, "model.scaled_latent_std",
+        ensure(self.scaled_latent_std > 0, "model.scaled_latent_std",
                f"must be positive, got {self.scaled_latent_std}")
 
 
@@ -71,12 +71,12 @@ class VaeDataConfig:
     hue_rotate: bool = True  # rotate each training clip's hues by a random angle: the VAE codes every colour
 
     def __post_init__(self):
-        _check(self.frames >= 1 and (self.frames - 1) % 8 == 0, "data.frames", f"must be 8N+1, got {self.frames}")
+        ensure(self.frames >= 1 and (self.frames - 1) % 8 == 0, "data.frames", f"must be 8N+1, got {self.frames}")
         for key in ("height", "width", "crop"):
             value = getattr(self, key)
-            _check(value is None or (value > 0 and value % 8 == 0), f"data.{key}",
+            ensure(value is None or (value > 0 and value % 8 == 0), f"data.{key}",
                    f"must be a positive multiple of 8 (8x spatial compression), got {value}")
-        _check(self.crop is None or self.crop <= min(self.height, self.width), "data.crop",
+        ensure(self.crop is None or self.crop <= min(self.height, self.width), "data.crop",
                f"must fit in data.height x data.width, got {self.crop}")
 
 
@@ -101,8 +101,8 @@ class VaeTrainConfig:
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "log_every"):
-            _check(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        _check(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
+            ensure(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        ensure(self.lr > 0, "train.lr", f"must be positive, got {self.lr}")
 
 
 @dataclass
