@@ -26,13 +26,13 @@ def make_optimizer(train_cfg, params, device_type: str = "cpu"):
 
 
 @torch.no_grad()
-def update_ema(ema: dict, model, decay: float, skipped: torch.Tensor | None = None) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, for every trained parameter; unchanged where `skipped` (a device
-    scalar, 1. for a step whose update was skipped) says so, without the host looking at it."""
+def update_ema(ema: dict, weights: dict, decay: float, skipped: torch.Tensor | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every trained parameter (`weights`: {name: tensor shaped as
+    its EMA entry: the whole weight, or this process's shard of it}); unchanged where `skipped` (a device scalar,
+    1. for a step whose update was skipped) says so, without the host looking at it."""
     weight = (1.0 - decay) * (1.0 - skipped) if skipped is not None else 1.0 - decay
-    for name, p in model.named_parameters():
-        if name in ema:
-            ema[name].lerp_(p.detach().float(), weight)
+    for name, w in weights.items():
+        ema[name].lerp_(w.detach().float(), weight)
 
 
 def step_unless_skipped(optimizer, skipped: torch.Tensor) -> None:

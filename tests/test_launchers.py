@@ -1,7 +1,7 @@
 """Every launch config in configs/accelerate/ on 2 CPU processes, launched as docs/multi_gpu.md launches it; the
 process count, a free port and the CPU switch are the only differences. DDP runs on gloo (ACCELERATE_USE_CPU=1);
 DeepSpeed ZeRO-2/3 on DeepSpeed's CPU accelerator and FSDP2 through torch's fully_shard on gloo, both with
-DS_ACCELERATOR=cpu, under which cogpipe.sharding.allow_cpu_deepspeed lets accelerate count their ranks.
+DS_ACCELERATOR=cpu, under which cogpipe.sharding.allow_cpu_sharding lets accelerate count their ranks.
 
 Each launcher trains LoRA and a full fine-tune with checkpoints, is SIGKILLed in step 3, resumes to the end and
 exports; the final weights equal one process's with the same global batch."""
