@@ -141,10 +141,9 @@ def main(argv=None) -> dict:
 
     def batch():
         x0 = torch.randn(B, lf, C, lh, lw, generator=g, device=device)  # (B, F', C, H/8, W/8)
-        noise = torch.randn(x0.shape, generator=g, device=device)
         t = torch.randint(0, len(alphas_cumprod), (B,), generator=g, device=device)
-        patch_t = transformer_config.get("patch_size_t")
-        x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
+        x0 = pad_for_patch_t(x0, transformer_config.get("patch_size_t"))
+        noise = torch.randn(x0.shape, generator=g, device=device)  # fresh in the padding frames too
         noisy, target = noisy_and_target(x0, noise, t, alphas_cumprod)
         inp = noisy
         if i2v:  # first-frame latents, zero over the other frames, concatenated on channels -> 32

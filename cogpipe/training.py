@@ -145,10 +145,13 @@ def _prepare_data(run: Run) -> TrainData:
                          f"{cfg.train.batch_size} x {acc.num_processes} processes ({len(entries)} clips)")
     extra_embeds = load_prompt_embeds(cfg, extra, acc.device)
     scheduler = models.build_scheduler(cfg.model)
+    empty = extra_embeds.get("")
     draws = Draws(seed=cfg.train.seed, num_timesteps=len(scheduler.alphas_cumprod),
-                  caption_dropout=cfg.train.caption_dropout, empty_embeds=extra_embeds.get(""),
+                  caption_dropout=cfg.train.caption_dropout,
+                  empty_embeds=empty.to(acc.device) if empty is not None else None,  # onto the device once
                   timestep_sampling=cfg.train.timestep_sampling, logit_mean=cfg.train.timestep_logit_mean,
-                  logit_std=cfg.train.timestep_logit_std)
+                  logit_std=cfg.train.timestep_logit_std,
+                  patch_t=models.component_configs(cfg.model)[0].get("patch_size_t"))
     return TrainData(dataset=CachedDataset(entries), plan=plan, draws=draws, extra_embeds=extra_embeds)
 
 
