@@ -36,14 +36,19 @@ def update_ema(ema: dict, weights: dict, decay: float, skipped: torch.Tensor | N
 
 
 def step_unless_skipped(optimizer, skipped: torch.Tensor) -> None:
-    """The optimizer step unless `skipped`: fused AdamW takes the flag as found_inf and skips on the device (as
-    torch's GradScaler has it do); another optimizer (8-bit AdamW) has the host read the flag."""
+    """The optimizer step unless `skipped`, without the host waiting for the device where the optimizer allows it:
+    fused AdamW takes the flag as found_inf and skips on the device (as torch's GradScaler has it do); under fp16's
+    GradScaler the wrapper's step goes through the scaler, whose own found_inf (non-finite gradients, which a
+    non-finite loss always leaves) skips on the device, fused AdamW taking it as above; only an optimizer with
+    neither (8-bit AdamW in bf16/fp32) has the host read the flag."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    if inner.defaults.get("fused") and getattr(optimizer, "scaler", None) is None:
+    if getattr(optimizer, "scaler", None) is not None:
+        optimizer.step()  # scaler.step + scaler.update: the skip and the scale's back-off stay on the device
+    elif inner.defaults.get("fused"):
         inner.found_inf = skipped
         inner.step()  # the wrapper would only forward the call, after two package probes a step (lomo)
         inner.zero_grad(set_to_none=True)
         return
-    if not skipped.item():  # fp16's GradScaler has the wrapper's step skip overflows itself
+    elif not skipped.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -377,11 +377,21 @@ def train(cfg: Config) -> Path:
     finally:
         bar.close()
         metrics.close()
-    model.transformer = model.unwrapped = opt.optimizer = None  # the export reads the final checkpoint: free them
-    acc.free_memory()
+    _release(acc, model, opt)  # the export reads the final checkpoint
     sharding.end_sharded_setup()
     _finish(run, state)
     return run.out
+
+
+def _release(acc, model: Model, opt: Optimization) -> None:
+    """Free training before the export and render load T5 and the transformer again: the model, AdamW and its
+    state, the LR schedule (which holds the optimizer), the EMA and the parameter lists, here and in accelerate's
+    registered objects (prepared models/optimizers, and the schedule registered for checkpointing)."""
+    model.transformer = model.unwrapped = None
+    model.params, model.trainable = [], []
+    opt.optimizer = opt.lr_scheduler = opt.ema = opt.save_state = opt.load_state = None
+    acc._custom_objects.clear()  # register_for_checkpointing: free_memory leaves these
+    acc.free_memory()  # accelerate's _models, _optimizers, _schedulers; then gc and the device cache
 
 
 def _loader(run: Run, data: TrainData, state: TrainState):
