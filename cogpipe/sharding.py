@@ -1,4 +1,4 @@
-"""What differs between the launchers (configs/accelerate/: DDP, DeepSpeed ZeRO-2/3, FSDP), in one place.
+"""What differs between the launchers (configs/accelerate/: DDP, DeepSpeed ZeRO-2/3, FSDP2), in one place.
 
     DeepSpeed    the engine steps inside its own backward: the recipe's micro-batch, accumulation and clipping
                  go into its config before `prepare` (accelerate would take them from a dataloader this loop
@@ -6,8 +6,12 @@
                  itself, autocast does nothing); a non-finite window is discarded by ZeRO's own overflow check
                  (`engine.was_step_applied()` says so on every rank alike); LoRA checkpoints leave the frozen
                  weights out; only trainable weights are gathered for `trainable.safetensors`.
-    FSDP         trainable weights are gathered from the shards with a full state dict (every rank takes part).
-    ZeRO-3/FSDP  parameters are shards: the EMA keeps a shard beside each, gathered only to be saved.
+    FSDP2        parameters are DTensors after `prepare` (the trainable list is taken then); checkpoints are
+                 written here (save_state): trainable weights gathered one at a time, the optimizer state sharded
+                 by torch.distributed.checkpoint, never the frozen base.
+    ZeRO-3/FSDP2 the EMA keeps one fp32 part a parameter beside each shard (local_weights), gathered only to be
+                 saved (gather_ema); a resume hands each process its part (part_of).
+    CPUs         allow_cpu_sharding: DeepSpeed and FSDP2 launches on gloo, as the tests run them.
 """
 
 from __future__ import annotations
@@ -321,7 +325,8 @@ def describe(accelerator, model) -> dict:
             "placements": sorted({str(p.placements) for p in dtensors}),
             "partitioned_params": sum(hasattr(p, "ds_id") and p.data.numel() == 0 for p in params),
             "trainable_params": sum(p.requires_grad for p in params),
-            "trainable_dtypes": sorted({str(p.dtype) for p in params if p.requires_grad})}
+            "trainable_dtypes": sorted({str(p.dtype) for p in params if p.requires_grad}),
+            "frozen_dtypes": sorted({str(p.dtype) for p in params if not p.requires_grad})}
 
 
 FSDP_OPTIMIZER = "optimizer_0"  # accelerate's folder name for a sharded (DCP) optimizer checkpoint
