@@ -11,14 +11,16 @@ its final weights (and EMA) equal one process's with the same global batch. Each
 hub-layout pretrained fixture (tests/fixtures/hub.py: a frozen bf16 base for LoRA, the partitioned build and the
 encoders under ZeRO-3) with the EMA on, and once on the random preset:
 
-    launcher  LoRA                                 full fine-tune
-    ddp       random  (tests/test_multiprocess.py)  hub + EMA
-    zero2     hub (bf16 base) + EMA                  random
-    zero3     random, + validation on 3 prompts     hub + EMA (zero.Init build, encoders unpartitioned)
-    fsdp      hub (bf16 base + fp32 LoRA) + EMA     random
+    launcher  LoRA                                          full fine-tune
+    ddp       random  (tests/test_multiprocess.py)           hub + EMA
+    zero2     hub (loaded in fp32) + EMA                      random
+    zero3     random, + validation on 3 prompts              hub + EMA (zero.Init build, encoders unpartitioned)
+    fsdp      hub, kept in bf16 beside fp32 adapters + EMA   random
 
-Four one-process references serve all cells: conftest's `trained` (random LoRA) and random full, hub LoRA + EMA and
-hub full + EMA (the EMA does not change the trained weights, so one reference serves with and without it)."""
+(DeepSpeed runs a bf16 base only under train.mixed_precision=bf16, whose engine-side casts one process does not
+reproduce; FSDP2 keeps the bf16 base beside fp32 adapters in one unit, the case FSDP1 refuses.) Five one-process
+references serve all cells: conftest's `trained` (random LoRA), random full, hub LoRA fp32 and bf16, hub full; the
+hub ones with the EMA (it does not change the trained weights, so one reference serves with and without it)."""
 
 import json
 import os
@@ -35,9 +37,9 @@ pytest.importorskip("deepspeed")  # the [deepspeed] extra, which CI installs
 
 FULL = {"train.mode": "full"}
 EMA = {"train.ema_decay": 0.9}
-CELLS = {  # (launcher, mode): base ("random" | "hub"), EMA on
+CELLS = {  # (launcher, mode): base ("random" | "hub": with the EMA on | "hub-bf16": a LoRA's frozen base in bf16)
     ("ddp", "full"): "hub", ("zero2", "lora"): "hub", ("zero2", "full"): "random",
-    ("zero3", "lora"): "random", ("zero3", "full"): "hub", ("fsdp", "lora"): "hub", ("fsdp", "full"): "random"}
+    ("zero3", "lora"): "random", ("zero3", "full"): "hub", ("fsdp", "lora"): "hub-bf16", ("fsdp", "full"): "random"}
 ZERO3_PROMPTS = "[a purple square moving left,a purple circle moving up,a purple triangle moving down]"
 
 
@@ -47,10 +49,10 @@ def _file(out, name=checkpoint.TRAINABLE, step=4):
 
 def _overrides(base: str, mode: str, hub_folder) -> dict:
     extra = dict(FULL) if mode == "full" else {}
-    if base == "hub":  # the pretrained fixture; a LoRA keeps its base in bf16
+    if base.startswith("hub"):  # the pretrained fixture (bf16 files)
         extra.update({"model.pretrained": hub_folder, **EMA})
-        if mode == "lora":
-            extra["model.weight_dtype"] = "bf16"
+    if base == "hub-bf16":  # the frozen base kept in bf16
+        extra["model.weight_dtype"] = "bf16"
     return extra
 
 
@@ -65,10 +67,10 @@ def hub(tmp_path_factory):
 def reference(trained, clips, hub, tmp_path_factory):
     """One process, batch 2, per (base, mode): {"weights": ..., "ema": ... or None}."""
     refs = {("random", "lora"): {"weights": _file(trained[0]), "ema": None}}
-    for base, mode in (("random", "full"), ("hub", "lora"), ("hub", "full")):
+    for base, mode in (("random", "full"), ("hub", "lora"), ("hub-bf16", "lora"), ("hub", "full")):
         out, _ = run_tiny(clips, tmp_path_factory.mktemp(f"one-{base}-{mode}") / "out", trained[2],
                           **_overrides(base, mode, hub))
-        refs[base, mode] = {"weights": _file(out), "ema": _file(out, checkpoint.EMA) if base == "hub" else None}
+        refs[base, mode] = {"weights": _file(out), "ema": _file(out, checkpoint.EMA) if base != "random" else None}
     return refs
 
 
@@ -92,8 +94,8 @@ def assert_launch(launcher: str, mode: str, base: str, d: dict) -> None:
     else:
         assert d["launcher"] == launcher and d["dtensor_params"] == d["partitioned_params"] == 0, d
         assert d["distributed_type"] == ("DEEPSPEED" if launcher == "zero2" else "MULTI_CPU"), d
-    if mode == "lora" and base == "hub" and launcher != "zero3":  # the frozen base as built: bf16
-        assert d["frozen_dtypes"] == ["torch.bfloat16"], d
+    if mode == "lora":  # the frozen base as built
+        assert d["frozen_dtypes"] == ["torch.bfloat16" if base == "hub-bf16" else "torch.float32"], d
 
 
 @pytest.mark.slow
@@ -114,8 +116,10 @@ def test_killed_then_resumed_equals_one_process(launcher, mode, reference, clips
     ref = reference[base, mode]
     final = _file(out)
     assert set(final) == set(ref["weights"])
-    # full: fp32 sums in another order over 2 processes (as test_full_finetune); LoRA: only the adapters move
-    tolerance = dict(rtol=1e-4, atol=2e-5) if mode == "full" else dict(rtol=1e-5, atol=1e-6)
+    # full: fp32 sums in another order over 2 processes (as test_full_finetune); LoRA: only the adapters move; a bf16
+    # base: its activations round to bf16 (2^-8) per kernel, and batch 1 a process blocks the matmuls otherwise
+    tolerance = (dict(rtol=1e-4, atol=2e-5) if mode == "full" else dict(rtol=1e-3, atol=2e-4) if base == "hub-bf16"
+                 else dict(rtol=1e-5, atol=1e-6))
     for k, v in ref["weights"].items():
         torch.testing.assert_close(final[k], v, **tolerance)
     if ref["ema"] is not None:  # gathered from one fp32 part a process, equal to one process's EMA
@@ -151,7 +155,7 @@ def _check_export(out, mode, final, ema, launcher):
         saved = open_state_dict(states, master_weights=False)
         assert saved and all(".lora_" in k for k in saved), sorted(saved)[:5]
         lora = sum(v.numel() * 4 for v in final.values())
-        base = sum(p.numel() * 2 for p in exported.parameters())  # the bf16 base
+        base = sum(p.numel() * 4 for p in exported.parameters())
         assert states.stat().st_size < lora + 64_000 < base, (states.stat().st_size, lora, base)  # + pickle, config
 
 
