@@ -1,19 +1,25 @@
-"""The GPU check: what the CPU cannot show, in one run of a few minutes on one CUDA GPU; writes one JSON file.
+"""The GPU check: what the CPU cannot show, in one short run on one CUDA GPU; writes one JSON file, after every stage.
 
+    bash bench/gpu_wheels.sh                      # first, on a machine with internet: the wheels the GPU image lacks
     bash bench/gpu_check.sh                       # on the GPU machine (installs the carried wheels first)
-    python bench/gpu_check.py --out bench/results/gpu_check_<device>.json [--budget-min 9]
+    python bench/gpu_check.py --out bench/results/gpu_check_<device>.json [--budget-min 5]
     python bench/gpu_check.py --tiny --out /tmp/gpu_check.json      # the same code paths, tiny, on a CPU
 
-Parts, in this order, each timed and recorded even when another fails:
-  run     the real path end to end: a CogVideoX-2B pipeline folder laid out as the hub's (random weights, bf16,
-          SentencePiece tokenizer, T5-XXL), two 49 x 480 x 720 clips, `train.py` on configs/cogvideox_2b_lora.yaml
-          for 2 steps with one in-training validation, the export, the end-of-run render, then `infer.py` with the
-          LoRA at the model's own size: wall time and peak GPU memory of each
-  steps   bench/train_step.py for each LoRA recipe at its real size (2b, 5b, 5b-i2v, 1.5-5b, 1.5-5b-i2v: bf16,
-          gradient checkpointing, rank 128) and one full fine-tune (2b): step time, peak memory, MFU
-  memory  bench/memory_measure.py: max_memory_allocated/reserved of recipes with the low-VRAM switches, and the
-          ratio to their simulation (bench/results/memory_sim.json)
-Parts are skipped, and say so, once the time budget would be overrun.
+Stages, in this order (STAGES), each in its own process under its own timeout (a share of the budget), its error
+or timeout recorded and the next stage run; the JSON is rewritten after each stage (and the end-to-end run rewrites
+its own part after each of its steps), so a run cut short still leaves every finished result:
+  steps-2b     bench/train_step.py at 2B's real size as its recipe trains it: LoRA, fp16 with a GradScaler, fused
+               AdamW, gradient checkpointing, rank 128 (3 steps, 1 warmup): step time, peak memory, MFU
+  steps-5b     the same for 5B (bf16)
+  steps-1.5    the same for CogVideoX1.5-5B (bf16, 81 x 768 x 1360)
+  run          the real path end to end: a CogVideoX-2B pipeline folder laid out as the hub's (random weights, bf16,
+               SentencePiece tokenizer, T5-XXL), two 49 x 480 x 720 clips, `train.py` on configs/cogvideox_2b_lora.yaml
+               for 2 steps with one in-training validation, the export, the end-of-run render, then `infer.py` with
+               the LoRA at the model's own size: wall time and peak GPU memory of each
+  memory       bench/memory_measure.py: max_memory_allocated/reserved of recipes with the low-VRAM switches, and the
+               ratio to their simulation (bench/results/memory_sim.json)
+The CUDA cache is emptied between stages. A stage is one entry of STAGES: (name, share of the budget, function of
+(work folder, tiny, its own JSON file) -> dict); add one there.
 """
 
 from __future__ import annotations
@@ -32,13 +38,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # fixtures/hub.py: the hub's folder layout
+sys.path.insert(0, str(REPO / "bench"))  # train_step.py
 
 import torch  # noqa: E402
 from common import write_json  # noqa: E402
-from memory_measure import part_memory  # noqa: E402
 
-STEP_RUNS = [("2b", "lora"), ("5b", "lora"), ("5b-i2v", "lora"), ("1.5-5b", "lora"), ("1.5-5b-i2v", "lora"),
-             ("2b", "full")]
+STEP_RUNS = {"steps-2b": ("2b", "fp16"), "steps-5b": ("5b", "bf16"), "steps-1.5": ("1.5-5b", "bf16")}  # recipes'
 PROMPT = "a red ball bouncing on a wooden floor"
 
 
@@ -107,7 +112,7 @@ class Peak:
                        else None}
 
 
-def part_run(work: Path, tiny: bool) -> dict:
+def part_run(work: Path, tiny: bool, partial: Path) -> dict:
     import infer
     from cogpipe.config import load_config
     from cogpipe.training import train
@@ -119,6 +124,7 @@ def part_run(work: Path, tiny: bool) -> dict:
     with Peak() as p:
         model = write_pipeline(work / "pipeline", tiny, device)
     out["write_pipeline"] = p.result
+    write_json(partial, out)
     clips = write_clips(work / "clips", frames, height, width)
     overrides = [f"model.pretrained={model}", f"data.root={clips}", f"output_dir={work / 'run'}",
                  f"data.frames={frames}", f"data.height={height}", f"data.width={width}", "report_to=none",
@@ -134,6 +140,7 @@ def part_run(work: Path, tiny: bool) -> dict:
     out["train"] = {**p.result, "steps": len(metrics), "loss": [m["loss"] for m in metrics],
                     "validation_videos": [v.name for v in videos],
                     "video_shape": list(read_video(videos[-1]).shape) if videos else None}
+    write_json(partial, out)
     with Peak() as p:
         code = infer.main(["--model", str(model), "--lora", str(run / "lora"), "--prompt", PROMPT, "--steps", "4",
                            "--num-frames", str(frames), "--height", str(height), "--width", str(width),
@@ -142,22 +149,58 @@ def part_run(work: Path, tiny: bool) -> dict:
     return out
 
 
-def part_steps(work: Path, tiny: bool, deadline: float) -> list[dict]:
-    results = []
-    for size, mode in STEP_RUNS:
-        left = deadline - time.perf_counter()
-        if left < 60:
-            results.append({"size": size, "mode": mode, "skipped": f"time budget: {left:.0f} s left"})
-            continue
-        target = work / f"steps-{size}-{mode}.json"
-        args = (["--size", "tiny", "--like", size, "--steps", "2", "--warmup", "1"] if tiny
-                else ["--size", size, "--steps", "5", "--warmup", "2"])
-        args += ["--mode", mode, "--gradient-checkpointing", "--out", str(target)]
-        r = subprocess.run([sys.executable, str(REPO / "bench" / "train_step.py"), *args], capture_output=True,
-                           text=True, timeout=max(30, int(left - 20)), cwd=REPO)
-        results.append(json.loads(target.read_text()) if r.returncode == 0 and target.is_file()
-                       else {"size": size, "mode": mode, "error": r.stderr[-1500:]})
-    return results
+def part_steps(name: str, work: Path, tiny: bool, partial: Path) -> dict:
+    """One bench/train_step.py run of STEP_RUNS[name] (LoRA, its recipe's dtype, 3 steps, 1 warmup)."""
+    size, dtype = STEP_RUNS[name]
+    args = (["--size", "tiny", "--like", size, "--steps", "2", "--warmup", "1"] if tiny
+            else ["--size", size, "--steps", "3", "--warmup", "1"])
+    args += ["--mode", "lora", "--dtype", dtype, "--gradient-checkpointing", "--out", str(partial)]
+    from train_step import main as train_step
+
+    return train_step(args)
+
+
+def part_memory_stage(work: Path, tiny: bool, partial: Path) -> dict:
+    """bench/memory_measure.py: max_memory_allocated/reserved of recipes with the low-VRAM switches, each beside its
+    simulation (bench/results/memory_sim.json) as a ratio."""
+    from memory_measure import part_memory
+
+    return {"runs": part_memory(work, tiny)}
+
+
+STAGES = [  # (name, share of the budget it may take, what it runs)
+    ("steps-2b", 0.15, functools.partial(part_steps, "steps-2b")),
+    ("steps-5b", 0.2, functools.partial(part_steps, "steps-5b")),
+    ("steps-1.5", 0.25, functools.partial(part_steps, "steps-1.5")),
+    ("run", 1.0, part_run),  # whatever is left
+    ("memory", 1.0, part_memory_stage),  # whatever the run left
+]
+
+
+def run_stage(name: str, work: Path, tiny: bool, partial: Path) -> int:
+    """In the stage's own process: run it, write its result (or its error) to `partial`."""
+    fn = dict((n, f) for n, _, f in STAGES)[name]
+    try:
+        result = fn(work, tiny, partial)
+    except Exception:
+        done = json.loads(partial.read_text()) if partial.is_file() else {}
+        write_json(partial, {**done, "error": traceback.format_exc()[-3000:]})
+        return 1
+    write_json(partial, result)
+    return 0
+
+
+def launch_stage(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """A stage in its own process (its GPU memory gone with it), killed at its timeout."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -165,16 +208,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_check.json")
     ap.add_argument("--work", type=Path, default=Path("/tmp/cogpipe_gpu_check"))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: the same code paths on a CPU")
-    ap.add_argument("--budget-min", type=float, default=9.0)
+    ap.add_argument("--budget-min", type=float, default=5.0,
+                    help="all stages together (default 5: a rerun still fits in a 15-minute device lease)")
+    ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage:
+        return run_stage(args.stage, args.work, args.tiny, args.out)
     start = time.perf_counter()
     deadline = start + 60 * args.budget_min
-    args.work.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     import diffusers
     import transformers
 
-    report = {"bench": "gpu_check", "tiny": args.tiny,
+    report = {"bench": "gpu_check", "tiny": args.tiny, "budget_min": args.budget_min,
               "device_name": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(), "parts": {}}
@@ -183,18 +230,34 @@ def main(argv=None) -> int:
         report["total_s"] = round(time.perf_counter() - start, 1)
         write_json(args.out, report)
 
-    parts = {"run": functools.partial(part_run, args.work, args.tiny),
-             "steps": functools.partial(part_steps, args.work, args.tiny, deadline),
-             "memory": functools.partial(part_memory, args.work, args.tiny, deadline)}
-    for name, run in parts.items():
+    save()
+    for name, share, _ in STAGES:
+        left = deadline - time.perf_counter()
+        timeout = int(min(left, share * 60 * args.budget_min)) if not args.tiny else int(max(left, 600))
+        if timeout < 20:
+            report["parts"][name] = {"skipped": f"time budget: {left:.0f} s left"}
+            save()
+            continue
+        partial = args.work / f"{name}.json"
+        partial.unlink(missing_ok=True)
+        tic = time.perf_counter()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--work", str(args.work),
+               "--out", str(partial)] + (["--tiny"] if args.tiny else [])
         try:
-            report["parts"][name] = run()
-        except Exception:
-            report["parts"][name] = {"error": traceback.format_exc()[-3000:]}
+            r = launch_stage(cmd, timeout)
+            failure = None if r.returncode == 0 else f"exit {r.returncode}: {r.stderr[-1500:]}"
+        except subprocess.TimeoutExpired:
+            failure = f"timeout after {timeout} s"
+        result = json.loads(partial.read_text()) if partial.is_file() else {}
+        if failure and "error" not in result:
+            result["error"] = failure
+        result["stage_wall_s"] = round(time.perf_counter() - tic, 1)
+        report["parts"][name] = result
         save()
-        print(json.dumps({name: report["parts"][name]})[:2000], flush=True)
-    ok = all("error" not in (p if isinstance(p, dict) else {}) for p in report["parts"].values())
-    print(f"wrote {args.out} in {report['total_s']} s" + ("" if ok else " (a part failed: see its error)"))
+        empty_cuda_cache()
+        print(json.dumps({name: result})[:2000], flush=True)
+    ok = all("error" not in p for p in report["parts"].values())
+    print(f"wrote {args.out} in {report['total_s']} s" + ("" if ok else " (a stage failed: see its error)"))
     return 0 if ok else 1
 
 

@@ -3,8 +3,9 @@
 # omegaconf, decord and imageio-ffmpeg): installs the wheels carried in .whl/ (bench/gpu_wheels.sh fetches them),
 # then runs bench/gpu_check.py. Results: bench/results/gpu_check_<device>.json, or $OUT/ when set.
 #
-#   bash bench/gpu_wheels.sh                                   # here, once: .whl/ (about 47 MB)
-#   bash bench/gpu_check.sh                                    # there (device tool: carry .whl)
+#   bash bench/gpu_wheels.sh                                   # first, here, once: .whl/ (about 47 MB)
+#   bash bench/gpu_check.sh                                    # there (device tool: carry .whl); 5 min by default
+#                                                              # (BUDGET_MIN=N), JSON rewritten after every stage
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -14,4 +15,4 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 name=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'cpu')")
 out="${OUT:-bench/results}/gpu_check_${name}.json"
-python3 bench/gpu_check.py --out "$out" --budget-min "${BUDGET_MIN:-9}" "$@"
+python3 bench/gpu_check.py --out "$out" --budget-min "${BUDGET_MIN:-5}" "$@"

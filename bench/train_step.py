@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
     amp = dtype != torch.float32
     input_dtype = dtype if args.mode == "lora" else torch.float32
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4)
+    fused = device.type in ("cuda", "cpu")  # as cogpipe.optim.make_optimizer: one kernel a step
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-4, fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
 
     from diffusers import CogVideoXDDIMScheduler
@@ -141,10 +142,9 @@ def main(argv=None) -> dict:
 
     def batch():
         x0 = torch.randn(B, lf, C, lh, lw, generator=g, device=device)  # (B, F', C, H/8, W/8)
-        noise = torch.randn(x0.shape, generator=g, device=device)
         t = torch.randint(0, len(alphas_cumprod), (B,), generator=g, device=device)
-        patch_t = transformer_config.get("patch_size_t")
-        x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
+        x0 = pad_for_patch_t(x0, transformer_config.get("patch_size_t"))
+        noise = torch.randn(x0.shape, generator=g, device=device)  # fresh in the padding frames too
         noisy, target = noisy_and_target(x0, noise, t, alphas_cumprod)
         inp = noisy
         if i2v:  # first-frame latents, zero over the other frames, concatenated on channels -> 32
@@ -202,7 +202,8 @@ def main(argv=None) -> dict:
         "frames": args.frames, "height": args.height, "width": args.width, "batch": B,
         "latent_shape": [B, shape["latent_frames"], transformer_config["in_channels"], lh, lw],
         "tokens": {"video": shape["video_tokens"], "text": shape["text_tokens"], "total": shape["tokens"]},
-        "dtype": args.dtype, "gradient_checkpointing": args.gradient_checkpointing,
+        "dtype": args.dtype, "grad_scaler": scaler.is_enabled(), "fused_adamw": fused,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "lora_rank": args.rank if args.mode == "lora" else None,
         "lora_alpha": args.alpha if args.mode == "lora" else None,
         "steps": args.steps, "warmup": args.warmup,

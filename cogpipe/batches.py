@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from cogpipe.diffusion import sample_timestep
+from cogpipe.diffusion import padding_frames, sample_timestep
 
 
 def epoch_batches(shapes: list, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -78,6 +78,7 @@ class Draws:
     timestep_sampling: str = "uniform"  # see diffusion.sample_timestep
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    patch_t: Optional[int] = None  # CogVideoX1.5's temporal patch: noise is drawn for the padded frame count too
 
 
 @dataclass
@@ -109,13 +110,14 @@ def draw_batch(batch: list[dict], *, micro_step: int, rank: int, world: int, dra
     dropout and which cached first-frame encoding (image-to-video). Every choice is made on the device: nothing
     waits for the host."""
     x0, noise, t, embeds, images = [], [], [], [], []
-    empty = draws.empty_embeds.to(device) if draws.caption_dropout > 0 else None
+    empty = draws.empty_embeds if draws.caption_dropout > 0 else None  # on the device already (training puts it)
     for j, example in enumerate(batch):
         g = example_generator(draws.seed, micro_step, j * world + rank, device)
         mean = example["mean"].to(device, non_blocking=True)  # (C, F, H, W)
         std = example["std"].to(device, non_blocking=True)
         x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
-        noise.append(torch.randn(mean.shape, generator=g, device=device))
+        frames = mean.shape[1] + padding_frames(mean.shape[1], draws.patch_t)  # 1.5: fresh noise in the padding
+        noise.append(torch.randn((mean.shape[0], frames, *mean.shape[2:]), generator=g, device=device))
         t.append(sample_timestep(draws.num_timesteps, g, draws.timestep_sampling, draws.logit_mean, draws.logit_std))
         prompt = example["prompt_embeds"].to(device, non_blocking=True)
         if empty is not None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cogpipe import atomic, models
+from cogpipe import atomic, models, sharding
 from cogpipe.data import load_clip, load_image, probe_clip
 from cogpipe.devices import DTYPE_NAMES, encoder_dtype
 
@@ -197,15 +197,16 @@ def build_cache(cfg, samples, device, rank: int = 0, world: int = 1, barrier=lam
     log(f"cache {cache.root}: {len(samples) - len(todo_videos)}/{len(samples)} clips and "
         f"{len(prompts) - len(todo_prompts)}/{len(prompts)} prompts already encoded")
     dtype = encoder_dtype(device)
-    if todo_videos[rank::world]:
-        _encode_videos(cfg, cache, todo_videos[rank::world], device, dtype, log)
-    if todo_prompts[rank::world]:
-        tokenizer = models.build_tokenizer(cfg.model)
-        text_encoder = models.build_text_encoder(cfg.model, dtype, device).to(device).eval()
-        for caption, path in todo_prompts[rank::world]:
-            embeds = encode_prompts(tokenizer, text_encoder, [caption], cache.max_text_len)[0]
-            atomic.save_safetensors(path, {"prompt_embeds": embeds.float()}, {"caption": caption})
-        del text_encoder, tokenizer
+    with sharding.unpartitioned():  # whole encoders on each process, also under a ZeRO-3 launch
+        if todo_videos[rank::world]:
+            _encode_videos(cfg, cache, todo_videos[rank::world], device, dtype, log)
+        if todo_prompts[rank::world]:
+            tokenizer = models.build_tokenizer(cfg.model)
+            text_encoder = models.build_text_encoder(cfg.model, dtype, device).to(device).eval()
+            for caption, path in todo_prompts[rank::world]:
+                embeds = encode_prompts(tokenizer, text_encoder, [caption], cache.max_text_len)[0]
+                atomic.save_safetensors(path, {"prompt_embeds": embeds.float()}, {"caption": caption})
+            del text_encoder, tokenizer
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

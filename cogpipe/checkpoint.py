@@ -59,8 +59,9 @@ def save_trainable(state_dict: dict, names, directory) -> None:
     save_file({k: state_dict[k].detach().contiguous().cpu() for k in sorted(names)}, str(Path(directory) / TRAINABLE))
 
 
-def load_trainable(model, directory) -> None:
-    """Load `trainable.safetensors` into the model; every trainable parameter must be there."""
+def load_trainable(model, directory, assign=None) -> None:
+    """Load `trainable.safetensors` into the model; every trainable parameter must be there. `assign(param, full)`
+    writes one (sharding.assign: each process its own shard of a DTensor); by default a plain copy."""
     file = Path(directory) / TRAINABLE
     state = load_file(str(file))
     want = set(trainable_state(model))
@@ -69,8 +70,11 @@ def load_trainable(model, directory) -> None:
         raise KeyError(f"{file}: does not match the model's trainable parameters: "
                        f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     params = dict(model.named_parameters())
-    for name, tensor in state.items():
-        params[name].data.copy_(tensor)
+    for name in sorted(state):
+        if assign is not None:
+            assign(params[name], state[name])
+        else:
+            params[name].data.copy_(state[name])
 
 
 def read_state(directory) -> dict:
@@ -96,8 +100,10 @@ def load_ema(directory, like: dict) -> dict:
 
 
 def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None, ema=None,
-         save_kwargs=None) -> Path:
-    """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it.
+         save_state=None) -> Path:
+    """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it. `save_state(folder)`
+    writes the training state (weights, optimizer, schedule, RNG; default: accelerator.save_state); `ema` is the
+    full EMA on the main process (gathered by the caller), None elsewhere.
 
     Rotation keeps the newest `total_limit` complete checkpoints, never the one just written. A failed
     write (a full disk, say) removes the partial folder and leaves the previous checkpoint as it was.
@@ -115,7 +121,7 @@ def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, tota
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), **(save_kwargs or {}))
+        (save_state or accelerator.save_state)(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / "config.yaml").write_text(config_yaml)

@@ -54,12 +54,29 @@ def diffusion_loss(v_pred, target) -> torch.Tensor:
     return torch.nn.functional.mse_loss(v_pred.float(), target)
 
 
+def padding_frames(frames: int, patch_t) -> int:
+    """Latent frames CogVideoX1.5 (patch_t=2) adds in front to make the count a multiple of patch_t."""
+    return (patch_t - frames % patch_t) % patch_t if patch_t else 0
+
+
 def pad_for_patch_t(latents: torch.Tensor, patch_t) -> torch.Tensor:
-    """(B, F, C, H, W): CogVideoX1.5 (patch_t=2) needs an even frame count; repeat the first frame."""
-    if not patch_t or latents.shape[1] % patch_t == 0:
+    """(B, F, C, H, W) clean latents: CogVideoX1.5 (patch_t=2) needs an even frame count; the first frame is
+    repeated in front (the padding frame the pipeline drops from its output: `latents[:, additional_frames:]`)."""
+    extra = padding_frames(latents.shape[1], patch_t)
+    if not extra:
         return latents
-    extra = patch_t - latents.shape[1] % patch_t
     return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1)
+
+
+def pad_image_latents(image_latents: torch.Tensor, patch_t) -> torch.Tensor:
+    """(B, F, C, H, W) first-frame latents then zeros, padded as CogVideoXImageToVideoPipeline.__call__ has them:
+    it adds the padding to num_frames before prepare_latents, which then builds [image, 0 x (F + pad - 1)] (its own
+    first-frame repeat never fires: the count is already even). So the padding is zeros, after the image."""
+    extra = padding_frames(image_latents.shape[1], patch_t)
+    if not extra:
+        return image_latents
+    zeros = image_latents.new_zeros(image_latents.shape[:1] + (extra,) + image_latents.shape[2:])
+    return torch.cat([image_latents, zeros], dim=1)
 
 
 def rotary_embeddings(transformer_config: dict, latent_frames: int, latent_h: int, latent_w: int, device):
@@ -104,14 +121,19 @@ class ModelInputs:
 
 def model_inputs(x0, noise, timesteps, prompt_embeds, image_latents, *, transformer_config: dict, alphas_cumprod,
                  rotary: RotaryTables, dtype) -> ModelInputs:
-    """Everything a CogVideoX transformer takes for one training batch, as the CogVideoX pipelines prepare it:
-    latents (B, F, C, H, W) padded to a multiple of patch_t (1.5) by repeating the first frame, noised; for
-    image-to-video the first frame's latents (zeros after it) concatenated on channels; rotary tables for the
-    latent shape; ofs = 2 where the model embeds it (1.5-I2V). Latents and prompt embeddings in `dtype`."""
+    """Everything a CogVideoX transformer takes for one training batch, as the CogVideoX pipelines' __call__ gives
+    it: latents (B, F, C, H, W) padded to a multiple of patch_t (1.5) by repeating the first frame, noised with
+    `noise`, which has the padded frame count already (fresh noise in every frame, as the pipeline draws it:
+    batches.draw_batch draws it so); for image-to-video the first frame's latents then zeros (the padding too)
+    concatenated on channels; rotary tables for the latent shape; ofs = 2 where the model embeds it (1.5-I2V).
+    Latents and prompt embeddings in `dtype`."""
     patch_t = transformer_config.get("patch_size_t")
-    x0, noise = pad_for_patch_t(x0, patch_t), pad_for_patch_t(noise, patch_t)
+    x0 = pad_for_patch_t(x0, patch_t)
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} must have the padded latent shape {tuple(x0.shape)} "
+                         f"(patch_size_t={patch_t}: the padding frames get noise of their own)")
     noisy, target = noisy_and_target(x0, noise, timesteps, alphas_cumprod)  # (B, F, C, H, W)
-    hidden = noisy if image_latents is None else torch.cat([noisy, pad_for_patch_t(image_latents, patch_t)], dim=2)
+    hidden = noisy if image_latents is None else torch.cat([noisy, pad_image_latents(image_latents, patch_t)], dim=2)
     batch, frames, _, height, width = x0.shape
     ofs = torch.full((batch,), 2.0, device=x0.device) if transformer_config.get("ofs_embed_dim") else None
     kwargs = dict(hidden_states=hidden.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype), timestep=timesteps,

@@ -26,24 +26,29 @@ def make_optimizer(train_cfg, params, device_type: str = "cpu"):
 
 
 @torch.no_grad()
-def update_ema(ema: dict, model, decay: float, skipped: torch.Tensor | None = None) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, for every trained parameter; unchanged where `skipped` (a device
-    scalar, 1. for a step whose update was skipped) says so, without the host looking at it."""
+def update_ema(ema: dict, weights: dict, decay: float, skipped: torch.Tensor | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for every trained parameter (`weights`: {name: tensor shaped as
+    its EMA entry: the whole weight, or this process's shard of it}); unchanged where `skipped` (a device scalar,
+    1. for a step whose update was skipped) says so, without the host looking at it."""
     weight = (1.0 - decay) * (1.0 - skipped) if skipped is not None else 1.0 - decay
-    for name, p in model.named_parameters():
-        if name in ema:
-            ema[name].lerp_(p.detach().float(), weight)
+    for name, w in weights.items():
+        ema[name].lerp_(w.detach().float(), weight)
 
 
 def step_unless_skipped(optimizer, skipped: torch.Tensor) -> None:
-    """The optimizer step unless `skipped`: fused AdamW takes the flag as found_inf and skips on the device (as
-    torch's GradScaler has it do); another optimizer (8-bit AdamW) has the host read the flag."""
+    """The optimizer step unless `skipped`, without the host waiting for the device where the optimizer allows it:
+    fused AdamW takes the flag as found_inf and skips on the device (as torch's GradScaler has it do); under fp16's
+    GradScaler the wrapper's step goes through the scaler, whose own found_inf (non-finite gradients, which a
+    non-finite loss always leaves) skips on the device, fused AdamW taking it as above; only an optimizer with
+    neither (8-bit AdamW in bf16/fp32) has the host read the flag."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-    if inner.defaults.get("fused") and getattr(optimizer, "scaler", None) is None:
+    if getattr(optimizer, "scaler", None) is not None:
+        optimizer.step()  # scaler.step + scaler.update: the skip and the scale's back-off stay on the device
+    elif inner.defaults.get("fused"):
         inner.found_inf = skipped
         inner.step()  # the wrapper would only forward the call, after two package probes a step (lomo)
         inner.zero_grad(set_to_none=True)
         return
-    if not skipped.item():  # fp16's GradScaler has the wrapper's step skip overflows itself
+    elif not skipped.item():
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""What differs between the launchers (configs/accelerate/: DDP, DeepSpeed ZeRO-2/3, FSDP), in one place.
+"""What differs between the launchers (configs/accelerate/: DDP, DeepSpeed ZeRO-2/3, FSDP2), in one place.
 
     DeepSpeed    the engine steps inside its own backward: the recipe's micro-batch, accumulation and clipping
                  go into its config before `prepare` (accelerate would take them from a dataloader this loop
@@ -6,13 +6,19 @@
                  itself, autocast does nothing); a non-finite window is discarded by ZeRO's own overflow check
                  (`engine.was_step_applied()` says so on every rank alike); LoRA checkpoints leave the frozen
                  weights out; only trainable weights are gathered for `trainable.safetensors`.
-    FSDP         trainable weights are gathered from the shards with a full state dict (every rank takes part).
-    ZeRO-3/FSDP  parameters are shards: the EMA keeps a shard beside each, gathered only to be saved.
+    FSDP2        parameters are DTensors after `prepare` (the trainable list is taken then); checkpoints are
+                 written here (save_state): trainable weights gathered one at a time, the optimizer state sharded
+                 by torch.distributed.checkpoint, never the frozen base.
+    ZeRO-3/FSDP2 the EMA keeps one fp32 part a parameter beside each shard (local_weights), gathered only to be
+                 saved (gather_ema); a resume hands each process its part (part_of).
+    CPUs         allow_cpu_sharding: DeepSpeed and FSDP2 launches on gloo, as the tests run them.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -20,30 +26,53 @@ from cogpipe import models
 from cogpipe.weights import materialize, open_state_dict
 
 
-def allow_cpu_deepspeed() -> None:
-    """DeepSpeed ZeRO on CPU processes (DS_ACCELERATOR=cpu, gloo): how the launcher tests run ZeRO-2/3 without a
-    GPU, and a way to debug a sharded recipe on a laptop. accelerate joins DeepSpeed's process group there but
-    finds no backend of its own for a machine without an accelerator, and so counts one process; telling it the
-    backend is gloo (what DeepSpeed's CPU accelerator uses) makes it count the ranks. No effect where CUDA exists or
-    DS_ACCELERATOR is not "cpu"."""
-    if os.environ.get("DS_ACCELERATOR") != "cpu" or torch.cuda.is_available():  # also set for FSDP on CPUs
+def allow_cpu_sharding() -> None:
+    """DeepSpeed ZeRO and FSDP2 on CPU processes (DS_ACCELERATOR=cpu, gloo): how the launcher tests run the sharded
+    launchers without a GPU, and a way to debug a sharded recipe on a laptop. Two gaps in accelerate, both only on
+    a machine without an accelerator, and no effect where CUDA exists or DS_ACCELERATOR is not "cpu":
+
+    - it finds no process-group backend for a DeepSpeed/FSDP launch and so counts one process: it is told the
+      backend is gloo (what DeepSpeed's CPU accelerator uses), so it counts the ranks (MULTI_CPU);
+    - AcceleratorState turns a launch into FSDP only from a GPU-like distributed type, so an FSDP launch on CPUs
+      would quietly train plain DDP: once the state is built, a MULTI_CPU launch with ACCELERATE_USE_FSDP becomes
+      DistributedType.FSDP with the launch's plugin, as the GPU path sets it. From there accelerate's own FSDP2 code
+      runs unchanged (fully_shard per CogVideoXBlock over a CPU device mesh, DTensor parameters, its broadcast of
+      the first process's weights, its state-dict and optimizer handling); gloo serves every collective FSDP2
+      issues on CPU tensors."""
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or torch.cuda.is_available():
         return
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     original = PartialState._prepare_backend
-    if getattr(original, "_cogpipe_cpu_deepspeed", False):
+    if getattr(original, "_cogpipe_cpu_sharding", False):
         return
 
     def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
         chosen, distributed_type = original(self, cpu, sagemaker_dp, backend)
-        sharded = any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP"))
-        if chosen is None and sharded and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+        if chosen is None and _sharded_launch() and int(os.environ.get("LOCAL_RANK", -1)) != -1:
             return "gloo", DistributedType.MULTI_CPU
         return chosen, distributed_type
 
-    prepare_backend._cogpipe_cpu_deepspeed = True
+    original_init = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if (fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU
+                and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    prepare_backend._cogpipe_cpu_sharding = True
     PartialState._prepare_backend = prepare_backend
+    AcceleratorState.__init__ = init
+
+
+def _sharded_launch() -> bool:
+    return any(os.environ.get(f"ACCELERATE_USE_{k}", "false").lower() == "true" for k in ("DEEPSPEED", "FSDP"))
 
 
 def weights_from_main_process() -> bool:
@@ -120,6 +149,28 @@ def load_state_kwargs(accelerator, mode: str) -> dict:
     return {"load_module_strict": False} if kind(accelerator) == "deepspeed" and mode == "lora" else {}
 
 
+@contextmanager
+def unpartitioned():
+    """Models built inside load whole, as on one process: accelerate registers its ZeRO-3 config with transformers
+    (HfDeepSpeedConfig) whatever zero3_init_flag says, and transformers' from_pretrained then builds every model
+    partitioned under deepspeed.zero.Init. The encoders (T5, the VAE) run on each process alone while the cache
+    is built, never through a DeepSpeed engine, so a partitioned T5 would hold 0-element weights ('weight' must be
+    2-D). The registration is lifted for the block and put back after."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered is not None:
+            hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
 def end_sharded_setup() -> None:
     """After training: forget the ZeRO-3 config accelerate registered with transformers, so single-process work
     (the export and render on the main process) loads models plainly instead of partitioning them with
@@ -131,12 +182,88 @@ def end_sharded_setup() -> None:
     unset_hf_deepspeed_config()
 
 
+def trainable_parameters(accelerator, model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every trainable weight of the *prepared* model, names as the plain model has them.
+    Taken after `prepare`: FSDP2 replaces each parameter by a DTensor, so a list taken before would go stale (the
+    optimizer is remapped by accelerate, a list cogpipe kept would not be)."""
+    unwrapped = accelerator.unwrap_model(model)
+    return [(clean_name(n), p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+
+
+def is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_weights(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a trained parameter as the optimizer updates it: FSDP2, the local shard of the
+    DTensor; ZeRO-3, the fp32 master partition (1-D) DeepSpeed's optimizer keeps; otherwise the parameter."""
+    if is_dtensor(p):
+        return p.to_local()
+    if hasattr(p, "ds_id"):  # a ZeRO-3 partitioned parameter
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p)
+    return p
+
+
+def _zero3_partition(p) -> int:
+    return p.ds_tensor.ds_numel  # every rank's partition has this many elements (the last one padded)
+
+
+def gather_full(accelerator, p: torch.Tensor, local: torch.Tensor) -> torch.Tensor | None:
+    """The whole tensor of which `local` is this process's part laid out as parameter `p` is (local_weights), on
+    the main process (None on the others). A collective under FSDP2 and ZeRO-3: every process, same order."""
+    main = accelerator.is_main_process
+    if is_dtensor(p):
+        from torch.distributed.tensor import DTensor
+
+        full = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride()).full_tensor()
+        return full.detach().cpu() if main else None
+    if hasattr(p, "ds_id"):
+        size = _zero3_partition(p)
+        piece = torch.zeros(size, dtype=local.dtype, device=local.device)
+        piece[:local.numel()] = local.reshape(-1)
+        pieces = [torch.empty_like(piece) for _ in range(accelerator.num_processes)]
+        torch.distributed.all_gather(pieces, piece)
+        return torch.cat(pieces)[:p.ds_numel].view(p.ds_shape).cpu() if main else None
+    return local.detach().cpu() if main else None
+
+
+def part_of(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This process's part of a full tensor laid out as parameter `p` is (the inverse of gather_full; every process
+    holds `full`, so nothing is sent)."""
+    full = full.to(local_weights(p).device)
+    if is_dtensor(p):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+    if hasattr(p, "ds_id"):
+        import torch.distributed as dist
+
+        size, n = _zero3_partition(p), local_weights(p).numel()
+        flat = full.reshape(-1)
+        start = dist.get_rank() * size
+        return flat[start:start + n]
+    return full
+
+
+@torch.no_grad()
+def assign(p: torch.Tensor, full: torch.Tensor) -> None:
+    """Set a trained parameter from its full value (a resume): each process writes its own part."""
+    target = p.to_local() if is_dtensor(p) else p.data
+    target.copy_(part_of(p, full).to(target.dtype))
+
+
 def trainable_state_dict(accelerator, model, names: list[str]) -> dict[str, torch.Tensor] | None:
     """Full copies of the trainable weights `names` on the main process (None on the others); every process
-    calls it. DeepSpeed: each parameter's fp32 master, gathered one at a time (ZeRO-3 shards included), never the
-    frozen base; FSDP: the full state dict, gathered on the main process; DDP: the parameters as they are."""
+    calls it. DeepSpeed: each parameter's fp32 master, gathered one at a time (ZeRO-3 shards included); FSDP2:
+    each trainable DTensor gathered on its own; DDP: the parameters as they are. Never the frozen base."""
     unwrapped = accelerator.unwrap_model(model)
     main = accelerator.is_main_process
+    wanted = set(names)
     if kind(accelerator) == "deepspeed":
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -147,10 +274,115 @@ def trainable_state_dict(accelerator, model, names: list[str]) -> dict[str, torc
             if main:
                 out[name] = full.detach().cpu().clone()
         return out if main else None
-    if kind(accelerator) == "fsdp":
-        state = accelerator.get_state_dict(model)  # a collective; full weights on the main process
-        return {clean_name(n): t for n, t in state.items() if clean_name(n) in set(names)} if main else None
-    return {n: p.detach() for n, p in unwrapped.named_parameters() if n in set(names)}
+    out = {}
+    for name, p in trainable_parameters(accelerator, model):
+        if name in wanted:
+            full = gather_full(accelerator, p, p.detach().to_local() if is_dtensor(p) else p.detach())
+            if main:
+                out[name] = full
+    return out if main else None
+
+
+def gather_ema(accelerator, ema: dict | None, named: list) -> dict | None:
+    """The EMA as full fp32 tensors on the main process (None elsewhere, or without an EMA): each process holds
+    one fp32 shard a parameter (init_ema), gathered one parameter at a time, only to be saved."""
+    if ema is None:
+        return None
+    out = {}
+    for name, p in named:
+        full = gather_full(accelerator, p, ema[name])
+        if accelerator.is_main_process:
+            out[name] = full
+    return out if accelerator.is_main_process else None
+
+
+def init_ema(named: list) -> dict:
+    """{name: fp32 copy of this process's part of each trained parameter} (local_weights): the whole weight under
+    DDP/ZeRO-2, a DTensor's local shard under FSDP2, the fp32 master partition under ZeRO-3."""
+    return {n: local_weights(p).detach().float().clone() for n, p in named}
+
+
+def ema_from_full(full: dict, named: list) -> dict:
+    """This process's EMA parts from a saved (full) EMA (a resume)."""
+    return {n: part_of(p, full[n]).float().clone() for n, p in named}
+
+
+def describe(accelerator, model) -> dict:
+    """What the launch really is, read from the prepared objects (the launcher tests assert it): the launcher,
+    accelerate's distributed type, the process-group backend, the world size, and how many of the transformer's
+    parameters are FSDP2 DTensors (with their placements) or ZeRO-3 partitions (no local data)."""
+    import torch.distributed as dist
+
+    params = list(accelerator.unwrap_model(model).parameters())
+    dtensors = [p for p in params if is_dtensor(p)]
+    return {"launcher": "zero%d" % zero_stage(accelerator) if kind(accelerator) == "deepspeed" else
+            "fsdp%d" % accelerator.state.fsdp_plugin.fsdp_version if kind(accelerator) == "fsdp" else "ddp",
+            "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "world": accelerator.num_processes,
+            "params": len(params),
+            "dtensor_params": len(dtensors),
+            "placements": sorted({str(p.placements) for p in dtensors}),
+            "partitioned_params": sum(hasattr(p, "ds_id") and p.data.numel() == 0 for p in params),
+            "trainable_params": sum(p.requires_grad for p in params),
+            "trainable_dtypes": sorted({str(p.dtype) for p in params if p.requires_grad}),
+            "frozen_dtypes": sorted({str(p.dtype) for p in params if not p.requires_grad})}
+
+
+FSDP_OPTIMIZER = "optimizer_0"  # accelerate's folder name for a sharded (DCP) optimizer checkpoint
+
+
+def save_state(accelerator, directory, mode: str, model, optimizer, write_trainable) -> None:
+    """The checkpoint's training state (all processes call it). FSDP2: `write_trainable(directory)` (the trainable
+    weights gathered onto the main process, never the frozen base), the optimizer state sharded with
+    torch.distributed.checkpoint (each process writes its own shard: `optimizer_0/`) and accelerate's scheduler and
+    RNG files; accelerate's own FSDP model save would gather (FULL_STATE_DICT) or write (SHARDED_STATE_DICT) the
+    whole model, frozen base included. Other launchers: accelerate.save_state, whose pre-hook writes the trainable
+    weights (DeepSpeed writes its own partitioned checkpoint beside them)."""
+    if kind(accelerator) != "fsdp":
+        accelerator.save_state(str(directory), **save_state_kwargs(accelerator, mode))
+        return
+    import torch.distributed.checkpoint as dcp
+    from accelerate.checkpointing import save_accelerator_state, save_custom_state
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    write_trainable(directory)
+    state = get_optimizer_state_dict(model, _inner(optimizer), options=_sharded())
+    dcp.save({"optimizer": state}, checkpoint_id=str(Path(directory) / FSDP_OPTIMIZER))
+    save_accelerator_state(str(directory), [], [], accelerator._schedulers, accelerator._dataloaders,
+                           accelerator.process_index, accelerator.step, accelerator.scaler)
+    for i, obj in enumerate(accelerator._custom_objects):  # register_for_checkpointing: the LR schedule
+        save_custom_state(obj, str(directory), i)
+
+
+def load_state(accelerator, directory, mode: str, model, optimizer, read_trainable) -> None:
+    """Restore what save_state wrote (all processes call it)."""
+    if kind(accelerator) != "fsdp":
+        accelerator.load_state(str(directory), **load_state_kwargs(accelerator, mode))
+        return
+    import torch.distributed.checkpoint as dcp
+    from accelerate.checkpointing import load_accelerator_state, load_custom_state
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    read_trainable(directory)
+    state = {"optimizer": get_optimizer_state_dict(model, _inner(optimizer), options=_sharded())}
+    dcp.load(state, checkpoint_id=str(Path(directory) / FSDP_OPTIMIZER))
+    set_optimizer_state_dict(model, _inner(optimizer), state["optimizer"], options=_sharded())
+    restored = load_accelerator_state(str(directory), [], [], accelerator._schedulers, accelerator._dataloaders,
+                                      accelerator.process_index, accelerator.scaler, map_location="cpu")
+    accelerator.step = restored.get("step", accelerator.step)
+    for i, obj in enumerate(accelerator._custom_objects):
+        load_custom_state(obj, str(directory), i)
+
+
+def _sharded():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=False)
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
 def clean_name(name: str) -> str:

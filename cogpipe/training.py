@@ -14,6 +14,7 @@ batches.py: every random draw is seeded by (seed, micro-step, slot).
 from __future__ import annotations
 
 import gc
+import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
@@ -81,8 +82,9 @@ class Model:
     input_dtype: torch.dtype  # what the prepared model takes (DeepSpeed: its engine's dtype)
     alphas_cumprod: torch.Tensor
     rotary: RotaryTables
-    params: list  # the trainable parameters
+    params: list  # the trainable parameters (retaken after accelerate.prepare: FSDP2 replaces them)
     trainable_names: list[str] = None
+    trainable: list = None  # (name, parameter) of the prepared model's trainable weights
     unwrapped: torch.nn.Module = None  # the transformer inside accelerate's wrapper (unwrapping costs ~1 ms)
 
 
@@ -90,7 +92,9 @@ class Model:
 class Optimization:
     optimizer: Any
     lr_scheduler: Any
-    ema: Optional[dict]  # {name: fp32 tensor} of the trainable weights, when train.ema_decay > 0
+    ema: Optional[dict]  # {name: fp32 tensor} of the trainable weights (this process's part), when train.ema_decay > 0
+    save_state: Callable = None  # (folder): the training state of a checkpoint, every launcher (sharding.save_state)
+    load_state: Callable = None
 
 
 OOM_ADVICE = ("out of memory. Turn on memory switches: train.gradient_checkpointing=true, a smaller "
@@ -106,7 +110,7 @@ def _start(cfg: Config) -> Run:
     from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     out = Path(cfg.output_dir)
-    sharding.allow_cpu_deepspeed()
+    sharding.allow_cpu_sharding()
     timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=cfg.train.collective_timeout_min))
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
@@ -147,10 +151,13 @@ def _prepare_data(run: Run) -> TrainData:
                          f"clips)")
     extra_embeds = load_prompt_embeds(cfg, extra, acc.device)
     scheduler = models.build_scheduler(cfg.model)
+    empty = extra_embeds.get("")
     draws = Draws(seed=cfg.train.seed, num_timesteps=len(scheduler.alphas_cumprod),
-                  caption_dropout=cfg.train.caption_dropout, empty_embeds=extra_embeds.get(""),
+                  caption_dropout=cfg.train.caption_dropout,
+                  empty_embeds=empty.to(acc.device) if empty is not None else None,  # onto the device once
                   timestep_sampling=cfg.train.timestep_sampling, logit_mean=cfg.train.timestep_logit_mean,
-                  logit_std=cfg.train.timestep_logit_std)
+                  logit_std=cfg.train.timestep_logit_std,
+                  patch_t=models.component_configs(cfg.model)[0].get("patch_size_t"))
     return TrainData(dataset=CachedDataset(entries), plan=plan, draws=draws, extra_embeds=extra_embeds)
 
 
@@ -201,37 +208,52 @@ def _prepare_optimizer(run: Run, model: Model) -> Optimization:
     model.input_dtype = sharding.input_dtype(acc, model.weight_dtype)
     acc.register_for_checkpointing(lr_scheduler)
     model.unwrapped = acc.unwrap_model(model.transformer)
-    trainable = [(n, p) for n, p in model.unwrapped.named_parameters() if p.requires_grad]
-    model.trainable_names = [sharding.clean_name(n) for n, _ in trainable]
-    # the EMA lives where the trained parameters live (after prepare: on the accelerator's device), in fp32
-    ema = {n: p.detach().clone().float() for n, p in trainable} if cfg.train.ema_decay > 0 else None
+    model.trainable = sharding.trainable_parameters(acc, model.transformer)  # after prepare: FSDP2's DTensors
+    model.params = [p for _, p in model.trainable]
+    model.trainable_names = [n for n, _ in model.trainable]
+    run.log("sharding: " + json.dumps(sharding.describe(acc, model.transformer)))  # what the launch really is
+    # the EMA lives where the trained parameters live (after prepare: on the accelerator's device), in fp32, one
+    # part a parameter as this process holds it (a shard under FSDP2 and ZeRO-3), gathered only to be saved
+    ema = sharding.init_ema(model.trainable) if cfg.train.ema_decay > 0 else None
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
 
-    def save_hook(models_, weights, directory):
+    def write_trainable(directory):
         # trainable.safetensors holds the full trainable weights, for export and resume under any launcher; only
         # they are gathered (a collective: every process calls it), never the frozen base
-        state_dict = sharding.trainable_state_dict(acc, models_[0], model.trainable_names)
+        state_dict = sharding.trainable_state_dict(acc, model.transformer, model.trainable_names)
         if acc.is_main_process:
             checkpoint.save_trainable(state_dict, model.trainable_names, directory)
+
+    def save_hook(models_, weights, directory):
+        write_trainable(directory)
         weights.clear()  # only the trainable weights are saved, not the frozen base
+
+    def read_trainable(directory):
+        checkpoint.load_trainable(model.unwrapped, directory, assign=sharding.assign)
 
     def load_hook(models_, directory):
         if not deepspeed:  # DeepSpeed restores its (sharded) weights from its own checkpoint files
-            checkpoint.load_trainable(acc.unwrap_model(models_.pop()), directory)
+            models_.pop()  # accelerate would load a whole-model file the checkpoint does not hold
+            read_trainable(directory)
 
     acc.register_save_state_pre_hook(save_hook)
     acc.register_load_state_pre_hook(load_hook)
-    return Optimization(optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema)
+    mode = cfg.train.mode
+    return Optimization(optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                        save_state=lambda d: sharding.save_state(acc, d, mode, model.transformer, optimizer,
+                                                                 write_trainable),
+                        load_state=lambda d: sharding.load_state(acc, d, mode, model.transformer, optimizer,
+                                                                 read_trainable))
 
 
-def _resume(run: Run, opt: Optimization) -> TrainState:
+def _resume(run: Run, model: Model, opt: Optimization) -> TrainState:
     """The state to start from: a fresh one, or the checkpoint's (weights, optimizer, schedule, RNG, EMA)."""
     state = TrainState()
     if run.resume is not None:
-        run.accelerator.load_state(str(run.resume), **sharding.load_state_kwargs(run.accelerator, run.cfg.train.mode))
+        opt.load_state(run.resume)
         state = TrainState.restored(checkpoint.read_state(run.resume))
         if opt.ema is not None:
-            opt.ema = {n: t.to(opt.ema[n].device) for n, t in checkpoint.load_ema(run.resume, opt.ema).items()}
+            opt.ema = sharding.ema_from_full(checkpoint.load_ema(run.resume, opt.ema), model.trainable)
         run.log(f"resumed from {run.resume} at step {state.step}")
     tracking.start(run.accelerator, run.cfg, state.step)
     return state
@@ -268,7 +290,8 @@ def _micro_step(run: Run, model: Model, opt: Optimization, inputs, meter: StepMe
             grad_norm = sharding.clip_grad_norm(acc, model.params, cfg.train.max_grad_norm)
             step_unless_skipped(opt.optimizer, skipped)
         if opt.ema is not None:
-            update_ema(opt.ema, model.unwrapped, cfg.train.ema_decay, skipped)
+            update_ema(opt.ema, {n: sharding.local_weights(p) for n, p in model.trainable}, cfg.train.ema_decay,
+                       skipped)
     return mean, grad_norm, skipped
 
 
@@ -310,7 +333,7 @@ def train(cfg: Config) -> Path:
     data = _prepare_data(run)
     model = _prepare_model(run)
     opt = _prepare_optimizer(run, model)
-    state = _resume(run, opt)
+    state = _resume(run, model, opt)
     config_yaml = to_yaml(cfg)
 
     meter = StepMeter(tc.grad_accum, acc.device)
@@ -318,8 +341,9 @@ def train(cfg: Config) -> Path:
 
     def save() -> Path:
         state.skipped_steps = int(meter.skipped.item())
+        ema = sharding.gather_ema(acc, opt.ema, model.trainable)  # a collective: full fp32 on the main process
         return checkpoint.save(acc, run.out, state.step, state.saved(), config_yaml, tc.checkpoints_total_limit,
-                               opt.ema, sharding.save_state_kwargs(acc, tc.mode))
+                               ema, opt.save_state)
 
     batches = iter(_loader(run, data, state))
     metrics = tracking.MetricsFile(acc, cfg)
@@ -369,11 +393,21 @@ def train(cfg: Config) -> Path:
         c = sequence_parallel.COUNTS
         run.log(f"sequence parallel {tc.sequence_parallel}: {c['all_to_all']} all-to-alls and {c['all_gather']} "
                 f"all-gathers, {c['bytes_sent']} bytes sent by the first rank")
-    model.transformer = model.unwrapped = opt.optimizer = None  # the export reads the final checkpoint: free them
-    acc.free_memory()
+    _release(acc, model, opt)  # the export reads the final checkpoint
     sharding.end_sharded_setup()
     _finish(run, state)
     return run.out
+
+
+def _release(acc, model: Model, opt: Optimization) -> None:
+    """Free training before the export and render load T5 and the transformer again: the model, AdamW and its
+    state, the LR schedule (which holds the optimizer), the EMA and the parameter lists, here and in accelerate's
+    registered objects (prepared models/optimizers, and the schedule registered for checkpointing)."""
+    model.transformer = model.unwrapped = None
+    model.params, model.trainable = [], []
+    opt.optimizer = opt.lr_scheduler = opt.ema = opt.save_state = opt.load_state = None
+    acc._custom_objects.clear()  # register_for_checkpointing: free_memory leaves these
+    acc.free_memory()  # accelerate's _models, _optimizers, _schedulers; then gc and the device cache
 
 
 def _loader(run: Run, data: TrainData, state: TrainState):

@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,10 +117,51 @@ def test_gpu_check_runs_its_code_paths_tiny_on_the_cpu(tmp_path):
     assert run["train"]["steps"] == 2 and run["train"]["video_shape"] == [17, 64, 64, 3]
     assert run["train"]["validation_videos"] == ["step-000001-0.mp4", "step-000002-0.mp4"]
     assert run["infer"]["exit"] == 0 and run["infer"]["video_shape"] == [17, 64, 64, 3]
-    steps = report["parts"]["steps"]
-    assert [(s["like"], s["mode"]) for s in steps] == [("2b", "lora"), ("5b", "lora"), ("5b-i2v", "lora"),
-                                                       ("1.5-5b", "lora"), ("1.5-5b-i2v", "lora"), ("2b", "full")]
-    assert all(s["step_time_s_median"] > 0 and s["flops_per_step"] > 0 for s in steps)
+    assert list(report["parts"]) == ["steps-2b", "steps-5b", "steps-1.5", "run"]  # the order a short call needs
+    steps = [report["parts"][name] for name in ("steps-2b", "steps-5b", "steps-1.5")]
+    assert [(s["like"], s["mode"], s["dtype"], s["steps"]) for s in steps] == [
+        ("2b", "lora", "fp16", 2), ("5b", "lora", "bf16", 2), ("1.5-5b", "lora", "bf16", 2)]
+    assert steps[0]["grad_scaler"] and all(s["fused_adamw"] for s in steps)  # 2B as its recipe: fp16, GradScaler
+    assert all(s["step_time_s_median"] > 0 and s["flops_per_step"] > 0 and s["stage_wall_s"] > 0 for s in steps)
+
+
+def test_gpu_check_records_a_failing_stage_and_runs_the_next(tmp_path, monkeypatch):
+    """A stage that fails (here: a timeout of its own) is recorded in the JSON, written before the next runs."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_check
+
+    def slow(work, tiny, partial):
+        gpu_check.write_json(partial, {"first": "written"})
+        import time
+
+        time.sleep(60)
+
+    seen = []
+    monkeypatch.setattr(gpu_check, "STAGES", [("slow", 0.01, slow), ("next", 0.01, lambda w, t, p: {"ok": 1})])
+    monkeypatch.setattr(gpu_check, "launch_stage", _in_process(gpu_check, seen))
+    out = tmp_path / "g.json"
+    assert gpu_check.main(["--out", str(out), "--work", str(tmp_path / "w"), "--budget-min", "35"]) == 1
+    report = json.loads(out.read_text())
+    assert report["parts"]["slow"]["first"] == "written" and "timeout" in report["parts"]["slow"]["error"]
+    assert report["parts"]["next"]["ok"] == 1 and seen == ["slow", "next"]
+
+
+def _in_process(gpu_check, seen):
+    """gpu_check.launch_stage in a thread of this process (the test's stages are not importable by a child), with the
+    timeout honoured."""
+    import threading
+
+    def run(cmd, timeout):
+        name, partial = cmd[cmd.index("--stage") + 1], Path(cmd[cmd.index("--out") + 1])
+        seen.append(name)
+        worker = threading.Thread(target=gpu_check.run_stage, args=(name, partial.parent, False, partial), daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive():
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
 
 
 def test_convert_bench_tiny_reports_both_directions_against_cp(tmp_path):

@@ -57,17 +57,19 @@ def test_patch_t_padding_equals_the_official_finetune_and_the_pipeline():
     config = _tiny_config(patch_size_t=2, patch_bias=False, sample_frames=81)
     alphas = _scheduler("1.5-5b").alphas_cumprod
     x0 = torch.randn(2, 5, 16, 8, 8)  # (B, F, C, H, W): 5 latent frames, odd
-    noise, t = torch.randn_like(x0), torch.tensor([10, 900])
+    noise, t = torch.randn(2, 6, 16, 8, 8), torch.tensor([10, 900])  # noise for the padded count: fresh in each
     inputs = model_inputs(x0, noise, t, torch.zeros(2, 3, 32), None, transformer_config=config,
                           alphas_cumprod=alphas, rotary=RotaryTables(config), dtype=torch.float32)
+    with pytest.raises(ValueError, match="padded latent shape"):  # a noise frame repeated would be a silent bug
+        model_inputs(x0, noise[:, 1:], t, torch.zeros(2, 3, 32), None, transformer_config=config,
+                     alphas_cumprod=alphas, rotary=RotaryTables(config), dtype=torch.float32)
     # official finetune: latent (B, C, F, H, W); ncopy = F % patch_t copies of the first frame in front
     latent = x0.permute(0, 2, 1, 3, 4)
     ncopy = latent.shape[2] % 2
     official = torch.cat([latent[:, :, :1].repeat(1, 1, ncopy, 1, 1), latent], dim=2).permute(0, 2, 1, 3, 4)
     assert inputs.x0.shape == (2, 6, 16, 8, 8) and torch.equal(inputs.x0, official)
-    padded_noise = torch.cat([noise[:, :1], noise], dim=1)  # the noise is padded as the latents are
-    assert torch.equal(inputs.target, v_target(official, padded_noise, t, alphas))
-    assert torch.equal(inputs.noisy, add_noise(official, padded_noise, t, alphas))
+    assert torch.equal(inputs.target, v_target(official, noise, t, alphas))
+    assert torch.equal(inputs.noisy, add_noise(official, noise, t, alphas))
     assert inputs.kwargs["hidden_states"].shape == (2, 6, 16, 8, 8)
     assert inputs.kwargs["ofs"] is None
     even = model_inputs(x0[:, :4], noise[:, :4], t, torch.zeros(2, 3, 32), None, transformer_config=config,
@@ -75,11 +77,10 @@ def test_patch_t_padding_equals_the_official_finetune_and_the_pipeline():
     assert torch.equal(even.x0, x0[:, :4])  # an even count is left as it is
 
 
-@pytest.mark.parametrize("patch_t", [None, 2])  # CogVideoX-5B-I2V and 1.5-5B-I2V structure
+@pytest.mark.parametrize("patch_t", [None])  # CogVideoX-5B-I2V structure; 1.5-I2V: the __call__ test below
 def test_image_latents_are_placed_as_the_image_to_video_pipeline_places_them(patch_t):
-    """The transformer's second 16 channels: the first frame's scaled latents, then zeros, padded for patch_t by
-    repeating the first frame, exactly as CogVideoXImageToVideoPipeline.prepare_latents builds them at inference.
-    (The official finetune zero-pads instead of repeating on 1.5; training presents what inference presents.)"""
+    """The transformer's second 16 channels: the first frame's scaled latents, then zeros, exactly as
+    CogVideoXImageToVideoPipeline.prepare_latents builds them at inference."""
     from diffusers import CogVideoXImageToVideoPipeline
 
     changes = dict(in_channels=32, out_channels=16)
@@ -111,3 +112,54 @@ def test_image_latents_are_placed_as_the_image_to_video_pipeline_places_them(pat
     torch.testing.assert_close(hidden[:, :, :16], inputs.noisy)
     if patch_t:
         assert torch.equal(inputs.kwargs["ofs"], torch.tensor([2.0]))  # 1.5-I2V's ofs, as its pipeline passes
+
+
+def test_1_5_i2v_inputs_equal_what_the_pipeline_call_gives_the_transformer(tmp_path):
+    """A real tiny CogVideoX1.5-I2V pipeline (the hub layout of tests/fixtures/hub.py) called at 81 frames: 21 latent
+    frames, which __call__ pads to 22 by adding to num_frames before prepare_latents. The transformer's inputs are
+    captured (its forward patched) and compared with cogpipe's model_inputs for the same latents: image latents
+    [image, 0 x 21] (not the first frame repeated), noise of its own in all 22 frames, ofs 2, the same rotary
+    tables and timestep."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    from PIL import Image
+
+    from fixtures.hub import write_hub_pipeline
+
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(write_hub_pipeline(tmp_path / "hub", "1.5-5b-i2v"))
+    config = dict(pipe.transformer.config)
+    captured = {}
+
+    def forward(**kwargs):
+        captured.update(kwargs)
+        raise StopIteration  # the inputs are all this test needs
+
+    pipe.transformer.forward = forward
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 22, 16, 8, 8, generator=g)  # what __call__ would draw: 22 fresh frames
+    prompt = torch.randn(1, config["max_text_seq_length"], config["text_embed_dim"], generator=g)
+    image = Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).byte().numpy())
+    with pytest.raises(StopIteration), torch.no_grad():
+        pipe(image=image, prompt_embeds=prompt, negative_prompt_embeds=prompt, num_frames=81, height=64, width=64,
+             num_inference_steps=2, guidance_scale=1.0, latents=noise, use_dynamic_cfg=False, output_type="latent")
+    hidden = captured["hidden_states"]
+    assert hidden.shape == (1, 22, 32, 8, 8)
+    pipeline_image = hidden[:, :, 16:]
+    assert pipeline_image[:, 0].abs().sum() > 0 and pipeline_image[:, 1:].abs().sum() == 0  # [image, 0 x 21]
+    torch.testing.assert_close(hidden[:, :, :16], noise * pipe.scheduler.init_noise_sigma)
+
+    # cogpipe, same image latents as cached ([image, 0 x 20] for 21 latent frames) and x0 = 0, so the noisy input is
+    # sqrt(1 - alpha_bar_t) * noise exactly where the pipeline gives the pure noise
+    t = captured["timestep"].long()
+    cached_image = torch.cat([pipeline_image[:, :1], torch.zeros(1, 20, 16, 8, 8)], dim=1)
+    ours = model_inputs(torch.zeros(1, 21, 16, 8, 8), noise, t, prompt, cached_image, transformer_config=config,
+                        alphas_cumprod=pipe.scheduler.alphas_cumprod, rotary=RotaryTables(config),
+                        dtype=torch.float32)
+    mine = ours.kwargs["hidden_states"]
+    assert mine.shape == hidden.shape
+    assert torch.equal(mine[:, :, 16:], pipeline_image)
+    sigma = (1 - pipe.scheduler.alphas_cumprod[t].float()).sqrt()
+    torch.testing.assert_close(mine[:, :, :16], hidden[:, :, :16] * sigma, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ours.kwargs["ofs"], captured["ofs"].float()) and captured["ofs"].item() == 2
+    for a, b in zip(ours.kwargs["image_rotary_emb"], captured["image_rotary_emb"]):
+        torch.testing.assert_close(a, b)
+    assert torch.equal(ours.kwargs["encoder_hidden_states"], captured["encoder_hidden_states"])

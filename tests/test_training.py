@@ -71,13 +71,35 @@ def test_export_reload_reproduces_in_memory_model(trained):
     np.testing.assert_array_equal(generate(load_pipeline(out / "export", out / "lora", lora_scale=0.0), **kw), base)
 
 
-def test_resume_continues_to_the_same_weights(trained, clips, tmp_path):
-    """A run stopped after its step-2 checkpoint and resumed ends where the uninterrupted run ended."""
+def test_resume_continues_to_the_same_weights(trained, clips, tmp_path, monkeypatch):
+    """A run stopped after its step-2 checkpoint and resumed ends where the uninterrupted run ended. And the run's
+    end frees training: by the export and render (_finish), AdamW, its state and the EMA are gone."""
+    import gc
+    import weakref
+
+    from cogpipe import training
+
     out, _, cache = trained
     part = tmp_path / "part"
     shutil.copytree(out / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
     (part / "checkpoints" / "latest").write_text("checkpoint-000002")
+    refs, seen = [], []
+    make_optimizer, finish = training.make_optimizer, training._finish
+
+    def recorded_optimizer(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        refs.append(weakref.ref(optimizer))
+        return optimizer
+
+    def checked_finish(run, state):
+        gc.collect()
+        seen.append([r() is None for r in refs])
+        finish(run, state)
+
+    monkeypatch.setattr(training, "make_optimizer", recorded_optimizer)
+    monkeypatch.setattr(training, "_finish", checked_finish)
     _run(clips, part, cache, **{"train.resume_from": "latest"})
+    assert seen == [[True]]  # one AdamW, released before the export
     assert checkpoint.read_state(part / "checkpoints" / "checkpoint-000004")["step"] == 4
     lines = [json.loads(x)["step"] for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert lines == [3, 4]  # the step count continued
