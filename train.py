@@ -9,6 +9,8 @@ import sys
 
 from cogpipe.config import ConfigError, add_recipe_arguments, load_config
 from cogpipe.data import DataError
+from cogpipe.signals import Interrupted
+from cogpipe.training import train
 
 
 def main(argv=None) -> int:
@@ -17,9 +19,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from cogpipe.signals import Interrupted
-        from cogpipe.training import train
-
         try:
             out = train(cfg)
         except Interrupted as e:

@@ -25,13 +25,18 @@ import torch
 from tqdm.auto import tqdm
 
 from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking
-from cogpipe.batches import Draws, EpochPlan, draw_batch, examples
+from cogpipe.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
+from cogpipe.check import usable_samples
 from cogpipe.config import Config, save_config, to_yaml
+from cogpipe.devices import compute_dtype, cpu_threads, loader_workers
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
+from cogpipe.export import export
+from cogpipe.lora import add_lora
 from cogpipe.optim import make_optimizer, step_unless_skipped, update_ema
 from cogpipe.signals import Interrupted, StopSignals
 from cogpipe.tracking import StepMeter
+from cogpipe.validation import render_validation, validate_in_training, validation_inputs
 
 
 @dataclass
@@ -116,8 +121,6 @@ def _start(cfg: Config) -> Run:
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=tracking.tracker(cfg), project_dir=str(out), kwargs_handlers=[timeout])
     if accelerator.device.type == "cpu":
-        from cogpipe.devices import cpu_threads
-
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
     set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
@@ -129,9 +132,6 @@ def _start(cfg: Config) -> Run:
 
 def _prepare_data(run: Run) -> TrainData:
     """Check the data, encode every clip and prompt once (cached; the VAE and T5 leave memory after)."""
-    from cogpipe.check import usable_samples
-    from cogpipe.validation import validation_inputs
-
     cfg, acc = run.cfg, run.accelerator
     samples = usable_samples(cfg, run.log, run.accelerator.device)
     if acc.is_main_process:
@@ -174,8 +174,6 @@ def _prepare_model(run: Run) -> Model:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
     offload.quantize_frozen(transformer, cfg.model)  # model.quantize_frozen: before the adapter, as fp8
     if cfg.train.mode == "lora":
-        from cogpipe.lora import add_lora
-
         add_lora(transformer, cfg.lora)
     else:
         transformer.requires_grad_(True)
@@ -314,8 +312,6 @@ def _stop_if_diverged(run: Run, state: TrainState, save: Callable) -> None:
 
 
 def _validate(run: Run, model: Model, data: TrainData, step: int) -> None:
-    from cogpipe.validation import validate_in_training
-
     acc = run.accelerator
     validate_in_training(run.cfg, acc.unwrap_model(model.transformer), step, run.layout.dp_rank,
                          run.layout.dp_world, acc.device, data.extra_embeds, write=run.layout.sp_rank == 0)
@@ -413,9 +409,6 @@ def _release(acc, model: Model, opt: Optimization) -> None:
 def _loader(run: Run, data: TrainData, state: TrainState):
     """Cached examples in the plan's order from the resumed position, read ahead by DataLoader workers into pinned
     memory on a GPU (data.num_workers; cogpipe.devices.loader_workers by default)."""
-    from cogpipe.batches import PlanSampler
-    from cogpipe.devices import loader_workers
-
     acc, tc = run.accelerator, run.cfg.train
     workers = run.cfg.data.num_workers if run.cfg.data.num_workers is not None else loader_workers(acc.device)
     sampler = PlanSampler(data.plan, state.micro_step, tc.max_steps * tc.grad_accum)
@@ -452,16 +445,11 @@ def _finish(run: Run, state: TrainState) -> None:
     process, on its device in the dtype training computed in. The other processes leave first (the final
     checkpoint is complete: its save ended in a barrier), so none waits in a collective through minutes of
     single-process work."""
-    from cogpipe.devices import compute_dtype
-
     acc, cfg = run.accelerator, run.cfg
     group = run.sp_group if run.layout.dp_rank == 0 else None  # sequence parallel: the first group renders
     if not acc.is_main_process and group is None:
         acc.end_training()  # ends this process's trackers and its part of the process group
         return
-    from cogpipe.export import export
-    from cogpipe.validation import render_validation
-
     if acc.is_main_process:
         export(run.out)
     if group is not None:
