@@ -59,15 +59,7 @@ def measure(cfg, device, steps: int = 2) -> dict:
     weight_dtype = family.DTYPES[cfg.model.weight_dtype]
     model = models.build_transformer(dataclasses.replace(cfg.model, pretrained=None),
                                      weight_dtype if lora else torch.float32, device=device)
-    if cfg.model.fp8_frozen:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
-    offload.quantize_frozen(model, cfg.model)
-    if lora:
-        from cogpipe.lora import add_lora
-
-        add_lora(model, cfg.lora)
-    else:
-        model.requires_grad_(True)
+    offload.make_trainable(model, cfg)
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     off = offload.apply(model, cfg.train, device)

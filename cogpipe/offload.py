@@ -26,6 +26,8 @@ import torch
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from cogpipe.config import ConfigError
+from cogpipe.family import DTYPES
+from cogpipe.lora import add_lora
 
 
 class Mover:
@@ -300,3 +302,17 @@ def apply(transformer, train_cfg, device, host=None, observer=None, record: bool
     swap = BlockSwap(transformer.transformer_blocks, n, mover, record=record) if n else None
     transformer._cogpipe_offload = Offload(mover, swap, activations)
     return transformer._cogpipe_offload
+
+
+def make_trainable(transformer, cfg) -> None:
+    """The recipe's trainable transformer, in the order its storage needs: the frozen base stored in fp8
+    (model.fp8_frozen) or int8 (model.quantize_frozen) first, then a LoRA adapter on it (its own weights in fp32), or
+    every weight trainable (train.mode=full). Training, `cogpipe plan --simulate` and bench/memory_measure.py use it."""
+    if cfg.model.fp8_frozen:  # before the adapter: only the frozen base layers are stored in fp8
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                             compute_dtype=DTYPES[cfg.model.weight_dtype])
+    quantize_frozen(transformer, cfg.model)
+    if cfg.train.mode == "lora":
+        add_lora(transformer, cfg.lora)
+    else:
+        transformer.requires_grad_(True)

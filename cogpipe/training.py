@@ -32,7 +32,6 @@ from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.devices import compute_dtype, cpu_threads, loader_workers
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
 from cogpipe.export import export
-from cogpipe.lora import add_lora
 from cogpipe.optim import make_optimizer, step_unless_skipped, update_ema
 from cogpipe.signals import Interrupted, StopSignals
 from cogpipe.tracking import StepMeter
@@ -170,13 +169,7 @@ def _prepare_model(run: Run) -> Model:
     else:
         transformer = models.build_transformer(cfg.model, weight_dtype if cfg.train.mode == "lora" else torch.float32,
                                                empty=sharding.weights_from_main_process())
-    if cfg.model.fp8_frozen:  # before the adapter: only the frozen base layers are stored in fp8
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
-    offload.quantize_frozen(transformer, cfg.model)  # model.quantize_frozen: before the adapter, as fp8
-    if cfg.train.mode == "lora":
-        add_lora(transformer, cfg.lora)
-    else:
-        transformer.requires_grad_(True)
+    offload.make_trainable(transformer, cfg)  # fp8/int8 storage of the frozen base, then the adapter (or all)
     if run.sp_group is not None:  # each sample's video tokens split across the SP group (Ulysses attention)
         sequence_parallel.enable(transformer, run.sp_group)
     if cfg.train.gradient_checkpointing:

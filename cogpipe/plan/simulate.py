@@ -37,7 +37,6 @@ from torch.overrides import TorchFunctionMode
 
 from cogpipe import family, offload
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
-from cogpipe.lora import add_lora
 
 from .memory import needed_gb
 from .model import largest_shape, resolve_transformer_config
@@ -272,13 +271,7 @@ def build_meta_model(cfg, transformer_config: dict, observer=None, context_fn=No
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel(**transformer_config)
     model = model.to(weight_dtype if lora else torch.float32)
-    if cfg.model.fp8_frozen:
-        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
-    offload.quantize_frozen(model, cfg.model)
-    if lora:
-        add_lora(model, cfg.lora)
-    else:
-        model.requires_grad_(True)
+    offload.make_trainable(model, cfg)
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing(
             gradient_checkpointing_func=functools.partial(offload.checkpoint, context_fn=context_fn))
