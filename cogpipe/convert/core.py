@@ -28,6 +28,7 @@ from .detect import (
     is_lora_key,
     native_config,
     native_prefix,
+    split_prefixed,
     split_sat,
     transformer_config,
     vae_config,
@@ -377,17 +378,7 @@ def comfyui_transformer(src: Path, dst: Path, o: Options) -> Summary:
     if src.is_dir():  # source_kind found one weights file in it
         src = next(f for f in sorted(src.iterdir()) if f.suffix == ".safetensors")
     tensors, metadata = read_safetensors(src)
-    prefix = native_prefix(tensors)
-    body, ignored = {}, {}
-    for k, v in tensors.items():
-        if k.startswith(prefix):
-            body[k[len(prefix):]] = v
-        else:
-            group = next((p for p in NATIVE_EXTRAS if k.startswith(p)), k.split(".")[0] + ".")
-            ignored[group] = ignored.get(group, 0) + 1
-    ignored = [{"prefix": p, "count": n, "reason": NATIVE_EXTRAS.get(p, f"not under {prefix or 'the model'}; not "
-                                                                       f"part of the transformer")}
-               for p, n in ignored.items()]
+    body, ignored = split_prefixed(tensors, native_prefix(tensors), NATIVE_EXTRAS)
     shapes_ = {k: tuple(v.shape) for k, v in body.items()}
     cfg_in = native_config(shapes_, metadata, src, given=o.transformer_config)
     expected, config_json = expected_shapes("CogVideoXTransformer3DModel", cfg_in)

@@ -101,15 +101,21 @@ def split_sat(module: dict) -> tuple[dict, list[dict]]:
     """SAT module -> ({transformer key without prefix: tensor}, ignored groups [{prefix, count, reason}])."""
     if not any(k.startswith(SAT_PREFIX) for k in module):  # a bare transformer state dict
         return dict(module), []
+    return split_prefixed(module, SAT_PREFIX, SAT_EXTRAS)
+
+
+def split_prefixed(tensors: dict, prefix: str, extras: dict) -> tuple[dict, list[dict]]:
+    """({key under `prefix`, prefix removed: tensor}, ignored groups [{prefix, count, reason}]): every other key is
+    counted in its group, a known one of `extras` (prefix -> why it is not the transformer's) or its first part."""
     body, ignored = {}, {}
-    for k, v in module.items():
-        if k.startswith(SAT_PREFIX):
-            body[k[len(SAT_PREFIX):]] = v
+    for k, v in tensors.items():
+        if k.startswith(prefix):
+            body[k[len(prefix):]] = v
         else:
-            prefix = next((p for p in SAT_EXTRAS if k.startswith(p)), k.split(".")[0] + ".")
-            ignored[prefix] = ignored.get(prefix, 0) + 1
-    reasons = [{"prefix": p, "count": n, "reason": SAT_EXTRAS.get(p, "not under model.diffusion_model.; not part "
-                                                                    "of the transformer")} for p, n in ignored.items()]
+            group = next((p for p in extras if k.startswith(p)), k.split(".")[0] + ".")
+            ignored[group] = ignored.get(group, 0) + 1
+    reasons = [{"prefix": p, "count": n, "reason": extras.get(p, f"not under {prefix or 'the model'}; not part of "
+                                                                 f"the transformer")} for p, n in ignored.items()]
     return body, reasons
 
 
