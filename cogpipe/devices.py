@@ -78,12 +78,15 @@ def loader_workers(device) -> int:
 
 
 def cpu_threads(requested: int = 0) -> int:
-    """Threads for a training process on a CPU: `requested`, else the machine's cores shared among its processes
-    (torchrun's LOCAL_WORLD_SIZE). `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which would
-    leave all cores but one idle."""
+    """Threads for a training process on a CPU: `requested`, else COGPIPE_CPU_THREADS (set where several jobs share
+    one machine, as the test suite's workers do), else the machine's cores shared among its processes (torchrun's
+    LOCAL_WORLD_SIZE). `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which would leave all
+    cores but one idle, so that variable is not read here."""
     import os
 
     if requested:
         return requested
+    if os.environ.get("COGPIPE_CPU_THREADS"):
+        return max(1, int(os.environ["COGPIPE_CPU_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

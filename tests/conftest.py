@@ -10,7 +10,38 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist the workers share the machine's cores: each takes its share of threads, for itself (torch reads
+# OMP_NUM_THREADS at import, below) and for every process it starts (training reads COGPIPE_CPU_THREADS,
+# devices.cpu_threads). Two workers of two threads each on two cores would spin against each other in every
+# parallel kernel: a third slower in total than one thread each, measured on this suite.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
+    os.environ.setdefault("COGPIPE_CPU_THREADS", _share)
+
 from helpers import SPECS, make_clips, run_tiny  # noqa: E402
+
+# The test files that take longest (measured with --durations under two workers), in that order: pytest-xdist hands
+# files to its workers in collection order (the count-based reordering is switched off below), so these start first
+# and the short files fill in behind them, and the two workers end close together.
+LONGEST_FIRST = ["test_launchers.py", "test_sequence_parallel.py", "world/test_pretrain.py", "test_bench.py",
+                 "test_faults.py", "test_hub_layout.py", "test_ui_browser.py", "test_multiprocess.py"]
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).parent
+
+    def rank(item) -> int:
+        name = Path(str(item.path)).relative_to(here).as_posix() if item.path.is_relative_to(here) else ""
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keeps its order
 
 
 @pytest.fixture(scope="session")

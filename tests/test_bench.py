@@ -140,8 +140,9 @@ def test_gpu_check_records_a_failing_stage_and_runs_the_next(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(gpu_check, "STAGES", [("slow", 0.01, slow), ("next", 0.01, lambda w, t, p: {"ok": 1})])
     monkeypatch.setattr(gpu_check, "launch_stage", _in_process(gpu_check, seen))
+    monkeypatch.setattr(gpu_check, "MIN_STAGE_S", 1)  # each stage gets 1% of the budget: 3 s
     out = tmp_path / "g.json"
-    assert gpu_check.main(["--out", str(out), "--work", str(tmp_path / "w"), "--budget-min", "35"]) == 1
+    assert gpu_check.main(["--out", str(out), "--work", str(tmp_path / "w"), "--budget-min", "5"]) == 1
     report = json.loads(out.read_text())
     assert report["parts"]["slow"]["first"] == "written" and "timeout" in report["parts"]["slow"]["error"]
     assert report["parts"]["next"]["ok"] == 1 and seen == ["slow", "next"]

@@ -165,7 +165,7 @@ def test_runs_tab_shows_the_loss_plot(page, finished_run):
 
 def test_stop_a_running_run(page, server, finished_run):
     outputs = server[1]
-    message = _start(page, "stop_run", "train.max_steps=1000 train.log_every=1 " + FAST.format(outputs=outputs))
+    message = _start(page, "stop_run", "train.max_steps=100000 train.log_every=1 " + FAST.format(outputs=outputs))
     assert "stop_run" in message
     _open_run(page, "stop_run")
     _text(page, "#runs-summary", r"running, step [1-9]", 300)
@@ -177,4 +177,4 @@ def test_stop_a_running_run(page, server, finished_run):
     saved = sorted((outputs / "stop_run" / "checkpoints").glob("checkpoint-*"))
     assert len(saved) == 1 and saved[0].name in shown
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
-    assert 1 <= step < 1000 and f"{saved[0].name}\n{step}" in shown.replace("\t", "\n")
+    assert 1 <= step < 100000 and f"{saved[0].name}\n{step}" in shown.replace("\t", "\n")
