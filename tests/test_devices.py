@@ -66,3 +66,17 @@ def test_tiled_decoding_is_used_only_where_its_tiles_give_the_exact_size():
     assert tiled_decode_size(tiny, 8, 8, 8) == (70, 68)  # what the tiled decode really gives: not 64 x 64
     with torch.no_grad():
         assert tiny.decode(torch.zeros(1, 16, 2, 8, 8)).sample.shape[-2:] == (70, 68)
+
+
+def test_cpu_threads_the_request_then_the_shared_machine_then_the_cores_a_process(monkeypatch):
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("COGPIPE_CPU_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what `accelerate launch` sets: not read
+    assert devices.cpu_threads() == cores and devices.cpu_threads(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more processes than cores: one thread each
+    assert devices.cpu_threads() == 1
+    monkeypatch.setenv("COGPIPE_CPU_THREADS", "5")  # jobs sharing the machine say their share
+    assert devices.cpu_threads() == 5 and devices.cpu_threads(2) == 2
