@@ -86,7 +86,10 @@ def cpu_threads(requested: int = 0) -> int:
 
     if requested:
         return requested
-    if os.environ.get("COGPIPE_CPU_THREADS"):
-        return max(1, int(os.environ["COGPIPE_CPU_THREADS"]))
+    shared = os.environ.get("COGPIPE_CPU_THREADS", "")
+    if shared:
+        if not shared.isdigit() or int(shared) < 1:
+            raise ValueError(f"COGPIPE_CPU_THREADS: {shared!r} is not a thread count (a whole number >= 1)")
+        return int(shared)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

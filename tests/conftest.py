@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
 
     def rank(item) -> int:
-        name = Path(str(item.path)).relative_to(here).as_posix() if item.path.is_relative_to(here) else ""
+        name = item.path.relative_to(here).as_posix() if item.path.is_relative_to(here) else ""
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the rest keeps its order

@@ -1,5 +1,7 @@
 """The device and dtype policy (cogpipe/devices.py): its choices on CPU-only, CUDA and MPS machines."""
 
+import os
+
 import pytest
 import torch
 
@@ -69,8 +71,6 @@ def test_tiled_decoding_is_used_only_where_its_tiles_give_the_exact_size():
 
 
 def test_cpu_threads_the_request_then_the_shared_machine_then_the_cores_a_process(monkeypatch):
-    import os
-
     cores = len(os.sched_getaffinity(0))
     monkeypatch.delenv("COGPIPE_CPU_THREADS", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -80,3 +80,7 @@ def test_cpu_threads_the_request_then_the_shared_machine_then_the_cores_a_proces
     assert devices.cpu_threads() == 1
     monkeypatch.setenv("COGPIPE_CPU_THREADS", "5")  # jobs sharing the machine say their share
     assert devices.cpu_threads() == 5 and devices.cpu_threads(2) == 2
+    for bad in ("0", "two"):
+        monkeypatch.setenv("COGPIPE_CPU_THREADS", bad)
+        with pytest.raises(ValueError, match=f"^COGPIPE_CPU_THREADS: '{bad}' is not a thread count"):
+            devices.cpu_threads()

@@ -18,6 +18,7 @@ from helpers import REPO, SPECS, free_port, make_clips
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+STOP_STEPS = 100_000  # a run that cannot finish before the page, under load, has shown it running and stopped it
 FAST = ("data.root={outputs}/clips data.cache_dir={outputs}/.cache train.batch_size=1 lora.rank=4 lora.alpha=4 "
         "train.checkpoint_every=0 validation.steps=2 report_to=none train.warmup_steps=0")
 
@@ -165,7 +166,8 @@ def test_runs_tab_shows_the_loss_plot(page, finished_run):
 
 def test_stop_a_running_run(page, server, finished_run):
     outputs = server[1]
-    message = _start(page, "stop_run", "train.max_steps=100000 train.log_every=1 " + FAST.format(outputs=outputs))
+    overrides = f"train.max_steps={STOP_STEPS} train.log_every=1 " + FAST.format(outputs=outputs)
+    message = _start(page, "stop_run", overrides)
     assert "stop_run" in message
     _open_run(page, "stop_run")
     _text(page, "#runs-summary", r"running, step [1-9]", 300)
@@ -177,4 +179,4 @@ def test_stop_a_running_run(page, server, finished_run):
     saved = sorted((outputs / "stop_run" / "checkpoints").glob("checkpoint-*"))
     assert len(saved) == 1 and saved[0].name in shown
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
-    assert 1 <= step < 100000 and f"{saved[0].name}\n{step}" in shown.replace("\t", "\n")
+    assert 1 <= step < STOP_STEPS and f"{saved[0].name}\n{step}" in shown.replace("\t", "\n")
