@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from cogpipe.config import ConfigError, add_recipe_arguments, load_config
-from cogpipe.data import DataError
+from cogpipe.data.folders import DataError
 from cogpipe.signals import Interrupted
 from cogpipe.training import train
 

@@ -60,8 +60,8 @@ def bare_stepper(cfg) -> Callable[[], None]:
     from safetensors.torch import load_file
 
     from cogpipe import models
-    from cogpipe.cache import Cache
-    from cogpipe.data import discover
+    from cogpipe.data.cache import Cache
+    from cogpipe.data.folders import discover
     from cogpipe.diffusion import add_noise, rotary_embeddings, v_target
     from cogpipe.lora import add_lora
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "convert": ("cogpipe.convert.cli", "convert SAT <-> Diffusers checkpoints (transformer, VAE, LoRA)"),
     "ui": ("cogpipe.ui.cli", "serve the web page: generate, watch runs, start training (the `ui` extra)"),
     "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
-    "check": ("cogpipe.check", "check a recipe's config and dataset without training"),
+    "check": ("cogpipe.data.checks", "check a recipe's config and dataset without training"),
     "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
 }
 

@@ -25,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking
-from cogpipe.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
-from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
-from cogpipe.check import usable_samples
 from cogpipe.config import Config, save_config, to_yaml
+from cogpipe.data.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
+from cogpipe.data.cache import CachedDataset, build_cache, load_prompt_embeds
+from cogpipe.data.checks import usable_samples
 from cogpipe.devices import compute_dtype, cpu_threads, loader_workers
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
 from cogpipe.export import export

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cogpipe import modelcard, models, sequence_parallel
-from cogpipe.data import load_clip, scan
+from cogpipe.data.folders import load_clip, scan
 from cogpipe.devices import compute_dtype
 from cogpipe.inference import generate, load_pipeline
 from cogpipe.inference.pipeline import set_scheduler

@@ -156,15 +156,15 @@ def test_checkpoint_folder_and_latest(tmp_path):
 
 
 def test_cache_entry(tmp_path):
-    from cogpipe.cache import build_cache
     from cogpipe.config import load_config
-    from cogpipe.data import discover
+    from cogpipe.data.cache import build_cache
+    from cogpipe.data.folders import discover
 
     clips = make_clips(tmp_path / "clips", SPECS[:1])
     cache = tmp_path / "cache"
     overrides = tiny_overrides(clips, tmp_path / "out", cache)
-    _killed(f"from cogpipe.cache import build_cache\nfrom cogpipe.config import load_config\n"
-            f"from cogpipe.data import discover\n"
+    _killed(f"from cogpipe.data.cache import build_cache\nfrom cogpipe.config import load_config\n"
+            f"from cogpipe.data.folders import discover\n"
             f"build_cache(load_config({str(RECIPE)!r}, {overrides!r}), discover({str(clips)!r}), 'cpu')",
             "*.safetensors")
     assert not [p for p in cache.rglob("*.safetensors") if not atomic.parse(p)]

@@ -2,9 +2,9 @@
 
 import pytest
 
-from cogpipe.batches import epoch_batches
 from cogpipe.config import ConfigError, load_config
-from cogpipe.data import choose_bucket
+from cogpipe.data.batches import epoch_batches
+from cogpipe.data.folders import choose_bucket
 
 from helpers import REPO, make_clips, tiny_overrides
 

@@ -4,9 +4,9 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe import atomic, models
-from cogpipe.cache import build_cache
 from cogpipe.config import load_config
-from cogpipe.data import discover
+from cogpipe.data.cache import build_cache
+from cogpipe.data.folders import discover
 
 from helpers import REPO, SPECS, make_clips, tiny_overrides
 
@@ -61,8 +61,8 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
 def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
     """build_cache encodes clips of one shape together (cache.ENCODE_BATCH); each entry is what encoding
     that clip alone gives."""
-    from cogpipe import cache as cache_mod
-    from cogpipe.data import load_clip
+    from cogpipe.data import cache as cache_mod
+    from cogpipe.data.folders import load_clip
 
     root = make_clips(tmp_path / "d", SPECS[:3])
     cfg = _cfg(root, tmp_path / "cache")
@@ -78,9 +78,9 @@ def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
 
 RACE = """
 import sys, torch.distributed as dist
-from cogpipe.cache import build_cache
+from cogpipe.data.cache import build_cache
 from cogpipe.config import load_config
-from cogpipe.data import discover
+from cogpipe.data.folders import discover
 rank, init, recipe, root, cache, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
 overrides = ["model.pretrained=null", f"data.root={root}", f"data.cache_dir={cache}", f"output_dir={out}"]
@@ -107,7 +107,7 @@ def test_two_processes_encode_every_entry_when_one_lists_late(tmp_path):
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     cfg = _cfg(root, tmp_path / "cache")
-    from cogpipe.cache import Cache
+    from cogpipe.data.cache import Cache
 
     cache = Cache.for_config(cfg, "cpu")
     assert all(cache.video_path(s).is_file() and cache.prompt_path(s.caption).is_file() for s in discover(root))
@@ -115,8 +115,8 @@ def test_two_processes_encode_every_entry_when_one_lists_late(tmp_path):
 
 
 def test_a_relaunch_does_not_hash_the_clips_again(tmp_path, monkeypatch):
-    from cogpipe import cache as cache_mod
-    from cogpipe.check import check_dataset
+    from cogpipe.data import cache as cache_mod
+    from cogpipe.data.checks import check_dataset
 
     root = make_clips(tmp_path / "d", SPECS)
     cfg = _cfg(root, tmp_path / "cache")
@@ -135,7 +135,7 @@ def test_a_relaunch_does_not_hash_the_clips_again(tmp_path, monkeypatch):
 
 
 def test_lora_and_full_runs_share_the_cache_and_gpus_encode_in_bf16(tmp_path):
-    from cogpipe.cache import Cache
+    from cogpipe.data.cache import Cache
 
     root = make_clips(tmp_path / "d", SPECS[:1])
     [sample] = discover(root)

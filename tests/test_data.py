@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cogpipe.data import DataError, VideoDataset, discover, frame_indices, load_clip, resize_crop
+from cogpipe.data.folders import DataError, VideoDataset, discover, frame_indices, load_clip, resize_crop
 
 from helpers import SPECS, make_clips
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from cogpipe import atomic, checkpoint
 from cogpipe.config import load_config
-from cogpipe.data import DataError, scan
+from cogpipe.data.folders import DataError, scan
 
 from helpers import REPO, SPECS, make_clips, tiny_overrides
 
@@ -29,7 +29,7 @@ def _cfg(root, tmp_path, **extra):
 
 
 def _problems(cfg):
-    from cogpipe.check import check_dataset
+    from cogpipe.data.checks import check_dataset
 
     return check_dataset(cfg)
 
@@ -135,7 +135,7 @@ def test_training_refuses_with_one_report_or_skips(tmp_path):
 
 
 def test_no_usable_clip(tmp_path):
-    from cogpipe.check import usable_samples
+    from cogpipe.data.checks import usable_samples
 
     root = make_clips(tmp_path / "d", SPECS[:1])
     (root / "videos" / "00_purple_square_right.mp4").write_bytes(b"")

@@ -36,7 +36,7 @@ def test_cache_holds_first_frame_variants(i2v_run):
 
 
 def test_training_batch_concatenates_the_padded_first_frame():
-    from cogpipe.batches import Draws, draw_batch
+    from cogpipe.data.batches import Draws, draw_batch
 
     def training_batch(batch, caption_dropout):
         b = draw_batch(_examples(batch), micro_step=0, rank=0, world=1, device="cpu",
@@ -81,7 +81,7 @@ def test_infer_from_an_image(i2v_run, tmp_path):
 def test_images_column_and_unreadable_image(tmp_path):
     from PIL import Image
 
-    from cogpipe.check import check_dataset
+    from cogpipe.data.checks import check_dataset
 
     root = make_clips(tmp_path / "d", SPECS[:2], layout="jsonl")
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(root / "first.png")

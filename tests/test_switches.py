@@ -111,7 +111,7 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_do(monkeypatch):
 
 
 def test_logit_normal_timesteps_follow_their_distribution():
-    from cogpipe.batches import Draws, draw_batch
+    from cogpipe.data.batches import Draws, draw_batch
     from cogpipe.diffusion import sample_timestep
 
     g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cogpipe import family
-from cogpipe.data import load_clip
+from cogpipe.data.folders import load_clip
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 6.0

@@ -4,7 +4,7 @@
 
 The VAE keeps the CogVideoX layout (16 latent channels, 4x temporal compression, causal 3D convolutions; 8x
 spatial compression with 4 levels, or 4x with 3 for a 64x64 world) with few channels, so it trains on a
-laptop CPU. Clips are decoded with cogpipe.data (VideoDataset: decord, even frame sampling, resize/crop to
+laptop CPU. Clips are decoded with cogpipe.data.folders (VideoDataset: decord, even frame sampling, resize/crop to
 [-1, 1]). No GAN, no perceptual loss: the world is flat shapes on a plain background. At the end the
 latents' spread around each channel's mean sets `scaling_factor` (what a clip shows gets the standard
 deviation `model.scaled_latent_std` in the scaled latents: 1 is what the diffusion schedule assumes), the
@@ -32,7 +32,7 @@ from omegaconf import MISSING
 
 from cogpipe import atomic
 from cogpipe.config import ConfigError, add_recipe_arguments, ensure, merge_structured, save_config
-from cogpipe.data import VideoDataset
+from cogpipe.data.folders import VideoDataset
 from cogpipe.world import render as world
 from cogpipe.world.score import score_many
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from cogpipe import atomic, models, sharding
-from cogpipe.data import load_clip, load_image, probe_clip
+from cogpipe.data.folders import load_clip, load_image, probe_clip
 from cogpipe.devices import DTYPE_NAMES, encoder_dtype
 
 CACHE_FORMAT = 1  # bump when the stored tensors change meaning

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from cogpipe.cache import Cache
 from cogpipe.config import ConfigError, add_recipe_arguments, load_config
-from cogpipe.data import DataError, Problem, Sample, choose_bucket, load_image, report, scan, shape_problem
+from cogpipe.data.cache import Cache
+from cogpipe.data.folders import DataError, Problem, Sample, choose_bucket, load_image, report, scan, shape_problem
 from cogpipe.devices import inference_device
 
 
