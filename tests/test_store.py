@@ -185,3 +185,120 @@ def test_killed_and_resumed_from_a_store_with_loader_workers(from_store, store, 
     run_tiny(clips, tmp_path / "out", tmp_path / "cache", **overrides, **{"train.resume_from": "latest"})
     a, b = weights(from_store), weights(tmp_path / "out")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shard_cache_is_bounded_and_checks_downloads(tmp_path):
+    """A remote store (fsspec's memory:// here) is read through the machine's cache: whole shards by content, the
+    least recently used evicted past the size limit, a damaged download named and not kept."""
+    import fsspec
+
+    from cogpipe.data.reader import ShardCache
+
+    store = write("memory://cache-test/s", {(9, 16, 16): 9})
+    limit = sum(s.bytes for s in store.shards[:2])
+    cache = ShardCache(tmp_path / "cache", limit)
+    ds = StoreDataset(store, cache)
+    assert [float(ds[r]["mean"][0, 0, 0, 0]) for r in range(9)] == [float(i) for i in range(9)]
+    kept = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert kept == sorted(f"{s.sha256}.parquet" for s in store.shards[1:])  # the first, least recent, evicted
+    fs = fsspec.filesystem("memory")
+    path = f"/cache-test/s/{store.shards[0].path}"
+    fs.pipe_file(path, fs.cat_file(path)[:-1] + b"!")
+    with pytest.raises(S.StoreError, match=f"{store.shards[0].path}.*damaged"):
+        cache.path(store, store.shards[0])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == kept  # nothing of it kept
+
+
+# ---- two machines, one store on an S3 server ---------------------------------------------------------------------
+
+BUCKET = "cogpipe-store"
+
+
+@pytest.fixture(scope="module")
+def s3(store, trained):
+    """An S3 server on 127.0.0.1 (moto's server mode: the real S3 API) holding the store, written there by
+    StoreWriter through s3fs. Yields (url, storage options, env with dummy credentials)."""
+    from moto.server import ThreadedMotoServer
+
+    from helpers import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(**options).mkdir(BUCKET)
+        remote = store_from_folder(trained[1], f"s3://{BUCKET}/s", storage_options=options)
+        assert remote.digest == store.digest  # the same shards, byte for byte, as the local store
+        yield remote.url, options, env
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def two_machines(s3, out, caches, **extra):
+    """Two `accelerate launch --num_machines 2` processes on this host (machine ranks 0 and 1, one CPU process
+    each), each with its own shard cache, reading the store from the S3 server; batch 1 each."""
+    from helpers import CPU_SWITCH, free_port, tiny_overrides
+
+    url, options, env = s3
+    port = free_port()
+    procs = []
+    for rank, cache in enumerate(caches):
+        overrides = {"train.batch_size": 1, "data.root": "null", "data.store": url,
+                     "data.store_options": json.dumps(options), "data.store_cache_dir": str(cache), **extra}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--num_processes", "2", "--num_machines", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_lora.yaml"),
+               *tiny_overrides("null", out, out.parent / "prompt-cache", **overrides)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, **CPU_SWITCH["ddp"],
+                                                          "OMP_NUM_THREADS": "1"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"machine {rank}:\n{log[-3000:]}"
+    return logs
+
+
+@pytest.fixture(scope="module")
+def machines(s3, tmp_path_factory):
+    base = tmp_path_factory.mktemp("machines")
+    caches = [base / "machine0-cache", base / "machine1-cache"]
+    logs = two_machines(s3, base / "out", caches)
+    return base / "out", caches, logs
+
+
+@pytest.mark.slow
+def test_two_machines_from_s3_match_one_machine(machines, trained, store):
+    out, caches, logs = machines
+    one, both = weights(trained[0]), weights(out)  # 1 process with batch 2; 2 machines with batch 1 each
+    assert set(one) == set(both)
+    for k in one:  # the gradients are averaged across machines: the same sums in another order
+        torch.testing.assert_close(both[k], one[k], rtol=1e-5, atol=1e-6)
+    for cache in caches:  # each machine fetched the shard into its own cache, checked
+        assert sorted(p.name for p in cache.iterdir()) == [f"{s.sha256}.parquet" for s in store.shards]
+    assert "shard cache" in logs[0]
+
+
+@pytest.mark.slow
+def test_two_machines_resumed_with_loader_workers_equal_the_unkilled_run(machines, s3, tmp_path):
+    """Two machines stopped after their step-2 checkpoint (the state a kill leaves), resumed on fresh caches with 2
+    DataLoader workers each: the uninterrupted run's weights, bit for bit."""
+    import shutil
+
+    out, _, _ = machines
+    part = tmp_path / "out"
+    shutil.copytree(out / "checkpoints" / "checkpoint-000002", part / "checkpoints" / "checkpoint-000002")
+    (part / "checkpoints" / "latest").write_text("checkpoint-000002")
+    logs = two_machines(s3, part, [tmp_path / "c0", tmp_path / "c1"],
+                        **{"train.resume_from": "latest", "data.num_workers": 2})
+    assert "resumed from" in logs[0]
+    a, b = weights(out), weights(part)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
