@@ -46,7 +46,7 @@ def store_epoch(shards: list[Shard], batch_size: int, seed: int, epoch: int, ran
     shards in index order)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     size = batch_size * world
-    starts = torch.tensor([0] + [s.rows for s in shards]).cumsum(0)
+    starts = torch.tensor([0] + [s.rows for s in shards]).cumsum(0).tolist()
     order = torch.randperm(len(shards), generator=g).tolist() if len(shards) > window else list(range(len(shards)))
     carry: dict[tuple, torch.Tensor] = {}
     out = []
@@ -54,15 +54,16 @@ def store_epoch(shards: list[Shard], batch_size: int, seed: int, epoch: int, ran
         members: dict[tuple, list] = {}
         for i in order[w:w + window]:
             members.setdefault(shards[i].bucket, []).append(torch.arange(starts[i], starts[i + 1]))
-        chunks = []
+        chunks = []  # [global batches, size] a bucket
         for bucket in sorted(set(members) | set(carry)):
             rows = torch.cat([carry.get(bucket, torch.zeros(0, dtype=torch.long))] + members.get(bucket, []))
             rows = rows[torch.randperm(len(rows), generator=g)]
             full = len(rows) // size * size
-            chunks += list(rows[:full].reshape(-1, size))
+            chunks.append(rows[:full].reshape(-1, size))
             carry[bucket] = rows[full:]
-        out += [chunks[i][rank::world] for i in torch.randperm(len(chunks), generator=g).tolist()]
-    return torch.stack(out) if out else torch.zeros(0, batch_size, dtype=torch.long)
+        chunks = torch.cat(chunks) if chunks else torch.zeros(0, size, dtype=torch.long)
+        out.append(chunks[torch.randperm(len(chunks), generator=g)][:, rank::world])
+    return torch.cat(out) if out else torch.zeros(0, batch_size, dtype=torch.long)
 
 
 class StorePlan:
@@ -133,15 +134,23 @@ class ShardCache:
         return local
 
     def evict(self, keep: Path) -> list[Path]:
-        files = sorted((p for p in self.root.glob("*.parquet") if p != keep), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files) + keep.stat().st_size
+        """Remove the least recently used shards until the cache fits its limit (`keep` stays)."""
+        files = []
+        for p in self.root.glob("*.parquet"):
+            try:  # another process of this machine may be evicting too
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files)
         removed = []
-        for p in files:
+        for _, size, p in sorted(files):
             if total <= self.max_bytes:
                 break
-            total -= p.stat().st_size
-            p.unlink(missing_ok=True)
-            removed.append(p)
+            if p != keep:
+                total -= size
+                p.unlink(missing_ok=True)
+                removed.append(p)
         return removed
 
 
@@ -182,12 +191,15 @@ class StoreDataset(torch.utils.data.Dataset):
             self._pid, self._files, self._groups = os.getpid(), {}, OrderedDict()
         if i not in self._files:
             shard = self.store.shards[i]
-            path = self._local(shard)
-            try:
-                source = pa.memory_map(path)
-            except FileNotFoundError:
-                raise StoreError(f"data.store {self.store.url}: shard {shard.path} is listed in the index but "
-                                 f"missing ({path})") from None
+            for attempt in range(2):  # a cached copy may be evicted by another process between fetch and open
+                path = self._local(shard)
+                try:
+                    source = pa.memory_map(path)
+                    break
+                except FileNotFoundError:
+                    if self.cache is None or attempt:
+                        raise StoreError(f"data.store {self.store.url}: shard {shard.path} is listed in the index "
+                                         f"but missing ({path})") from None
             check_bytes(self.store, shard, source.read_buffer())
             source.seek(0)
             pf = pq.ParquetFile(source)

@@ -276,7 +276,7 @@ def encode_shard(rows: list[dict], tensors_of=row_tensors) -> tuple[bytes, dict]
                            for s in spec.values()))
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=max(1, ROW_GROUP_BYTES // row_bytes), compression="none",
-                   write_statistics=["key"])
+                   use_dictionary=["caption", "uri"], write_statistics=["key"])  # tensors: raw bytes, as they are
     return sink.getvalue(), spec
 
 
