@@ -17,6 +17,7 @@ COMMANDS = {
     "ui": ("cogpipe.ui.cli", "serve the web page: generate, watch runs, start training (the `ui` extra)"),
     "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
     "check": ("cogpipe.data.checks", "check a recipe's config and dataset without training"),
+    "data": ("cogpipe.data.cli", "index and encode a dataset of any size on Ray into a latent store, verify it"),
     "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
 }
 

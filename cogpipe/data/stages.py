@@ -1,0 +1,156 @@
+"""The encoding stages, one code path for train.py's own cache (a plain folder, in the training processes) and for
+`cogpipe data encode` (Ray Data, any number of workers on any number of machines):
+
+    clip = decode_clip(data_or_path, frames, height, width)      # CPU: decode, sample frames, resize, crop
+    with encoder_threads(device):
+        latents = vae_encode(vae, [clip, ...])                   # the scaled latent distribution of each clip
+        embeds = text_encode(tokenizer, text_encoder, caption, max_len)
+
+A clip's latents are bit-identical whichever path, process or machine encodes it, with whatever neighbours: the VAE
+always sees batches of exactly ENCODE_BATCH clips of one shape (a short batch is filled with copies of its last clip,
+whose outputs are dropped) and, on a CPU, always runs on ENCODE_THREADS threads (float kernels split their sums by
+batch size and thread count, so either one changing changes the low bits of every latent). On a CPU, encoding on
+more cores means more encoding processes (Ray workers), not more threads in one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from cogpipe.data.folders import DataError, Problem, frame_indices, resize_crop, shape_problem
+
+ENCODE_BATCH = 8  # clips of one shape in every VAE forward (on CPU about 3x faster a clip than one by one)
+ENCODE_THREADS = 1  # torch threads of a CPU encoder
+STORE_FORMAT = 1  # bump when the stored tensors change meaning
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def clip_key(digest: str, shape) -> str:
+    """A clip's key in the store: its content (sha256 of its bytes) and the shape (frames, height, width) it is
+    encoded at. Who encodes it (VAE, text encoder, dtype) is the store's encoder identity, the same for every row."""
+    return _digest(dict(v=STORE_FORMAT, clip=digest, shape=[int(x) for x in shape]))
+
+
+def encoder_identity(cfg, device) -> str:
+    """Who encodes, for a recipe whose encoders run on `device`: the VAE's and the text encoder's identities (as
+    the folder cache computes them), the text length, the encoders' dtype and the first-frame variants (I2V)."""
+    from cogpipe.data.cache import Cache
+
+    cache = Cache.for_config(cfg, device)
+    return _digest(dict(v=STORE_FORMAT, vae=cache._vae_id, text=cache._text_id, length=cache.max_text_len,
+                        dtype=cache.dtype, i2v=cfg.data.image_noise_variants if cache.i2v else None))
+
+
+def _reader(data, where: str):
+    import decord
+
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise DataError(f"{where}: video file not found", Problem(where, "video file not found"))
+        data = path.read_bytes()
+    if len(data) == 0:
+        raise DataError(f"{where}: empty file (0 bytes)", Problem(where, "empty file (0 bytes)"))
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
+        reader[0]
+        return reader
+    except Exception as e:  # decord raises its own DECORDError or RuntimeError
+        rule = f"cannot decode video ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        raise DataError(f"{where}: {rule}", Problem(where, rule)) from None
+
+
+def probe_video(data, where: str = "clip") -> dict:
+    """{"frames", "fps", "height", "width"} of a clip's bytes (or file); DataError names the rule."""
+    reader = _reader(data, where)
+    h, w = reader[0].shape[:2]
+    return dict(frames=len(reader), fps=float(reader.get_avg_fps()), height=int(h), width=int(w))
+
+
+def decode_clip(data, frames: int, height: int, width: int, where: str = "clip") -> torch.Tensor:
+    """Decode a clip (bytes or a path), sample `frames` frames spread over it, resize and center-crop:
+    float [F, 3, H, W] in [-1, 1]. DataError names the rule a clip too short or too small breaks."""
+    reader = _reader(data, where)
+    problem = shape_problem((len(reader), *reader[0].shape[:2]), (frames, height, width))
+    if problem:
+        raise DataError(f"{where}: {problem}", Problem(where, problem))
+    pixels = torch.from_numpy(reader.get_batch(frame_indices(len(reader), frames).tolist()).asnumpy())
+    pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, h, w) in [-1, 1]
+    return resize_crop(pixels, height, width).clamp(-1.0, 1.0).contiguous()
+
+
+@contextlib.contextmanager
+def encoder_threads(device):
+    """ENCODE_THREADS torch threads while encoding on a CPU (see the module's docstring); restored after."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(ENCODE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def vae_encode(vae, clips: list[torch.Tensor], log=print) -> list[dict]:
+    """Clips [F,3,H,W] of one shape -> for each, {"mean", "std"} of its scaled latent distribution [C,F',H',W'],
+    encoded ENCODE_BATCH at a time (a short batch filled with copies of its last clip)."""
+    from cogpipe.data.cache import _encode_checked
+
+    out = []
+    for i in range(0, len(clips), ENCODE_BATCH):
+        batch = clips[i:i + ENCODE_BATCH]
+        filled = batch + [batch[-1]] * (ENCODE_BATCH - len(batch))
+        out += _encode_checked(vae, filled, log)[:len(batch)]
+    return out
+
+
+def first_frame_latents(vae, image: torch.Tensor, variants: int, key: str) -> torch.Tensor:
+    """Image-to-video: the first frame's noisy encodings [K,C,1,H',W'], seeded by the clip's key."""
+    from cogpipe.data.cache import encode_first_frame
+
+    return encode_first_frame(vae, image, variants, int(key[:15], 16))
+
+
+def text_encode(tokenizer, text_encoder, caption: str, max_len: int) -> torch.Tensor:
+    """One caption's T5 embeddings [L, D] in fp32 (always one caption a forward: the same bits whatever else is
+    being encoded)."""
+    from cogpipe.data.cache import encode_prompts
+
+    return encode_prompts(tokenizer, text_encoder, [caption], max_len)[0].float()
+
+
+def as_numpy(tensors: dict) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
+
+
+def _frames_bucket(shape) -> tuple[int, int, int]:
+    return tuple(int(x) for x in shape)
+
+
+def bucket_for(frames: int, height: int, width: int, shapes) -> tuple[tuple | None, str | None]:
+    """The bucket of a clip of this shape among a recipe's `shapes`, or None and the rule it breaks (the dataset
+    check's words: with one shape, too short/too small; with several, that it fits no bucket)."""
+    from cogpipe.data.folders import choose_bucket
+
+    available = (int(frames), int(height), int(width))
+    shape = choose_bucket(available, shapes)
+    if shape is not None:
+        return _frames_bucket(shape), None
+    rule = shape_problem(available, min(shapes, key=lambda b: b[0] * b[1] * b[2]))
+    return None, rule if len(shapes) == 1 else f"fits no bucket of data.buckets: {rule}"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+

@@ -1,0 +1,271 @@
+"""Sources, `cogpipe data index` and `cogpipe data encode` on Ray (one local Ray instance for the module, 2 CPUs):
+every source kind lists its clips, the manifest names each bad clip's rule and a re-index probes only new clips,
+the store's latents are the bits train.py's own cache encodes whatever the worker count, and a killed driver or a
+killed Ray worker leaves every key in the store exactly once."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogpipe.config import load_config
+from cogpipe.data import encode as encode_mod
+from cogpipe.data import index as index_mod
+from cogpipe.data import sources, store
+from cogpipe.data.cache import build_cache
+from cogpipe.data.folders import discover
+
+from helpers import REPO, make_clips
+
+SPECS = [("square", "red", "left"), ("circle", "blue", "up"), ("triangle", "green", "right"),
+         ("square", "yellow", "down")]
+RECIPE = str(REPO / "configs" / "tiny_lora.yaml")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module (2 CPUs, no dashboard); its start-up time is measured and printed."""
+    import ray
+
+    t0 = time.monotonic()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    print(f"ray.init on 2 CPUs: {time.monotonic() - t0:.1f} s")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_clips(tmp_path_factory.mktemp("clips") / "d", SPECS)
+
+
+def _cfg(root, tmp, *more):
+    return load_config(RECIPE, ["model.pretrained=null", f"data.root={root}", f"data.cache_dir={tmp / 'cache'}",
+                                f"output_dir={tmp / 'out'}", "validation.every=0", *more])
+
+
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory):
+    """train.py's own encoding of the folder (the folder cache, in this process): {digest: latents}, {caption:
+    embeds}."""
+    from cogpipe.data.cache import file_digest
+
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = _cfg(folder, tmp)
+    samples = discover(folder)
+    entries = build_cache(cfg, samples, "cpu", log=lambda *_: None)
+    latents = {file_digest(s.video): load_file(str(e.latents)) for s, e in zip(samples, entries)}
+    prompts = {e.caption: load_file(str(e.prompt))["prompt_embeds"] for e in entries}
+    return cfg, latents, prompts
+
+
+@pytest.fixture(scope="module")
+def manifest(ray_local, folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("manifest")
+    index_mod.build_index([str(folder)], out, log=lambda *_: None)
+    return out
+
+
+def _store_rows(url) -> dict:
+    """{key: (caption, uri, example tensors)} of every row of a store, and how often each key occurs."""
+    import pyarrow.parquet as pq
+
+    s = store.open_store(url)
+    fs, root = s.fs()
+    rows, seen = {}, []
+    for shard in s.shards:
+        with fs.open(f"{root}/{shard.path}", "rb") as f:
+            for row in pq.read_table(f).to_pylist():
+                seen.append(row["key"])
+                rows[row["key"]] = (row["caption"], row["uri"], store.decode_row(row, shard.tensors))
+    return rows, seen
+
+
+def _assert_matches_reference(url, manifest_dir, reference):
+    cfg, latents, prompts = reference
+    rows, seen = _store_rows(url)
+    assert len(seen) == len(set(seen)) == len(latents), "every key in the store exactly once"
+    by_key = {r["key"]: r for r in encode_mod.plan(cfg, index_mod.read_manifest(manifest_dir), set())[0]}
+    digests = {r["uri"]: r["digest"] for r in index_mod.read_manifest(manifest_dir)}
+    for key, (caption, uri, t) in rows.items():
+        assert key in by_key
+        want = latents[digests[uri]]
+        assert torch.equal(t["mean"], want["mean"]) and torch.equal(t["std"], want["std"]), uri
+        assert torch.equal(t["prompt_embeds"], prompts[caption]), caption
+
+
+# --- sources -----------------------------------------------------------------------------------------------------
+
+
+def _tar(members: dict) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_sources_list_every_kind_and_read_the_bytes_back(folder, tmp_path):
+    """A folder layout, WebDataset tar shards and Parquet files behind an fsspec URL (memory://), and a `datasets`
+    save_to_disk folder: each clip's caption, and its bytes read back from its locator equal the file's."""
+    import datasets
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    videos = sorted((folder / "videos").glob("*.mp4"))
+    data = [v.read_bytes() for v in videos]
+    listed = list(sources.open_source(str(folder)))
+    assert [c.caption for c in listed] == [s.caption for s in discover(folder)] and not any(c.problem for c in listed)
+    assert sources.read_bytes(listed[0].locator) == data[0]
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/wds/shard-000.tar", _tar({"a/k0.mp4": data[0], "a/k0.txt": b"a red square\n",
+                                         "a/k1.mp4": data[1], "a/k1.json": json.dumps({"caption": "blue"}).encode(),
+                                         "a/k2.mp4": data[2]}))
+    clips = list(sources.open_source("memory://wds/"))
+    assert [(c.caption, c.problem) for c in clips] == [
+        ("a red square", None), ("blue", None), (None, "no caption for key 'a/k2' (expected a/k2.txt or a/k2.json)")]
+    assert [sources.read_bytes(c.locator) for c in clips] == data[:3]  # byte ranges of the shard
+    assert clips[0].uri.startswith("memory://") and clips[0].uri.endswith("/wds/shard-000.tar#a/k0.mp4")
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"clip": data[:2] + [data[3]], "text": ["one", "two", None]}), buf, row_group_size=2)
+    mem.pipe("/pq/part-0.parquet", buf.getvalue())
+    with pytest.raises(sources.SourceError, match="no video column.*--video-column"):
+        list(sources.open_source("memory://pq/part-0.parquet"))
+    rows = list(sources.open_source("memory://pq/part-0.parquet", video_column="clip", caption_column="text"))
+    assert [(r.caption, r.problem) for r in rows] == [("one", None), ("two", None), (None, "no caption in this row")]
+    assert rows[1].locator[0] == "parquet" and rows[1].locator[2:] == [0, 1, "clip"]
+    assert sources.read_bytes(rows[2].locator) == data[3]  # second row group
+
+    ds = datasets.Dataset.from_dict({"video": [str(v) for v in videos[:2]], "caption": ["x", "y"]})
+    ds.save_to_disk(str(tmp_path / "hf"))
+    rows = list(sources.open_source(str(tmp_path / "hf")))
+    assert [(r.caption, r.locator[0]) for r in rows] == [("x", "file"), ("y", "file")]
+    assert sources.read_bytes(rows[1].locator) == data[1]
+    with pytest.raises(sources.SourceError, match="not found"):
+        list(sources.open_source(str(tmp_path / "nowhere")))
+
+
+# --- index -------------------------------------------------------------------------------------------------------
+
+
+def test_index_names_bad_clips_and_probes_only_new_ones(ray_local, folder, tmp_path):
+    """Unreadable, too short and caption-less clips are named in the manifest with the dataset check's rules; run
+    again after a clip is added, only that clip is probed and the named ones are not tried again."""
+    import shutil
+
+    from cogpipe.video import write_mp4
+    from cogpipe.world.render import render
+
+    root = tmp_path / "d"
+    shutil.copytree(folder, root)
+    (root / "videos.txt").write_text((root / "videos.txt").read_text() + "videos/broken.mp4\nvideos/short.mp4\n")
+    (root / "prompts.txt").write_text((root / "prompts.txt").read_text() + "broken\nshort\n")
+    (root / "videos" / "broken.mp4").write_bytes(b"not a video at all")
+    write_mp4(render("square", "red", "left", frames=5, size=64, seed=0), root / "videos" / "short.mp4")
+    cfg = _cfg(root, tmp_path)
+    summary = index_mod.build_index([str(root)], tmp_path / "m", cfg, log=lambda *_: None)
+    assert summary["probed"] == 6 and summary["usable"] == 4 and summary["problems"] == 2
+    rows = {os.path.basename(r["uri"]): r for r in index_mod.read_manifest(tmp_path / "m")}
+    assert rows["broken.mp4"]["problem"].startswith("cannot decode video")
+    assert rows["short.mp4"]["problem"] == "has 5 frames, fewer than data.frames=17"
+    good = rows[os.path.basename(str(sorted((root / "videos").glob("00_*"))[0]))]
+    assert (good["frames"], good["height"], good["width"], good["fps"]) == (17, 64, 64, 8.0)
+    assert good["bucket"] == [17, 64, 64] and len(good["digest"]) == 64 and good["key"]
+
+    # a grown source: one new clip; the caption-less one is named from the listing, nothing else probed again
+    (root / "videos" / "new.mp4").write_bytes((root / "videos" / "short.mp4").read_bytes())
+    write_mp4(render("circle", "red", "up", frames=17, size=64, seed=5), root / "videos" / "new.mp4")
+    (root / "videos.txt").write_text((root / "videos.txt").read_text() + "videos/new.mp4\n")
+    (root / "prompts.txt").write_text((root / "prompts.txt").read_text() + "a new one\n")
+    summary = index_mod.build_index([str(root)], tmp_path / "m", cfg, log=lambda *_: None)
+    assert summary["probed"] == 1 and summary["usable"] == 5 and summary["clips"] == 7
+
+    capless = make_clips(tmp_path / "f", SPECS[:1], layout="folder")
+    next(capless.glob("*.txt")).unlink()
+    rows = index_mod.read_manifest(tmp_path / "m2") if index_mod.build_index(
+        [str(capless)], tmp_path / "m2", log=lambda *_: None)["clips"] else []
+    assert len(rows) == 1 and rows[0]["problem"].startswith("no caption file") and rows[0]["frames"] is None
+
+
+# --- encode ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_encode_on_ray_equals_train_py_encoding(ray_local, manifest, reference, tmp_path, workers):
+    """The store's latents and prompt embeddings are the bits train.py's folder cache encodes, with 1 or 2
+    workers; run again, nothing is encoded."""
+    cfg = reference[0]
+    result = encode_mod.encode(cfg, manifest, tmp_path / "s", workers=workers, log=lambda *_: None)
+    assert result["added"] == len(SPECS) and result["workers"] == workers and result["failed"] == 0
+    _assert_matches_reference(tmp_path / "s", manifest, reference)
+    assert store.verify(tmp_path / "s") == []
+    again = encode_mod.encode(cfg, manifest, tmp_path / "s", workers=workers, log=lambda *_: None)
+    assert again["added"] == 0 and again["present"] == len(SPECS)
+
+
+def test_encode_skips_clips_with_problems(ray_local, folder, tmp_path, reference):
+    """A manifest row with a problem is never encoded (the rest is)."""
+    m = index_mod.build_index([str(folder)], tmp_path / "m", log=lambda *_: None)
+    assert m["usable"] == len(SPECS)
+    rows = index_mod.read_manifest(tmp_path / "m")
+    rows[0]["problem"] = "cannot decode video (named by the index)"
+    result = encode_mod.encode(reference[0], rows, tmp_path / "s", workers=1, log=lambda *_: None)
+    assert result["added"] == len(SPECS) - 1 and result["skipped"] == 1
+    stored, _ = _store_rows(tmp_path / "s")
+    assert rows[0]["uri"] not in {uri for _, uri, _ in stored.values()}
+
+
+def test_encode_driver_killed_then_rerun_encodes_only_the_rest(ray_local, manifest, reference, tmp_path):
+    """The encode driver SIGKILLed after publishing its first shard (2 rows); the rerun encodes only the other
+    clips; every key is in the store once and the latents equal train.py's."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COGPIPE_FAILPOINT": "encode-published:1"}
+    address = ray_local.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "cogpipe.cli", "data", "encode", "--config", RECIPE, "--manifest", str(manifest),
+           "--out", str(tmp_path / "s"), "--address", address, "--workers", "1", "--shard-rows", "2",
+           "model.pretrained=null", "validation.every=0"]
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert store.open_store(tmp_path / "s").rows == 2
+    result = encode_mod.encode(reference[0], manifest, tmp_path / "s", workers=1, log=lambda *_: None)
+    assert (result["present"], result["added"]) == (2, len(SPECS) - 2)
+    _assert_matches_reference(tmp_path / "s", manifest, reference)
+
+
+def test_encode_worker_killed_mid_task_is_retried(ray_local, manifest, reference, tmp_path, monkeypatch):
+    """An encoding actor kills itself (SIGKILL) on its first batch, once: Ray restarts it and runs the batch again;
+    nothing is missing, nothing twice."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(encode_mod.FAULT_ENV, f"1:{marker}")
+    result = encode_mod.encode(reference[0], manifest, tmp_path / "s", workers=1, log=lambda *_: None)
+    assert marker.exists(), "the actor did not kill itself"
+    killed_pid = int(marker.read_text())
+    assert killed_pid not in result["pids"] and result["added"] == len(SPECS)  # the rows came from the restarted one
+    _assert_matches_reference(tmp_path / "s", manifest, reference)
+
+
+def test_cli_index_and_encode_as_the_readme_says(folder, tmp_path):
+    """`cogpipe data index DIR --out M` then `cogpipe data encode --config RECIPE --manifest M --out S` as separate
+    commands (each its own local Ray), then `cogpipe data verify S`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "cogpipe.cli", "data", *a], env=env, capture_output=True,  # noqa: E731
+                                    text=True, timeout=300, cwd=tmp_path)
+    r = run("index", str(folder), "--out", "M")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("encode", "--config", RECIPE, "--manifest", "M", "--out", "S", "model.pretrained=null")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{len(SPECS)} clips added" in r.stdout
+    r = run("verify", "S")
+    assert r.returncode == 0 and "0 problem(s)" in r.stdout
+    assert store.open_store(tmp_path / "S").rows == len(SPECS)
