@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking
+from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking, video
 from cogpipe.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
 from cogpipe.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.check import usable_samples
@@ -132,6 +132,7 @@ def _start(cfg: Config) -> Run:
 def _prepare_data(run: Run) -> TrainData:
     """Check the data, encode every clip and prompt once (cached; the VAE and T5 leave memory after)."""
     cfg, acc = run.cfg, run.accelerator
+    run.log(f"video backend: {video.backend_name()} (cogpipe.video; {video.ENV} forces one)")
     samples = usable_samples(cfg, run.log, run.accelerator.device)
     if acc.is_main_process:
         save_config(cfg, run.out / "config.yaml")
