@@ -126,7 +126,8 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only the final one
     checkpoints_total_limit: Optional[int] = None
-    resume_from: Optional[str] = None  # latest | PATH to a checkpoint folder
+    resume_from: Optional[str] = field(default=None, metadata={"path": True})  # latest | PATH to a checkpoint folder
+    overwrite: bool = False  # a fresh start into a used output_dir moves the old run aside (else it is refused)
     log_every: int = 10  # steps between the host's looks at the device: loss log, skipped steps, stop signals
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each such step is skipped)
     caption_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
