@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
@@ -101,6 +102,10 @@ class Optimization:
     load_state: Callable = None
 
 
+class WorldNotFormed(RuntimeError):
+    """The launch's processes did not form the world the launcher asked for (sharding.world_problem)."""
+
+
 OOM_ADVICE = ("out of memory. Turn on memory switches: train.gradient_checkpointing=true, a smaller "
               "train.batch_size with more train.grad_accum, train.mode=lora (or a lower lora.rank), "
               "model.weight_dtype=bf16, fewer data.frames or a smaller data.height/width; "
@@ -119,6 +124,11 @@ def _start(cfg: Config) -> Run:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=tracking.tracker(cfg), project_dir=str(out), kwargs_handlers=[timeout])
+    problem = sharding.world_problem(accelerator)  # every process alike, before any write
+    if problem is not None:
+        raise WorldNotFormed(problem)
+    if os.environ.get(sharding.CHOSE_CPU) and accelerator.is_main_process:
+        accelerator.print("no CUDA: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, set by cogpipe) and gloo")
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
