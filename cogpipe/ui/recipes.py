@@ -9,13 +9,10 @@ import sys
 from pathlib import Path
 
 from cogpipe import rundir
-from cogpipe.config import ConfigError, load_config
+from cogpipe.config import Config, ConfigError, load_config
 from cogpipe.ui.launcher import Job, train_command
 from cogpipe.ui.runs import LOG
-from cogpipe.ui.safety import PathGuard
-
-PATH_KEYS = ("data.root", "data.cache_dir", "model.pretrained", "model.base", "train.resume_from")
-MODEL_KEYS = ("model.pretrained", "model.base")  # may also be hub ids
+from cogpipe.ui.safety import PathGuard, path_fields
 
 
 def list_recipes(configs_dir) -> list[str]:
@@ -34,23 +31,36 @@ def parse_overrides(text: str) -> list[str]:
     return items
 
 
-def check_override_paths(overrides: list[str], guard: PathGuard, outputs) -> None:
-    """Paths named in overrides must lie inside the allowed folders, output_dir inside the outputs folder; a
-    ConfigError names the key."""
+def check_override_paths(overrides: list[str], guard: PathGuard, outputs, schema=Config) -> None:
+    """Every path-typed field of the schema (safety.path_fields: the fields marked {"path": True} in cogpipe/config.py,
+    lists of paths included) that the overrides set must lie inside the allowed folders, output_dir inside the outputs
+    folder; a hub id passes where the field takes one. A ConfigError names the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        given = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"overrides: {e}") from None
     outputs_guard = PathGuard([outputs])
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if value in ("", "null", "None") or (key == "train.resume_from" and value == "latest"):
+    for key, meta in path_fields(schema).items():
+        value = OmegaConf.select(given, key, default=None, throw_on_missing=False)
+        if value is None:
             continue
-        try:
-            if key == "output_dir":
-                outputs_guard.check(value, key)
-            elif key in MODEL_KEYS:
-                guard.model(value, key)
-            elif key in PATH_KEYS:
-                guard.check(value, key)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        values = list(value) if OmegaConf.is_list(value) else [value]
+        for item in values:
+            item = str(item)
+            if item in ("", "null", "None") or item in meta.get("keywords", ()):
+                continue
+            try:
+                if key == "output_dir":
+                    outputs_guard.check(item, key)
+                elif meta.get("hub_id"):
+                    guard.model(item, key)
+                else:
+                    guard.check(item, key)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 def training_job(recipe, overrides_text: str, name: str, outputs, guard: PathGuard, train_py, configs_dir,
