@@ -10,7 +10,7 @@ import sys
 from cogpipe.config import ConfigError, add_recipe_arguments, load_config
 from cogpipe.data.folders import DataError
 from cogpipe.signals import Interrupted
-from cogpipe.training import train
+from cogpipe.training import WorldNotFormed, train
 
 
 def main(argv=None) -> int:
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         except Interrupted as e:
             print(f"interrupted: {e}; continue with train.resume_from=latest", file=sys.stderr)
             return 128 + e.signum
-    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError, WorldNotFormed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done: {out}")

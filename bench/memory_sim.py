@@ -59,14 +59,53 @@ PEERS = {
 }
 
 
-def simulate_run(name: str, recipe: str, overrides: list[str]) -> dict:
+def low_vram(recipe: str) -> list[str]:
+    """The low-VRAM switches of cogpipe/offload.py a recipe can take: a LoRA recipe its frozen blocks swapped to the
+    host (2 of them) and its checkpointed activations offloaded; a full fine-tune its activations offloaded and 8-bit
+    AdamW. Gradient checkpointing on (the switches need it)."""
+    from omegaconf import OmegaConf
+
+    mode = OmegaConf.load(ROOT / "configs" / recipe).get("train", {}).get("mode", "lora")
+    extra = ["train.blocks_to_swap=2"] if mode == "lora" else ["train.optimizer=adamw8bit"]
+    return ["train.gradient_checkpointing=true", "train.activation_offload=true", *extra]
+
+
+def every_recipe() -> list[tuple[str, str, list[str]]]:
+    """(name, recipe, overrides) for every shipped recipe, plain and with its low-VRAM switches."""
+    plain = [(p.stem, p.name, []) for p in sorted((ROOT / "configs").glob("*.yaml"))]
+    runs = plain + [(f"{n}+low_vram", r, low_vram(r)) for n, r, _ in plain]
+    return [(n, r, o) for n, r, o, _ in _whole_sample([(n, r, o, None) for n, r, o in runs])]
+
+
+def git_state() -> dict:
+    """The commit the results are made with, and whether the working tree differed from it."""
+    import subprocess
+
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return dict(commit=git("rev-parse", "HEAD"), dirty=None if status is None else bool(status))
+
+
+def simulate_run(name: str, recipe: str, overrides: list[str], layers: int | None = None) -> dict:
+    """One run: `cogpipe plan --simulate`'s load and simulation of the recipe; `layers`: at most that many transformer
+    blocks (the same code path at reduced depth: what the tests run)."""
     from cogpipe.plan import model_stats
     from cogpipe.plan.cli import load
     from cogpipe.plan.simulate import per_rank, simulate
 
     cfg, transformer_config, note = load(ROOT / "configs" / recipe, overrides)
+    if layers is not None:
+        transformer_config = dict(transformer_config, num_layers=min(layers, transformer_config["num_layers"]))
     sim = simulate(cfg, transformer_config)
-    sim.update(name=name, recipe=f"configs/{recipe}", overrides=overrides, note=note)
+    from cogpipe.plan import estimate
+
+    formula = estimate(cfg, transformer_config=transformer_config)["gb"]
+    sim.update(name=name, recipe=f"configs/{recipe}", overrides=overrides, note=note, layers=transformer_config[
+        "num_layers"], formula_peak_bytes=round(formula["peak"] * 1e9),
+        formula_host_bytes=round(formula["host_offloaded"] * 1e9), **git_state())
     if not overrides:
         weight_bytes = 4 if cfg.train.mode == "full" else 2  # a gathered block in its compute dtype
         block = model_stats(transformer_config)["block_params"] * weight_bytes / 2 ** 30
@@ -152,7 +191,7 @@ def main(argv=None) -> int:
         runs[name] = sim
         print(json.dumps({k: sim[k] for k in ("name", "peak_allocated_gib", "host_peak_gib", "seconds")}), flush=True)
         order = [n for n, *_ in RUNS]
-        results = dict(torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+        results = dict(torch=torch.__version__, date=time.strftime("%Y-%m-%d"), **git_state(),
                        what="simulated peak allocated GiB (2**30 bytes) of one training step, one process, batch 1; "
                             "`cogpipe plan --simulate`",
                        runs=sorted(runs.values(), key=lambda r: order.index(r["name"]) if r["name"] in order else 99))

@@ -22,6 +22,10 @@ from cogpipe.family import frame_rule  # noqa: F401 (config.frame_rule stays imp
 from cogpipe.models import component_configs
 from cogpipe.sequence_parallel import problem
 
+# A field holding a file or folder path (or a list of them) carries metadata {"path": True}: the web page guards every
+# such field, found from the schema (cogpipe.ui.safety.path_fields). "hub_id": True: a value may also be a hub id
+# (model_sources.is_hub_id); "keywords": values that are no path (train.resume_from=latest).
+
 
 class ConfigError(ValueError):
     """A config value breaks a rule; the message names the key."""
@@ -40,8 +44,10 @@ def _one_of(value, choices, key: str) -> None:
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | 2b | 5b | 5b-i2v | 1.5-5b | 1.5-5b-i2v | ... (the table in cogpipe/family.py)
-    pretrained: Optional[str] = None  # Diffusers folder, hub id, SAT checkpoint, single-file transformer; None: preset
-    base: Optional[str] = None  # SAT/single-file pretrained: where VAE, T5, tokenizer come from (default: released)
+    # Diffusers folder, hub id, SAT checkpoint, single-file transformer; None: the preset
+    pretrained: Optional[str] = field(default=None, metadata={"path": True, "hub_id": True})
+    # SAT/single-file pretrained: where VAE, T5, tokenizer come from (a folder or hub id; default: the released)
+    base: Optional[str] = field(default=None, metadata={"path": True, "hub_id": True})
     latent_input: bool = True  # the transformer trains on VAE latents, never on RGB frames
     init_seed: int = 0  # seed of a preset's random initialisation
     weight_dtype: str = "fp32"  # storage dtype of frozen weights: fp32 | fp16 | bf16
@@ -70,7 +76,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: Optional[str] = None  # dataset folder (prompts.txt + videos.txt, captioned videos, or metadata)
+    # dataset folder (prompts.txt + videos.txt, captioned videos, or metadata)
+    root: Optional[str] = field(default=None, metadata={"path": True})
     # a latent store (cogpipe data encode): a folder or an fsspec URL (s3://...); trained from instead of data.root
     store: Optional[str] = field(default=None, metadata={"path": True})
     store_options: dict = field(default_factory=dict)  # fsspec storage options of data.store (endpoint, credentials)
@@ -79,7 +86,7 @@ class DataConfig:
     frames: int = 17
     height: int = 64
     width: int = 64
-    cache_dir: Optional[str] = None  # latent/embedding cache; default <data.root>/.cogpipe_cache
+    cache_dir: Optional[str] = field(default=None, metadata={"path": True})  # default <data.root>/.cogpipe_cache
     skip_bad: bool = False  # false: refuse to train on a dataset with bad clips; true: warn, skip, count
     image_noise_variants: int = 4  # image-to-video: cached noisy encodings of each first frame
     buckets: list[list[int]] = field(default_factory=list)  # [[frames, height, width], ...]; [] = the one above
@@ -132,7 +139,9 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only the final one
     checkpoints_total_limit: Optional[int] = None
-    resume_from: Optional[str] = None  # latest | PATH to a checkpoint folder
+    # latest | PATH to a checkpoint folder
+    resume_from: Optional[str] = field(default=None, metadata={"path": True, "keywords": ("latest",)})
+    overwrite: bool = False  # a fresh start into a used output_dir moves the old run aside (else it is refused)
     log_every: int = 10  # steps between the host's looks at the device: loss log, skipped steps, stop signals
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops (each such step is skipped)
     caption_dropout: float = 0.0  # probability of training on the empty prompt (classifier-free guidance)
@@ -184,7 +193,8 @@ class TrainConfig:
 @dataclass
 class ValidationConfig:
     prompts: list[str] = field(default_factory=list)  # generated at the end (and every `every` steps)
-    images: list[str] = field(default_factory=list)  # image-to-video first frames; default: a dataset clip's
+    # image-to-video first frames; default: a dataset clip's
+    images: list[str] = field(default_factory=list, metadata={"path": True})
     every: int = 0  # optimizer steps between validations; 0 = only after training
     steps: int = 50
     guidance: float = 6.0
@@ -201,7 +211,7 @@ class ExportConfig:
 
 @dataclass
 class Config:
-    output_dir: str = MISSING
+    output_dir: str = field(default=MISSING, metadata={"path": True})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

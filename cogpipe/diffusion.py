@@ -59,6 +59,11 @@ def padding_frames(frames: int, patch_t) -> int:
     return (patch_t - frames % patch_t) % patch_t if patch_t else 0
 
 
+def padded_frames(frames: int, patch_t) -> int:
+    """The latent frame count the transformer sees: `frames` plus CogVideoX1.5's padding (the noise is drawn at it)."""
+    return frames + padding_frames(frames, patch_t)
+
+
 def pad_for_patch_t(latents: torch.Tensor, patch_t) -> torch.Tensor:
     """(B, F, C, H, W) clean latents: CogVideoX1.5 (patch_t=2) needs an even frame count; the first frame is
     repeated in front (the padding frame the pipeline drops from its output: `latents[:, additional_frames:]`)."""

@@ -66,10 +66,17 @@ class Source:
         return models.read_component_config(self.folder, "vae")
 
 
+def is_hub_id(spec: str) -> bool:
+    """How the loaders tell a hub id from a path: what exists here is a path; otherwise owner/name (one '/', not
+    starting with '.', '/' or '~') is a hub id."""
+    spec = str(spec)
+    return not Path(spec).expanduser().exists() and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+
+
 def kind_of(spec: str) -> str:
     path = Path(spec).expanduser()
     if not path.exists():
-        if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        if not is_hub_id(spec):
             raise FileNotFoundError(f"--model {spec}: no such file or folder (and not a hub id: owner/name)")
         return "hub"
     if path.is_file():

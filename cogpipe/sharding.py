@@ -38,7 +38,12 @@ def allow_cpu_sharding() -> None:
       DistributedType.FSDP with the launch's plugin, as the GPU path sets it. From there accelerate's own FSDP2 code
       runs unchanged (fully_shard per CogVideoXBlock over a CPU device mesh, DTensor parameters, its broadcast of
       the first process's weights, its state-dict and optimizer handling); gloo serves every collective FSDP2
-      issues on CPU tensors."""
+      issues on CPU tensors.
+
+    A DeepSpeed or FSDP launch on a machine without CUDA and without DS_ACCELERATOR gets DS_ACCELERATOR=cpu here
+    (`cpu_accelerator_chosen`), before accelerate builds its state: without it accelerate would count each process
+    as a world of one. A value the user set is kept (training.py then refuses a launch whose world did not form)."""
+    cpu_accelerator_chosen()
     if os.environ.get("DS_ACCELERATOR") != "cpu" or torch.cuda.is_available():
         return
     from accelerate.state import AcceleratorState, PartialState
@@ -69,6 +74,54 @@ def allow_cpu_sharding() -> None:
     prepare_backend._cogpipe_cpu_sharding = True
     PartialState._prepare_backend = prepare_backend
     AcceleratorState.__init__ = init
+
+
+CHOSE_CPU = "COGPIPE_CHOSE_DS_ACCELERATOR"  # set beside DS_ACCELERATOR=cpu when cogpipe chose it (for the log)
+
+
+def cpu_accelerator_chosen() -> bool:
+    """Set DS_ACCELERATOR=cpu for a DeepSpeed or FSDP launch (a process of it: LOCAL_RANK set) on a machine without
+    CUDA where the variable is unset, unless DeepSpeed already picked another accelerator in this process; True when
+    cogpipe set it (now or earlier in this process)."""
+    if os.environ.get(CHOSE_CPU):
+        return True
+    if ("DS_ACCELERATOR" in os.environ or not _sharded_launch() or int(os.environ.get("LOCAL_RANK", -1)) == -1
+            or torch.cuda.is_available()):
+        return False
+    import sys
+
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    chosen = getattr(real, "ds_accelerator", None) if real is not None else None
+    if chosen is not None and chosen._name != "cpu":
+        return False
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ[CHOSE_CPU] = "1"
+    return True
+
+
+def world_problem(accelerator) -> str | None:
+    """Why the processes of this launch did not form the world the launcher asked for (WORLD_SIZE, set by accelerate
+    launch and torchrun, against the processes accelerate counts), or None."""
+    launched = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
+    if launched is None or launched == accelerator.num_processes:
+        return None
+    kind_ = str(accelerator.distributed_type).split(".")[-1]
+    wanted = ("DeepSpeed" if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" else
+              "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "multi-process")
+    message = (f"the launcher started {launched} processes (WORLD_SIZE={launched}) for a {wanted} run, but accelerate "
+               f"counts {accelerator.num_processes} (distributed_type {kind_}): each process would train alone and "
+               f"all would write the same output_dir. Nothing was written.")
+    if not torch.cuda.is_available():
+        if wanted in ("DeepSpeed", "FSDP"):
+            message += (f" On a machine without CUDA, run DeepSpeed and FSDP on CPU processes with DS_ACCELERATOR=cpu "
+                        f"(cogpipe sets it when it is unset; here it is {os.environ.get('DS_ACCELERATOR')!r}): "
+                        f"DS_ACCELERATOR=cpu accelerate launch --config_file ... --num_processes {launched} "
+                        f"train.py ...")
+        else:
+            message += (f" On a machine without CUDA, several processes need accelerate's CPU switch: "
+                        f"ACCELERATE_USE_CPU=1 accelerate launch ... --num_processes {launched} train.py ... "
+                        f"(or `accelerate launch --cpu`)")
+    return message
 
 
 def _sharded_launch() -> bool:

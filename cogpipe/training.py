@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from datetime import timedelta
@@ -24,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking, video
+from cogpipe import checkpoint, models, offload, rundir, sequence_parallel, sharding, tracking, video
 from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.data.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
 from cogpipe.data.cache import CachedDataset, build_cache, load_prompt_embeds
@@ -102,6 +103,10 @@ class Optimization:
     load_state: Callable = None
 
 
+class WorldNotFormed(RuntimeError):
+    """The launch's processes did not form the world the launcher asked for (sharding.world_problem)."""
+
+
 OOM_ADVICE = ("out of memory. Turn on memory switches: train.gradient_checkpointing=true, a smaller "
               "train.batch_size with more train.grad_accum, train.mode=lora (or a lower lora.rank), "
               "model.weight_dtype=bf16, fewer data.frames or a smaller data.height/width; "
@@ -120,14 +125,48 @@ def _start(cfg: Config) -> Run:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
                               log_with=tracking.tracker(cfg), project_dir=str(out), kwargs_handlers=[timeout])
+    problem = sharding.world_problem(accelerator)  # every process alike, before any write
+    if problem is not None:
+        raise WorldNotFormed(problem)
+    if os.environ.get(sharding.CHOSE_CPU) and accelerator.is_main_process:
+        accelerator.print("no CUDA: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu, set by cogpipe) and gloo")
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
     resume = checkpoint.resolve(out, cfg.train.resume_from)  # fails early on a missing path
-    set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
-    layout, sp_group = sequence_parallel.setup(accelerator.process_index, accelerator.num_processes,
-                                               cfg.train.sequence_parallel)
+    _claim_output_dir(cfg, accelerator)  # before anything is written: refused, or the folder is this run's
+    try:
+        set_seed(cfg.train.seed)  # the same on every process: LoRA initialisation, dropout
+        layout, sp_group = sequence_parallel.setup(accelerator.process_index, accelerator.num_processes,
+                                                   cfg.train.sequence_parallel)
+    except BaseException:
+        if accelerator.is_main_process:
+            rundir.release(out)
+        raise
     return Run(cfg=cfg, accelerator=accelerator, out=out, resume=resume,
                failpoints=checkpoint.failpoints_armed(), layout=layout, sp_group=sp_group)
+
+
+def _claim_output_dir(cfg: Config, accelerator) -> None:
+    """The main process makes output_dir this run's (cogpipe.rundir: the lock, the used-folder refusal or
+    train.overwrite's move aside); every rank learns its verdict before any writes, and a refused launch writes
+    nothing anywhere."""
+    problem, error = None, None
+    if accelerator.is_main_process:
+        try:
+            rundir.claim(cfg.output_dir, cfg.train.resume_from, cfg.train.overwrite, cfg.data.cache_dir,
+                         log=accelerator.print)
+        except BaseException as e:  # the other ranks must hear of any failure, or they wait at the broadcast
+            problem, error = f"{type(e).__name__}: {e}", e
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [problem]
+        broadcast_object_list(box)
+        problem = box[0]
+    if error is not None:
+        raise error
+    if problem is not None:
+        raise rundir.OutputDirInUse(f"the main process refused the output folder: {problem}")
 
 
 def _prepare_data(run: Run) -> TrainData:
@@ -326,8 +365,18 @@ def _validate(run: Run, model: Model, data: TrainData, step: int) -> None:
 # ---- the run --------------------------------------------------------------------------------------------------
 
 def train(cfg: Config) -> Path:
-    """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
+    """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/). The run holds
+    output_dir's lock (cogpipe.rundir) from its start to its end."""
     run = _start(cfg)
+    try:
+        return _train(run)
+    finally:
+        if run.accelerator.is_main_process:
+            rundir.release(run.out)
+
+
+def _train(run: Run) -> Path:
+    cfg = run.cfg
     acc, tc = run.accelerator, cfg.train
     data = _prepare_data(run)
     model = _prepare_model(run)

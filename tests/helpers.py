@@ -98,10 +98,10 @@ def free_port() -> int:
 
 
 def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check: bool = True, processes: int = 2,
-           **extra):
+           switch: dict | None = None, **extra):
     """`accelerate launch --config_file configs/accelerate/<launcher>.yaml` with 2 (or `processes`) CPU processes (the
     CPU switch of CPU_SWITCH, a free port) of train.py on the tiny recipe with the test overrides, batch 1 a
-    process."""
+    process. `switch`: these CPU switches instead (DS_ACCELERATOR and ACCELERATE_USE_CPU left unset otherwise)."""
     import os
     import subprocess
     import sys
@@ -112,6 +112,8 @@ def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check
            str(REPO / "configs" / "tiny_lora.yaml"),
            *tiny_overrides(clips, out, cache, **{"train.batch_size": 1, **extra})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **CPU_SWITCH[launcher]}
+    if switch is not None:
+        env = {k: v for k, v in env.items() if k not in ("DS_ACCELERATOR", "ACCELERATE_USE_CPU")} | switch
     if failpoint:
         env["COGPIPE_FAILPOINT"] = failpoint
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -2,6 +2,8 @@
 medium shapes here (the real sizes take a minute each: bench/memory_sim.py records them, checked below)."""
 
 import json
+import re
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from cogpipe.config import load_config
 from cogpipe.plan.simulate import FlashAttentionMemory, per_rank, simulate
 
 from helpers import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
 
 RESULTS = REPO / "bench" / "results" / "memory_sim.json"
 MEDIUM = ["data.frames=9", "data.height=240", "data.width=368"]  # 3 latent frames x 30 x 46: 3,186 tokens
@@ -89,19 +93,39 @@ def test_cli_simulate_json(capsys):
     assert out["host_peak_bytes"] > 0 and out["activation_offload"] is True
 
 
-def test_recorded_simulations_cover_every_recipe_meet_the_goals_and_match_the_formula():
-    """bench/results/memory_sim.json (python bench/memory_sim.py): every recipe of configs/ simulated; the formula of
-    `cogpipe plan` within 10% of each run, the low-VRAM switches' included (and their host memory); the goals."""
-    runs = {r["name"]: r for r in json.loads(RESULTS.read_text())["runs"]}
+DEPTH = 2  # layers of the reduced-depth runs (real width, real clip shapes); full depth: bench/memory_sim.py
+
+
+def test_every_recipe_and_its_low_vram_switches_simulate_and_match_the_formula():
+    """`cogpipe plan --simulate`'s load and simulation (bench/memory_sim.simulate_run) on every recipe of configs/,
+    plain and with its low-VRAM switches, at DEPTH layers: the real model's width, the recipe's clip shape (the 1.5
+    recipes' odd latent frame count padded, as training pads it), the same code path. Full depth costs 20-130 s a run
+    on 2 shared cores (bench/results/memory_sim.json keeps those runs); 2 layers about a second. The formula of
+    `cogpipe plan` at the same depth: its host memory exact, its peak never below the simulation's by more than 5% and
+    at most 25% above (measured 1.00-1.22x at 2 layers, where its fixed terms, the step's inputs and the parts
+    outside the blocks, weigh more than at full depth: 0.94-1.05x there for the released sizes)."""
+    import memory_sim
+
+    runs = memory_sim.every_recipe()
+    recipes = {p.stem for p in (REPO / "configs").glob("*.yaml")}
+    assert sorted(n for n, _, _ in runs) == sorted(recipes | {r + "+low_vram" for r in recipes})
+    for name, recipe, overrides in runs:
+        sim = memory_sim.simulate_run(name, recipe, overrides, layers=DEPTH)
+        assert sim["layers"] <= DEPTH and sim["peak_allocated_bytes"] > sim["category_bytes"]["parameters"] > 0, name
+        assert 0.95 <= sim["formula_peak_bytes"] / sim["peak_allocated_bytes"] <= 1.25, sim
+        assert sim["formula_host_bytes"] == pytest.approx(sim["host_peak_bytes"], rel=0.01, abs=2 ** 20), sim
+        if name.endswith("+low_vram"):  # the switches moved something to the host
+            assert sim["host_peak_bytes"] > 2 ** 10 and sim["activation_offload"], name
+
+
+def test_the_recorded_full_depth_simulations():
+    """bench/results/memory_sim.json (python bench/memory_sim.py): every recipe at full depth, made by the code of a
+    named commit; the goals of the low-VRAM switches met there."""
+    results = json.loads(RESULTS.read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", results["commit"]) and results["dirty"] is False
+    runs = {r["name"]: r for r in results["runs"]}
     assert {p.stem for p in (REPO / "configs").glob("*.yaml")} <= set(runs)
-    for run in runs.values():
-        assert not run.get("error"), run
-        cfg = load_config(REPO / run["recipe"], run["overrides"], validate_model=False)
-        formula = plan.estimate(cfg)["gb"]
-        # 10%, or 1 MiB for the toy recipes, whose few-MB steps are mostly small fixed tensors the formula leaves out
-        # (the timestep embedding's, the model inputs)
-        assert formula["peak"] * plan.GB == pytest.approx(run["peak_allocated_bytes"], rel=0.10, abs=2 ** 20), run
-        assert formula["host_offloaded"] * plan.GB == pytest.approx(run["host_peak_bytes"], rel=0.10, abs=2 ** 20)
+    assert not [r for r in runs.values() if r.get("error")]
     assert runs["5b_lora+swap36+offload"]["peak_allocated_gib"] <= 12
     assert runs["1.5_5b_lora+swap36+offload"]["peak_allocated_gib"] <= 24
     assert runs["5b_full+offload+adamw8bit"]["peak_allocated_gib"] < runs["cogvideox_5b_full"]["peak_allocated_gib"]

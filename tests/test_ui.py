@@ -29,7 +29,26 @@ def test_host_needs_auth_beyond_this_machine(capsys):
     from cogpipe.cli import main
 
     assert main(["ui", "--host", "0.0.0.0"]) == 2  # refused before anything is served
-    assert "needs a login: add --auth" in capsys.readouterr().err
+    assert "needs a login: set COGPIPE_UI_AUTH=USER:PASSWORD or give --auth-file" in capsys.readouterr().err
+
+
+def test_the_login_comes_from_the_environment_or_a_file(tmp_path, capsys):
+    from cogpipe.ui.safety import login
+
+    warned = []
+    assert login(environ={"COGPIPE_UI_AUTH": "me:secret"}, warn=warned.append) == ("me", "secret")
+    (tmp_path / "auth").write_text("you:pass word\n")
+    assert login(auth_file=tmp_path / "auth", environ={}, warn=warned.append) == ("you", "pass word")
+    assert login(environ={}, warn=warned.append) is None and not warned
+    assert login("me:cli", environ={}, warn=warned.append) == ("me", "cli")  # works, with a warning
+    assert len(warned) == 1 and "every user of this machine" in warned[0] and "COGPIPE_UI_AUTH" in warned[0]
+    with pytest.raises(ValueError, match="COGPIPE_UI_AUTH must be USER:PASSWORD"):
+        login(environ={"COGPIPE_UI_AUTH": "nopassword"})
+    from cogpipe.cli import main
+
+    assert main(["ui", "--host", "0.0.0.0", "--auth-file", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert f"--auth-file {tmp_path / 'missing'}: cannot read it" in err
 
 
 def test_path_guard(tmp_path):
@@ -150,6 +169,14 @@ def test_train_tab_checks_before_launch(tmp_path):
         job(f"output_dir={tmp_path / 'elsewhere'}")
     with pytest.raises(ConfigError, match="data.root .*outside"):
         job("data.root=/etc")
+    with pytest.raises(ConfigError, match="validation.images /etc/passwd: outside"):  # a list of paths: each one
+        job("'validation.images=[/etc/passwd]'")
+    with pytest.raises(ConfigError, match="validation.images .*outside"):  # the section set as a whole
+        job("'validation={images: [models/tiny-world, /etc/passwd]}'")
+    with pytest.raises(ConfigError, match="train.resume_from .*outside"):
+        job("train.resume_from=/etc")
+    with pytest.raises(ConfigError, match="model.base .*outside"):
+        job("model.base=/etc")
     with pytest.raises(ConfigError, match="run name"):
         job("", name="../up")
     ok = job("train.max_steps=20 'validation.prompts=[a purple square moving left]'")
@@ -162,6 +189,40 @@ def test_train_tab_checks_before_launch(tmp_path):
     import torch
 
     assert env == ({} if torch.cuda.is_available() else {"DS_ACCELERATOR": "cpu"})
+
+
+def test_the_guard_walks_the_schema_so_a_new_path_field_is_guarded(tmp_path):
+    """Every field marked {"path": True} in cogpipe/config.py is guarded, found from the schema: a path field added
+    later (here a new section of a grown schema) is guarded with no change to the page."""
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    from cogpipe.config import Config
+    from cogpipe.ui.safety import path_fields
+
+    assert set(path_fields(Config)) == {"output_dir", "model.pretrained", "model.base", "data.root", "data.cache_dir",
+                                        "train.resume_from", "validation.images"}
+
+    @dataclass
+    class Adapter:
+        weights: Optional[str] = field(default=None, metadata={"path": True})
+        name: str = "x"
+
+    @dataclass
+    class Grown(Config):
+        adapter: Adapter = field(default_factory=Adapter)
+
+    outputs = tmp_path / "outputs"
+    guard = PathGuard([outputs, REPO / "models"])
+    assert "adapter.weights" in path_fields(Grown) and "adapter.name" not in path_fields(Grown)
+    with pytest.raises(ConfigError, match="adapter.weights /etc/passwd: outside"):
+        recipes.check_override_paths(["adapter.weights=/etc/passwd"], guard, outputs, schema=Grown)
+    recipes.check_override_paths([f"adapter.weights={REPO / 'models'}", "adapter.name=/etc/passwd"], guard, outputs,
+                                 schema=Grown)
+    # hub ids pass where the loaders take one (model.pretrained), as the loaders tell them from paths
+    recipes.check_override_paths(["model.pretrained=THUDM/CogVideoX-5b", "train.resume_from=latest"], guard, outputs)
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        recipes.check_override_paths(["model.pretrained=/etc"], guard, outputs)
 
 
 def test_generate_tab_uses_infer_arguments_and_checks(tmp_path):

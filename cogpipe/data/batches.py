@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from cogpipe.diffusion import padding_frames, sample_timestep
+from cogpipe.diffusion import padded_frames, sample_timestep
 
 
 def epoch_batches(shapes: list, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
@@ -124,7 +124,7 @@ def draw_batch(batch: list[dict], *, micro_step: int, rank: int, world: int, dra
         mean = example["mean"].to(device, non_blocking=True)  # (C, F, H, W)
         std = example["std"].to(device, non_blocking=True)
         x0.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
-        frames = mean.shape[1] + padding_frames(mean.shape[1], draws.patch_t)  # 1.5: fresh noise in the padding
+        frames = padded_frames(mean.shape[1], draws.patch_t)  # 1.5: fresh noise in the padding
         noise.append(torch.randn((mean.shape[0], frames, *mean.shape[2:]), generator=g, device=device))
         t.append(sample_timestep(draws.num_timesteps, g, draws.timestep_sampling, draws.logit_mean, draws.logit_std))
         prompt = example["prompt_embeds"].to(device, non_blocking=True)

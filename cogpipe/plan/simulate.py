@@ -36,7 +36,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from cogpipe import family, offload
-from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
+from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs, padded_frames
 
 from .memory import needed_gb
 from .model import largest_shape, resolve_transformer_config
@@ -325,7 +325,9 @@ def simulate(cfg, transformer_config: dict | None = None) -> dict:
     tracker.track_external(model, optimizer)
     with tracker:
         x0 = torch.empty(latent, dtype=cache_dtype, device=device)
-        noise = torch.empty(latent, dtype=cache_dtype, device=device)
+        # the noise has the padded frame count (1.5: fresh noise in the padding frame), as batches.draw_batch draws it
+        noise = torch.empty((B, padded_frames(latent[1], transformer_config.get("patch_size_t")), *latent[2:]),
+                            dtype=cache_dtype, device=device)
         prompt = torch.empty(B, transformer_config["max_text_seq_length"], transformer_config["text_embed_dim"],
                              dtype=cache_dtype, device=device)
         image = torch.empty(latent, dtype=cache_dtype, device=device) if family.is_i2v(transformer_config) else None

@@ -220,7 +220,8 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
             if not name:
                 return "choose a run"
             try:
-                job = recipes.resume_job(run_dir(name), "", ctx.outputs, ctx.guard, ctx.train_py, ctx.configs)
+                job = recipes.resume_job(run_dir(name), "", ctx.outputs, ctx.guard, ctx.train_py, ctx.configs,
+                                         jobs=list(ctx.queue.jobs))
             except (ConfigError, ValueError, FileNotFoundError) as e:
                 return f"resume: {e}"
             ctx.queue.submit(job)
@@ -280,7 +281,7 @@ def _train_tab(ctx: Context, timer: gr.Timer) -> None:
                 return "choose a recipe"
             try:
                 job = recipes.training_job(ctx.configs / chosen, text, run_name, ctx.outputs, ctx.guard,
-                                           ctx.train_py, ctx.configs, which, int(count or 1))
+                                           ctx.train_py, ctx.configs, which, int(count or 1), jobs=list(ctx.queue.jobs))
             except (ConfigError, ValueError, FileNotFoundError) as e:
                 return f"**not started**: {e}"
             waiting = ctx.queue.current() is not None or bool(ctx.queue.queued())

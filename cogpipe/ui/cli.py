@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import sys
 
-from cogpipe.ui.safety import host_problem, parse_auth
+from cogpipe.ui.safety import AUTH_ENV, host_problem, login
 
 
 def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1",
-                   help="interface to bind (default 127.0.0.1, this machine only; any other needs --auth)")
+                   help=f"interface to bind (default 127.0.0.1, this machine only; any other needs a login: "
+                        f"{AUTH_ENV} or --auth-file)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--outputs", default="outputs", help="the folder of runs the page lists and writes (outputs/)")
-    p.add_argument("--auth", default=None, metavar="USER:PASSWORD", help="require this login on the page")
+    p.add_argument("--auth-file", default=None, metavar="FILE",
+                   help=f"require the login USER:PASSWORD on the first line of FILE (or set {AUTH_ENV}=USER:PASSWORD)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help=f"require this login (warned: other users see a command line; prefer {AUTH_ENV} or "
+                        f"--auth-file)")
 
 
 def run(args) -> int:
     try:
-        auth = parse_auth(args.auth)
+        auth = login(args.auth, args.auth_file)
     except ValueError as e:
         print(f"cogpipe ui: error: {e}", file=sys.stderr)
         return 2
-    problem = host_problem(args.host, args.auth)
+    problem = host_problem(args.host, auth)
     if problem:
         print(f"cogpipe ui: error: {problem}", file=sys.stderr)
         return 2

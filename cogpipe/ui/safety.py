@@ -1,15 +1,20 @@
-"""What keeps the page safe by default: it binds to the loopback interface; a non-local host needs --auth (the page
-starts training processes and reads files); paths typed into the page must lie inside the allowed folders."""
+"""What keeps the page safe by default: it binds to the loopback interface; a non-local host needs a login (the page
+starts training processes and reads files), given by COGPIPE_UI_AUTH or --auth-file (--auth on the command line
+works but every local user sees it in the process list); paths typed into the page must lie inside the allowed
+folders: every path-typed field of the config schema (`path_fields`, from the fields' metadata), so a path field added
+to the schema later is guarded with no change here."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
-import re
+import sys
+import typing
 from pathlib import Path
 
 LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+AUTH_ENV = "COGPIPE_UI_AUTH"
 
 
 class UnsafePath(ValueError):
@@ -26,14 +31,33 @@ def is_local(host: str) -> bool:
         return False
 
 
-def parse_auth(auth: str | None) -> tuple[str, str] | None:
-    """`user:pass` -> (user, pass); ValueError naming --auth when either part is empty."""
+def parse_auth(auth: str | None, source: str = "--auth") -> tuple[str, str] | None:
+    """`user:pass` -> (user, pass); ValueError naming `source` when either part is empty."""
     if auth is None:
         return None
-    user, sep, password = auth.partition(":")
+    user, sep, password = auth.strip().partition(":")
     if not sep or not user or not password:
-        raise ValueError("--auth must be USER:PASSWORD (both non-empty)")
+        raise ValueError(f"{source} must be USER:PASSWORD (both non-empty)")
     return user, password
+
+
+def login(auth: str | None = None, auth_file=None, environ=os.environ, warn=None) -> tuple[str, str] | None:
+    """The page's login, from (first found) --auth-file FILE (its first line USER:PASSWORD), the COGPIPE_UI_AUTH
+    environment variable, or --auth USER:PASSWORD, which works but is warned about: every local user sees a command
+    line in the process list. None: no login. ValueError naming the source when it is malformed or unreadable."""
+    warn = warn or (lambda text: print(text, file=sys.stderr))
+    if auth_file is not None:
+        try:
+            lines = Path(auth_file).expanduser().read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"--auth-file {auth_file}: cannot read it ({e.strerror or e})") from None
+        return parse_auth(lines[0] if lines else "", f"--auth-file {auth_file} (its first line)")
+    if environ.get(AUTH_ENV):
+        return parse_auth(environ[AUTH_ENV], AUTH_ENV)
+    if auth is not None:
+        warn(f"cogpipe ui: warning: --auth puts the password on the command line, where every user of this machine "
+             f"sees it (ps); use {AUTH_ENV}=USER:PASSWORD or --auth-file FILE instead")
+    return parse_auth(auth)
 
 
 def host_problem(host: str, auth: str | None) -> str | None:
@@ -41,8 +65,8 @@ def host_problem(host: str, auth: str | None) -> str | None:
     if is_local(host) or auth:
         return None
     return (f"--host {host}: the page starts training processes and reads files under the allowed folders, so "
-            f"serving it beyond this machine needs a login: add --auth USER:PASSWORD (or use --host 127.0.0.1 and "
-            f"an SSH tunnel)")
+            f"serving it beyond this machine needs a login: set {AUTH_ENV}=USER:PASSWORD or give --auth-file FILE "
+            f"(or use --host 127.0.0.1 and an SSH tunnel)")
 
 
 class PathGuard:
@@ -65,8 +89,25 @@ class PathGuard:
         return Path(path).expanduser().resolve()
 
     def model(self, spec: str, what: str = "model") -> str:
-        """A model field: a hub id (owner/name that is no local path) passes as it is; a path must be allowed."""
+        """A model field: a hub id (told from a path as the loaders tell it, model_sources.is_hub_id) passes as it
+        is; a path must be allowed."""
+        from cogpipe.model_sources import is_hub_id
+
         spec = str(spec).strip()
-        if HUB_ID.match(spec) and not os.path.lexists(spec) and not spec.startswith("."):
+        if is_hub_id(spec) and not os.path.lexists(spec):
             return spec
         return str(self.check(spec, what))
+
+
+def path_fields(schema, prefix: str = "") -> dict[str, dict]:
+    """{dotted key: metadata} of every field of the dataclass `schema` (nested sections included) marked as a path
+    (`field(..., metadata={"path": True})`; cogpipe/config.py)."""
+    found = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        if f.metadata.get("path"):
+            found[key] = dict(f.metadata)
+        if dataclasses.is_dataclass(hints.get(f.name)):
+            found.update(path_fields(hints[f.name], key + "."))
+    return found

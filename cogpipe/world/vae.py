@@ -44,7 +44,8 @@ class VaeModelConfig:
     layers_per_block: int = 1
     norm_num_groups: int = 4
     latent_channels: int = 16  # what every CogVideoX transformer takes
-    pretrained: Optional[str] = None  # a saved VAE folder to continue from (ignores the shape keys above)
+    # a saved VAE folder to continue from (ignores the shape keys above)
+    pretrained: Optional[str] = field(default=None, metadata={"path": True})
     init_seed: int = 0
     # the spread (standard deviation around each channel's mean) of the scaled latents a diffusion model trains
     # on: scaling_factor = scaled_latent_std / the measured spread. 1 is the usual choice; above 1 puts less of
@@ -63,7 +64,8 @@ class VaeModelConfig:
 
 @dataclass
 class VaeDataConfig:
-    root: str = MISSING  # clips: prompts.txt + videos.txt, metadata.jsonl/csv or captioned videos
+    # clips: prompts.txt + videos.txt, metadata.jsonl/csv or captioned videos
+    root: str = field(default=MISSING, metadata={"path": True})
     frames: int = 9  # 8N+1 like CogVideoX (4x temporal compression to an odd latent count, which decodes back)
     height: int = 64
     width: int = 64
@@ -107,7 +109,7 @@ class VaeTrainConfig:
 
 @dataclass
 class VaeConfig:
-    output_dir: str = MISSING
+    output_dir: str = field(default=MISSING, metadata={"path": True})
     model: VaeModelConfig = field(default_factory=VaeModelConfig)
     data: VaeDataConfig = field(default_factory=VaeDataConfig)
     train: VaeTrainConfig = field(default_factory=VaeTrainConfig)
