@@ -317,6 +317,7 @@ def _validate(run: Run, model: Model, data: TrainData, step: int) -> None:
 
 def train(cfg: Config) -> Path:
     """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/)."""
+    offload.check_available(cfg.model)  # an optional package a switch needs, before anything is written or loaded
     run = _start(cfg)
     acc, tc = run.accelerator, cfg.train
     data = _prepare_data(run)

@@ -158,3 +158,18 @@ def test_training_with_the_switches_gives_the_same_weights(trained, clips, tmp_p
     a = load_file(str(trained[0] / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))
     b = load_file(str(out / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_int8_storage_without_torchao_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    from cogpipe.training import train
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else
+                        find_spec(name, *a))
+    cfg = load_config(REPO / "configs" / "tiny_lora.yaml", ["model.quantize_frozen=int8",
+                                                            f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r'model.quantize_frozen=int8 needs torchao: pip install -e "\.\[quantize\]"'):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
