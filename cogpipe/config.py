@@ -246,7 +246,8 @@ def merge_structured(schema, path=None, overrides=()):
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         source = f" ({path})" if path else ""
-        raise ConfigError(f"{key or 'config'}: {e.msg if hasattr(e, 'msg') else e}{source}") from None
+        message = str(e.msg if hasattr(e, "msg") else e).split("\n    full_key:")[0]  # the key is said first
+        raise ConfigError(f"{key or 'config'}: {message}{source}") from None
 
 
 def _recipe_relative(value: str | None, recipe) -> str | None:

@@ -11,12 +11,17 @@ trained). A LoRA run with `export.copy_base: false` writes no pipeline folder: t
 Built presets (no base to copy) are saved whole, the frozen base in model.weight_dtype. Both folders are
 written atomically (cogpipe.atomic); what an earlier, killed export left is swept first.
 
-    cogpipe export <output_dir> [--checkpoint PATH]
+    cogpipe export <output_dir> [--checkpoint PATH] [--overwrite]
+
+The command writes `export/` and `lora/` where the run has none; beside a run's own (what its end wrote), it writes
+`export-<checkpoint>/` and `lora-<checkpoint>/` (e.g. `export-checkpoint-000100/`), and it replaces nothing unless
+told `--overwrite` (then `export/` and `lora/` are rewritten from the checkpoint, as the end of a run does).
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -29,9 +34,10 @@ from cogpipe.lora import save_lora
 COMFYUI_MODEL = "comfyui/{run}_comfyui_core.safetensors"  # a full fine-tune for ComfyUI core, inside export/
 
 
-def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
+def export(output_dir, from_checkpoint=None, log=print, suffix: str = "") -> Path | None:
     """Write export/ (and lora/) from a checkpoint, `latest` by default; returns the export folder (None when
-    export.copy_base is off for a LoRA on a pretrained base: then only lora/ is written)."""
+    export.copy_base is off for a LoRA on a pretrained base: then only lora/ is written). With `suffix` the folders
+    are export<suffix>/ and lora<suffix>/."""
     out = Path(output_dir)
     for path in atomic.sweep(out):
         log(f"removed {path}, left by a killed write")
@@ -45,7 +51,7 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
     if lora:
         step = int(ckpt.name.rsplit("-", 1)[-1]) if ckpt.name.rsplit("-", 1)[-1].isdigit() else cfg.train.max_steps
         videos = sorted((out / "validation").glob(f"step-{step:06d}-*.mp4"))
-        with atomic.folder(out / "lora") as tmp:
+        with atomic.folder(out / f"lora{suffix}") as tmp:
             save_lora(tmp, trainable, cfg.lora)
             notes = modelcard.write_formats(tmp, out.resolve().name)
             modelcard.write_card(tmp, cfg, step, videos, notes)
@@ -60,7 +66,7 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
         if missing or unexpected:
             raise KeyError(f"{ckpt}: full fine-tune weights do not match the transformer: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with atomic.folder(out / "export") as tmp:
+    with atomic.folder(out / f"export{suffix}") as tmp:
         if cfg.model.pretrained:
             base = models.pretrained_folder(cfg.model.pretrained)
             paths.link_or_copy_tree(base, tmp)
@@ -79,16 +85,40 @@ def export(output_dir, from_checkpoint=None, log=print) -> Path | None:
             except ConversionError as e:
                 log(f"no ComfyUI-native transformer: {e}")
         save_config(cfg, tmp / "cogpipe_config.yaml")
-    return out / "export"
+    return out / f"export{suffix}"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("output_dir", help="a training output folder (holds checkpoints/)")
     parser.add_argument("--checkpoint", default=None, help="checkpoint folder (default: checkpoints/latest)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="rewrite export/ and lora/ in place (default: a run that has them gets "
+                             "export-<checkpoint>/ and lora-<checkpoint>/ beside them, and nothing is replaced)")
 
 
 def run(args) -> int:
-    path = export(args.output_dir, args.checkpoint)
-    lora = Path(args.output_dir) / "lora"
-    print(" and ".join(str(p) for p in (path, lora if lora.exists() else None) if p) + ": exported")
+    out = Path(args.output_dir)
+    try:
+        ckpt = checkpoint.resolve(out, args.checkpoint or "latest")
+    except FileNotFoundError as e:
+        ckpt, problem = None, f"--checkpoint {args.checkpoint}: {str(e).split(': ', 1)[-1]}"
+    else:
+        problem = f"{out}: no checkpoint to export (checkpoints/latest not found)"
+    if ckpt is None:
+        print(f"cogpipe export: error: {problem}", file=sys.stderr)
+        return 2
+    suffix = ""
+    if not args.overwrite and ((out / "export").exists() or (out / "lora").exists()):
+        suffix = f"-{ckpt.name}"
+        taken = [str(out / f"{name}{suffix}") for name in ("export", "lora") if (out / f"{name}{suffix}").exists()]
+        if taken:
+            print(f"cogpipe export: error: {' and '.join(taken)} already exist (an export of {ckpt.name}): nothing "
+                  f"written; remove them, or pass --overwrite to rewrite {out / 'export'} and {out / 'lora'} from "
+                  f"{ckpt.name}", file=sys.stderr)
+            return 2
+    path = export(out, ckpt, suffix=suffix)
+    lora = out / f"lora{suffix}"
+    wrote = [f"the pipeline folder {path}" if path else None,
+             f"the LoRA {lora} (diffusers keys; comfyui/, sat/ and its model card beside)" if lora.exists() else None]
+    print(f"exported {ckpt.name}: " + " and ".join(w for w in wrote if w))
     return 0

@@ -204,6 +204,19 @@ def _native_file_config(path: Path) -> dict | None:
                          metadata, path)
 
 
+def hub_download_command() -> str:
+    """The download command of the installed huggingface_hub: `hf download` (its CLI since 0.34; 1.0 dropped
+    `huggingface-cli`), else `huggingface-cli download`."""
+    from importlib import metadata
+
+    try:
+        entries = metadata.distribution("huggingface_hub").entry_points
+        scripts = {e.name for e in entries if e.group == "console_scripts"}
+    except metadata.PackageNotFoundError:
+        scripts = set()
+    return "hf download" if "hf" in scripts or not scripts else "huggingface-cli download"
+
+
 def _base_for(spec: str, config: dict, base: str | None, what: str) -> tuple[str, dict]:
     """(base, {"transformer": {...}, "vae": {...}} config values taken from it): `base`, else the released model of
     the source's version."""
@@ -224,7 +237,7 @@ def _base_for(spec: str, config: dict, base: str | None, what: str) -> tuple[str
         raise FileNotFoundError(
             f"--model {spec}: {what}; the rest of the pipeline (VAE, T5 text encoder, tokenizer, scheduler) comes "
             f"from {title} ({base}), which cannot be read here ({type(e).__name__}: {str(e)[:200]}). Download it "
-            f"once while online (huggingface-cli download {base}) or pass --base PATH, a CogVideoX pipeline folder "
+            f"once while online ({hub_download_command()} {base}) or pass --base PATH, a CogVideoX pipeline folder "
             f"of the same version") from None
     same = (family.version(base_config), family.is_i2v(base_config)) == (family.version(config),
                                                                          family.is_i2v(config))

@@ -264,6 +264,15 @@ class Offload:
         return (self.swap.bytes_per_step() if self.swap else 0) + (self.activations.moved if self.activations else 0)
 
 
+def check_available(model_cfg) -> None:
+    """model.quantize_frozen needs torchao (the `quantize` extra): said when the run starts, before any weights load."""
+    from importlib.util import find_spec
+
+    kind = getattr(model_cfg, "quantize_frozen", "none")
+    if kind != "none" and find_spec("torchao") is None:
+        raise ConfigError(f"model.quantize_frozen={kind} needs torchao: pip install -e \".[quantize]\"")
+
+
 def quantize_frozen(transformer, model_cfg) -> bool:
     """model.quantize_frozen=int8: the transformer blocks' Linear weights stored as int8 with one scale a row
     (torchao, weight-only: computed in their dtype). Call it before the LoRA adapter is added: the adapter's own

@@ -340,6 +340,24 @@ def setup(rank: int, world: int, size: int) -> tuple[Layout, object]:
     return layout, new_group(layout)
 
 
+def inference_launch(size: int, device) -> str:
+    """The launch that starts `size` processes on this machine: beside CUDA accelerate's default does; on CPUs
+    (or MPS) it starts one process unless told to run several CPU processes through the DDP config."""
+    if getattr(device, "type", device) == "cuda":
+        return f"accelerate launch --num_processes {size}"
+    import os
+
+    from cogpipe.paths import repo_path
+
+    try:
+        config = repo_path("configs/accelerate/ddp.yaml", "--config_file")
+        rel = os.path.relpath(config)
+        config = rel if not rel.startswith("..") else str(config)
+    except FileNotFoundError:
+        config = "configs/accelerate/ddp.yaml"
+    return f"ACCELERATE_USE_CPU=1 accelerate launch --config_file {config} --num_processes {size}"
+
+
 def start_inference(size: int, device, heads: int) -> int:
     """infer.py --sequence-parallel N under `accelerate launch --num_processes N` (or torchrun): join the launch's
     process group (NCCL beside CUDA, gloo elsewhere) and return this rank; every rank then runs the same video.
@@ -348,8 +366,8 @@ def start_inference(size: int, device, heads: int) -> int:
 
     world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else None
     if world != size:
-        raise ValueError(f"--sequence-parallel {size}: launch {size} processes, e.g. `accelerate launch "
-                         f"--num_processes {size} infer.py ... --sequence-parallel {size}` (this run has "
+        raise ValueError(f"--sequence-parallel {size}: launch {size} processes, e.g. `{inference_launch(size, device)} "
+                         f"infer.py ... --sequence-parallel {size}` (this run has "
                          f"{world or 'no launcher, one process'})")
     message = problem(size, heads, world)
     if message:

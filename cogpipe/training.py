@@ -367,6 +367,7 @@ def _validate(run: Run, model: Model, data: TrainData, step: int) -> None:
 def train(cfg: Config) -> Path:
     """Train as configured; returns the output folder (checkpoints/, export/, lora/, validation/). The run holds
     output_dir's lock (cogpipe.rundir) from its start to its end."""
+    offload.check_available(cfg.model)  # an optional package a switch needs, before anything is written or loaded
     run = _start(cfg)
     try:
         return _train(run)

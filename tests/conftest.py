@@ -25,8 +25,8 @@ from helpers import SPECS, make_clips, run_tiny  # noqa: E402
 # The test files that take longest (measured with --durations under two workers), in that order: pytest-xdist hands
 # files to its workers in collection order (the count-based reordering is switched off below), so these start first
 # and the short files fill in behind them, and the two workers end close together.
-LONGEST_FIRST = ["test_launchers.py", "test_sequence_parallel.py", "world/test_pretrain.py", "test_bench.py",
-                 "test_faults.py", "test_hub_layout.py", "test_ui_browser.py", "test_multiprocess.py"]
+LONGEST_FIRST = ["test_readme.py", "test_launchers.py", "test_sequence_parallel.py", "world/test_pretrain.py",
+                 "test_bench.py", "test_faults.py", "test_hub_layout.py", "test_ui_browser.py", "test_multiprocess.py"]
 
 
 def pytest_configure(config):

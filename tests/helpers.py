@@ -1,8 +1,23 @@
 """Helpers shared by the tests: the repository root, small synthetic clip folders, the tiny recipe's overrides."""
 
+import os
+from importlib.util import find_spec
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def needs(module: str, extra: str):
+    """A mark for a test that needs an optional package: skipped, with the install line, where `module` is missing
+    (the README's `pip install -e ".[test]"`); under CI (`CI` set: .ci/run installs every extra) it runs, so a missing
+    extra there fails."""
+    import pytest
+
+    return pytest.mark.skipif(find_spec(module) is None and not os.environ.get("CI"),
+                              reason=f"needs {module}: pip install -e \".[{extra}]\"")
+
+
+NEEDS_TORCHAO = needs("torchao", "quantize")
 
 # Generated videos compared with ones made on another machine (a shipped image, a README strip): float kernels
 # differ between CPUs (vector widths, reduction orders), so 50 denoising steps may end a few 8-bit values one level

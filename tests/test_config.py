@@ -106,3 +106,14 @@ def test_learned_positions_fix_the_shape():
     assert load_config(cfg, ["model.pretrained=null"]).data.frames == 49
     with pytest.raises(ConfigError, match="data.frames: this model's learned positional embeddings fit only 49"):
         load_config(cfg, ["model.pretrained=null", "data.frames=33"])
+
+
+def test_a_config_error_under_accelerate_launch_is_said_once(tmp_path):
+    """accelerate's one-process launcher re-raises what train.py wrote to stderr: the message must not be doubled."""
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines",
+                        "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "train.py"), "--config",
+                        str(RECIPE), "train.max_stepz=5", f"output_dir={tmp_path / 'out'}"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    said = r.stdout + r.stderr
+    assert r.returncode != 0 and said.count("train.max_stepz: Key 'max_stepz' not in 'TrainConfig'") == 1, said
+    assert "Did you mean one of: 'max_steps'" in said and not (tmp_path / "out").exists()

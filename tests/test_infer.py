@@ -197,6 +197,26 @@ def test_quantize_int8_generates_close_to_full_precision(hub, tmp_path, capsys):
     assert q.shape == p.shape and np.abs(q.astype(int) - p).mean() < 8  # weight-only int8: close, not equal
 
 
+def test_quantize_without_torchao_fails_before_any_weights_load(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from cogpipe import model_sources
+
+    def no_torchao(name, *a, **kw):
+        return None if name == "torchao" else find_spec(name, *a, **kw)
+
+    def no_loading(*a, **kw):
+        raise AssertionError("the model was resolved before the torchao check")
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", no_torchao)
+    monkeypatch.setattr(model_sources, "resolve", no_loading)
+    assert _infer(tmp_path, "int8", "--quantize", "int8")[0] == 2
+    err = capsys.readouterr().err
+    assert '--quantize int8 needs torchao, the `quantize` extra: pip install -e ".[quantize]"' in err
+    assert not (tmp_path / "int8.mp4").exists()
+
+
 def test_fp8_needs_a_recent_gpu(hub, tmp_path, capsys):
     assert _infer(tmp_path, "fp8", "--model", str(hub["5b"]), "--quantize", "fp8")[0] == 2
     assert "--quantize fp8 needs an NVIDIA GPU of compute capability 8.9 or newer" in capsys.readouterr().err

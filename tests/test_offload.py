@@ -10,7 +10,7 @@ from cogpipe.config import ConfigError, load_config
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
 from cogpipe.lora import add_lora
 
-from helpers import REPO, run_tiny
+from helpers import NEEDS_TORCHAO, REPO, run_tiny
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 LAYERS = 3  # the tiny preset's shapes with one block more than its two: a swapped block between two others
@@ -109,6 +109,7 @@ def test_activation_offload_is_exact_and_copies_every_blocks_inputs(plain):
     assert off.activations.moved == 2 * LAYERS * (hidden + text)  # out and back
 
 
+@NEEDS_TORCHAO
 def test_int8_storage_computes_with_the_dequantized_weights():
     quantized, _ = _model(_cfg("model.quantize_frozen=int8"))
     weight = quantized.transformer_blocks[0].attn1.to_q.base_layer.weight
@@ -123,7 +124,8 @@ def test_int8_storage_computes_with_the_dequantized_weights():
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("storage", ["model.quantize_frozen=int8", "model.fp8_frozen=true"])
+@pytest.mark.parametrize("storage", [pytest.param("model.quantize_frozen=int8", marks=NEEDS_TORCHAO),
+                                     "model.fp8_frozen=true"])
 def test_the_switches_compose_with_int8_and_fp8_storage(storage):
     dtype = ["model.weight_dtype=bf16", "train.mixed_precision=bf16"] if "fp8" in storage else []
     alone = _step(_model(_cfg(storage, *dtype))[0], torch.bfloat16 if dtype else torch.float32)
@@ -156,3 +158,18 @@ def test_training_with_the_switches_gives_the_same_weights(trained, clips, tmp_p
     a = load_file(str(trained[0] / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))
     b = load_file(str(out / "checkpoints" / "checkpoint-000004" / checkpoint.TRAINABLE))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_int8_storage_without_torchao_stops_the_run_before_it_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    from cogpipe.training import train
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else
+                        find_spec(name, *a))
+    cfg = load_config(REPO / "configs" / "tiny_lora.yaml", ["model.quantize_frozen=int8",
+                                                            f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r'model.quantize_frozen=int8 needs torchao: pip install -e "\.\[quantize\]"'):
+        train(cfg)
+    assert not (tmp_path / "out").exists()

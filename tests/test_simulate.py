@@ -1,6 +1,7 @@
 """`cogpipe plan --simulate` (cogpipe/plan/simulate.py): the recipe's step on the meta device under MemTracker, at
 medium shapes here (the real sizes take a minute each: bench/memory_sim.py records them, checked below)."""
 
+import functools
 import json
 import re
 import sys
@@ -13,7 +14,7 @@ from cogpipe.cli import main as cli_main
 from cogpipe.config import load_config
 from cogpipe.plan.simulate import FlashAttentionMemory, per_rank, simulate
 
-from helpers import REPO
+from helpers import NEEDS_TORCHAO, REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -53,11 +54,15 @@ def test_the_formula_agrees_with_the_simulation_at_a_medium_shape(recipe):
         assert 2 * c["parameters"] <= c["optimizer_state"] <= 2 * c["parameters"] + 2 * largest + 2 ** 20
 
 
-def test_the_low_vram_switches_show_in_the_simulation():
+@functools.cache
+def _plain_medium_5b_lora():
     cfg, tc = _medium("cogvideox_5b_lora")
-    plain = simulate(cfg, tc)
+    return tc, simulate(cfg, tc)
+
+
+def test_the_low_vram_switches_show_in_the_simulation():
+    tc, plain = _plain_medium_5b_lora()
     both = simulate(*_medium("cogvideox_5b_lora", "train.blocks_to_swap=2", "train.activation_offload=true"))
-    int8 = simulate(*_medium("cogvideox_5b_lora", "model.quantize_frozen=int8"))
     block = sum(p.numel() for p in _block_frozen_params(tc)) * 2  # one block's frozen bf16 weights
     # both blocks' frozen weights live in host memory, fetched for the forward and again for the backward
     assert both["host_category_bytes"]["parameters"] == pytest.approx(2 * block, rel=0.01)
@@ -66,6 +71,13 @@ def test_the_low_vram_switches_show_in_the_simulation():
     assert both["pcie_bytes_per_step"] == pytest.approx(2 * 2 * block + 2 * 2 * tokens * hidden * 2, rel=0.01)
     assert both["host_category_bytes"]["activations"] == pytest.approx(2 * tokens * hidden * 2, rel=0.01)
     assert both["peak_allocated_bytes"] < plain["peak_allocated_bytes"]
+
+
+@NEEDS_TORCHAO
+def test_int8_storage_shows_in_the_simulation():
+    tc, plain = _plain_medium_5b_lora()
+    int8 = simulate(*_medium("cogvideox_5b_lora", "model.quantize_frozen=int8"))
+    block = sum(p.numel() for p in _block_frozen_params(tc)) * 2  # one block's frozen bf16 weights
     # int8 storage: the block Linears in 1 byte (+ a scale a row) instead of 2
     assert int8["category_bytes"]["parameters"] < plain["category_bytes"]["parameters"] - 2 * block * 0.4
 

@@ -113,7 +113,7 @@ def test_resume_from_missing_path_is_an_error(clips, tmp_path):
         _run(clips, tmp_path / "o", tmp_path / "c", **{"train.resume_from": str(tmp_path / "nowhere")})
 
 
-def test_cogpipe_export_command(trained, tmp_path):
+def test_cogpipe_export_command(trained, tmp_path, capsys):
     from cogpipe.cli import main
 
     out = tmp_path / "copy"
@@ -123,6 +123,26 @@ def test_cogpipe_export_command(trained, tmp_path):
     a = load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(trained[0] / "lora" / "pytorch_lora_weights.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert f"{out / 'export'}" in capsys.readouterr().out
+
+    # again, from the first checkpoint: beside the run's own folders, which keep their bytes
+    first = out / "checkpoints" / "checkpoint-000002"
+    kept = (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert main(["export", str(out), "--checkpoint", str(first)]) == 0
+    said = capsys.readouterr().out
+    assert f"{out / 'export-checkpoint-000002'}" in said and f"{out / 'lora-checkpoint-000002'}" in said, said
+    assert (out / "export-checkpoint-000002" / "model_index.json").is_file()
+    assert (out / "lora-checkpoint-000002" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes() == kept
+    # a third time: refused, naming what exists and --overwrite
+    assert main(["export", str(out), "--checkpoint", str(first)]) == 2
+    err = capsys.readouterr().err
+    assert "export-checkpoint-000002" in err and "--overwrite" in err and "nothing written" in err
+    # --overwrite rewrites lora/ from the checkpoint asked for
+    assert main(["export", str(out), "--checkpoint", str(first), "--overwrite"]) == 0
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").read_bytes() != kept
+    assert main(["export", str(out), "--checkpoint", str(out / "nowhere")]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
 
 
 def test_infer_cli_writes_requested_video(trained, tmp_path):

@@ -9,6 +9,7 @@ This module imports only the standard library at its top: cogpipe's modules brin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass
@@ -55,10 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight-only quantization of transformer and T5 (torchao; fp8 needs compute capability 8.9+)")
     p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="VAE slicing and tiling (default: on on an accelerator)")
-    p.add_argument("--output", default="output.mp4")
+    p.add_argument("--output", default="output.mp4",
+                   help="the video file (with --num-videos N: OUTPUT-0.mp4 ... OUTPUT-{N-1}.mp4)")
     p.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                    help="run each video across N processes (Ulysses attention): launch with `accelerate launch "
-                        "--num_processes N infer.py ...`; N divides the model's attention heads")
+                        "--num_processes N infer.py ...` on GPUs, `ACCELERATE_USE_CPU=1 accelerate launch "
+                        "--config_file configs/accelerate/ddp.yaml --num_processes N infer.py ...` on CPUs; N divides "
+                        "the model's attention heads")
 
 
 def _fail(message: str) -> int:
@@ -88,6 +92,9 @@ def prepare(a: argparse.Namespace) -> Prepared:
         raise ValueError(f"--num-videos must be at least 1, got {a.num_videos}")
     if a.image and a.video:
         raise ValueError("--image and --video: give one (image-to-video or video-to-video)")
+    if a.quantize != "none" and importlib.util.find_spec("torchao") is None:
+        raise ValueError(f"--quantize {a.quantize} needs torchao, the `quantize` extra: pip install -e \".[quantize]\" "
+                         f"(or pip install torchao)")
     for flag, path in (("--image", a.image), ("--video", a.video)):
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")

@@ -270,7 +270,9 @@ def build_meta_model(cfg, transformer_config: dict, observer=None, context_fn=No
     weight_dtype = family.DTYPES[cfg.model.weight_dtype]
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel(**transformer_config)
-    model = model.to(weight_dtype if lora else torch.float32)
+    # torch's own cast: diffusers' ModelMixin.to warns on every dtype cast of a class that lists its float32 modules,
+    # even an empty list (CogVideoX's), once per simulation; there is nothing to keep in float32 here
+    model = torch.nn.Module.to(model, weight_dtype if lora else torch.float32)
     offload.make_trainable(model, cfg)
     if cfg.train.gradient_checkpointing:
         model.enable_gradient_checkpointing(

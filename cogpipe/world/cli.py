@@ -6,7 +6,7 @@
     cogpipe world assemble --vae DIR --out DIR              the initial pipeline folder the DiT recipe trains
     cogpipe world ship --export DIR --out models/tiny-world
     cogpipe world pretrain [--work outputs/pretrain] [--ship models/tiny-world]   every stage in order
-    cogpipe world strip [--lora outputs/tiny_lora/lora]     docs/tiny_world_strip.png
+    cogpipe world strip [--lora outputs/tiny_lora/lora]     outputs/tiny_world_strip.png (--out: elsewhere)
 
 Also `python -m cogpipe.world <command>`.
 """
