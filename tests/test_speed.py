@@ -157,3 +157,28 @@ def test_infer_prints_what_the_cache_skipped(tmp_path, capsys):
     line = next(x for x in out.splitlines() if x.startswith("cache teacache (threshold 0.3)"))
     done, total = map(int, line.split(": ")[1].split(" ")[0].split("/"))
     assert total == 8 * 4 and done < total and "steps skipped" in line, line
+
+
+def test_sequence_parallel_ranks_take_the_same_decisions_as_one_process(tmp_path):
+    """2 CPU processes (gloo) generate with FBC and TeaCache across the group: each rank sees another shard of the
+    tokens (FBC's metric on a shard alone differs between the ranks), yet both take the group's decision at every
+    step, the one one process takes, and the video is one process's."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO, free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), str(REPO / "tests" / "sp_cache.py"), str(tmp_path)]
+    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["all_to_alls"] > 0  # the attention really ran across the group
+    for cache, blocks in (("fbc", {1, 4}), ("teacache", {0, 4})):
+        one, two = ranks[0][cache], ranks[1][cache]
+        assert one["decisions"] == two["decisions"] == one["one_process_decisions"]
+        assert set(one["decisions"]) == blocks  # some steps skipped, some computed
+        assert one["relative_difference"] < 1e-5
+    assert ranks[0]["fbc"]["local_metric"] != ranks[1]["fbc"]["local_metric"]  # the shards alone disagree
