@@ -10,6 +10,8 @@ import torch
 
 from cogpipe.inference import speed as sp
 
+from helpers import REPO
+
 PROMPT = "a blue circle moving up"
 STEPS = 6
 
@@ -167,7 +169,7 @@ def test_sequence_parallel_ranks_take_the_same_decisions_as_one_process(tmp_path
     import subprocess
     import sys
 
-    from helpers import REPO, free_port
+    from helpers import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(REPO / "tests" / "sp_cache.py"), str(tmp_path)]
@@ -182,3 +184,50 @@ def test_sequence_parallel_ranks_take_the_same_decisions_as_one_process(tmp_path
         assert set(one["decisions"]) == blocks  # some steps skipped, some computed
         assert one["relative_difference"] < 1e-5
     assert ranks[0]["fbc"]["local_metric"] != ranks[1]["fbc"]["local_metric"]  # the shards alone disagree
+
+
+def test_validation_keys_reach_the_end_of_run_render(tmp_path):
+    """validation.cache / cache_threshold / attention: the end-of-run render (from the model, as a user loads it)
+    runs with them and writes what they did beside each video; bad values are a ConfigError naming the key."""
+    from cogpipe.config import ConfigError, load_config
+    from cogpipe.validation import render_validation
+
+    cfg = load_config(REPO / "configs" / "tiny_lora.yaml",
+                      [f"output_dir={tmp_path}", "train.mode=full", "validation.steps=6",
+                       "validation.cache=teacache", "validation.cache_threshold=0.3",
+                       f"data.root={REPO / 'data' / 'tiny'}", f"model.pretrained={REPO / 'models' / 'tiny-world'}"])
+    written = render_validation(tmp_path, cfg, 0, prompts=[PROMPT], device="cpu")
+    assert [p.name for p in written] == ["step-000000-0.mp4"]
+    report = json.loads((tmp_path / "validation" / "step-000000-0.speed.json").read_text())
+    assert report["cache"] == "teacache" and report["threshold"] == 0.3 and report["steps"] == 6
+    assert 0 < report["block_evaluations_skipped"] < report["block_evaluations"]
+    for override, key in [("validation.cache=tea", "validation.cache"),
+                          ("validation.attention=sage", "validation.attention"),
+                          ("validation.cache=taylorseer", "validation.cache_threshold")]:
+        extra = ["validation.cache_threshold=2.5"] if key == "validation.cache_threshold" else []
+        with pytest.raises(ConfigError, match=key):
+            load_config(REPO / "configs" / "tiny_lora.yaml", [f"output_dir={tmp_path}", override, *extra])
+
+
+def test_generate_tab_passes_the_speed_fields_and_shows_the_report(tmp_path):
+    """The page's Generate tab: its speed fields become infer.py's switches; the video's settings carry what the
+    cache skipped; a second generation with other speed settings reuses the loaded weights."""
+    from cogpipe.ui import generate as gen
+    from cogpipe.ui.safety import PathGuard
+
+    guard = PathGuard([tmp_path, REPO / "models"])
+    model = str(REPO / "models" / "tiny-world")
+    a = gen.parse(gen.infer_argv(guard, model, PROMPT, cache="fbc", cache_threshold=0.2, attention="sdpa",
+                                 compile=True))
+    assert (a.cache, a.cache_threshold, a.attention, a.compile) == ("fbc", 0.2, "sdpa", True)
+    with pytest.raises(ValueError, match="--cache"):
+        gen.parse(gen.infer_argv(guard, model, PROMPT, cache="deepcache"))
+    generator = gen.Generator(tmp_path, guard)
+    _, first = generator.generate(model=model, prompt=PROMPT, steps=5, cache="teacache", cache_threshold=0.3)
+    pipe = generator._pipe
+    _, second = generator.generate(model=model, prompt=PROMPT, steps=5)
+    assert generator._pipe is pipe
+    assert first["cache"] == "teacache" and first["speed"]["steps"] == 5 and first["speed"]["steps_skipped"] > 0
+    assert first["blocks_skipped"] == f"{first['speed']['block_evaluations_skipped']}/20"
+    assert "block evaluations done" in first["speed_line"]
+    assert second["cache"] == "none" and second["blocks_skipped"] == "0/20"

@@ -175,6 +175,8 @@ class Report:
     calls: list = field(default_factory=list)  # blocks evaluated in each transformer call
     seconds: float = 0.0
     handles: list = field(default_factory=list, repr=False)
+    restore: list = field(default_factory=list, repr=False)  # (attention, its processor, its kernel) before
+    compiled_here: list = field(default_factory=list, repr=False)  # blocks `apply` compiled
 
     @property
     def attention_calls(self) -> int:
@@ -470,9 +472,14 @@ def apply(pipe, speed: Speed, steps: int = 50, log=print) -> Report:
     remove(transformer)
     fit = read_fit(speed.fit) if speed.fit else None
     kernel = Kernel(speed.attention)
+    from cogpipe.attention import attention_modules
+
+    restore = [(attn, attn.processor, getattr(attn.processor, "kernel", None))
+               for attn in attention_modules(transformer)]
     set_kernel(transformer, kernel)
     blocks = list(transformer.transformer_blocks)
-    report = Report(speed.cache, speed.resolved_threshold, speed.attention, speed.compile, len(blocks), kernel)
+    report = Report(speed.cache, speed.resolved_threshold, speed.attention, speed.compile, len(blocks), kernel,
+                    restore=restore)
     timestep = _Timestep()
     if speed.active:
         if speed.cache == "teacache":
@@ -501,6 +508,7 @@ def apply(pipe, speed: Speed, steps: int = 50, log=print) -> Report:
     if speed.compile:
         from cogpipe.models import compile_blocks
 
+        report.compiled_here = [b for b in blocks if getattr(b, "_compiled_call_impl", None) is None]
         compile_blocks(transformer)
     return report
 
@@ -518,12 +526,20 @@ def begin(pipe, steps: int) -> Report | None:
 
 
 def remove(transformer) -> None:
-    """Undo `apply`: no cache hooks, no counters (the attention processors stay cogpipe's: same computation)."""
+    """Undo `apply`: no cache hooks, no counters, the attention processors and kernels as they were, the blocks
+    `apply` compiled uncompiled (validation during training leaves the trained transformer as it found it)."""
     report = getattr(transformer, "_cogpipe_speed", None)
     if report is None:
         return
     for handle in report.handles:
         handle.remove()
+    for attn, processor, kernel in report.restore:
+        if attn.processor is not processor:
+            attn.set_processor(processor)
+        if kernel is not None:
+            processor.kernel = kernel
+    for block in report.compiled_here:
+        block._compiled_call_impl = None
     remove_teacache(transformer)
     if getattr(transformer, "is_cache_enabled", False):
         transformer.disable_cache()
