@@ -18,6 +18,8 @@ COMMANDS = {
     "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
     "check": ("cogpipe.check", "check a recipe's config and dataset without training"),
     "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
+    "teacache-fit": ("cogpipe.inference.fit", "fit TeaCache's coefficients and MagCache's ratios for a model from "
+                                              "a few of its own generations (infer.py --teacache-coefficients)"),
 }
 
 

@@ -231,3 +231,22 @@ def test_generate_tab_passes_the_speed_fields_and_shows_the_report(tmp_path):
     assert first["blocks_skipped"] == f"{first['speed']['block_evaluations_skipped']}/20"
     assert "block evaluations done" in first["speed_line"]
     assert second["cache"] == "none" and second["blocks_skipped"] == "0/20"
+
+
+def test_teacache_fit_writes_what_teacache_and_magcache_load(tmp_path, capsys):
+    """`cogpipe teacache-fit` on a few generations -> a JSON infer.py takes with --teacache-coefficients: the
+    TeaCache polynomial and the MagCache ratios, measured (not the defaults)."""
+    from cogpipe.cli import main as cogpipe
+    from cogpipe.inference import cli
+
+    fit = tmp_path / "fit.json"
+    assert cogpipe(["teacache-fit", "--steps", "4", "--prompts", PROMPT, "a red square moving left",
+                    "--output", str(fit)]) == 0
+    data = sp.read_fit(fit)
+    assert len(data["teacache_coefficients"]) == 5 and data["teacache_coefficients"] != sp.IDENTITY
+    assert len(data["mag_ratios"]) == 4 and data["mag_ratios"][0] == 1.0
+    assert all(0 < r < 10 for r in data["mag_ratios"][1:]) and len(set(data["mag_ratios"])) > 1
+    assert data["points"] == 6 and "TeaCache coefficients" in capsys.readouterr().out
+    assert cli.main(["--prompt", PROMPT, "--steps", "4", "--cache", "magcache", "--cache-threshold", "0.5",
+                     "--teacache-coefficients", str(fit), "--output", str(tmp_path / "m.mp4")]) == 0
+    assert "cache magcache (threshold 0.5)" in capsys.readouterr().out
