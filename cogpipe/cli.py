@@ -19,6 +19,8 @@ COMMANDS = {
     "check": ("cogpipe.data.checks", "check a recipe's config and dataset without training"),
     "data": ("cogpipe.data.cli", "index and encode a dataset of any size on Ray into a latent store, verify it"),
     "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
+    "teacache-fit": ("cogpipe.inference.fit", "fit TeaCache's coefficients and MagCache's ratios for a model from "
+                                              "a few of its own generations (infer.py --teacache-coefficients)"),
 }
 
 

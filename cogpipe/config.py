@@ -200,6 +200,34 @@ class ValidationConfig:
     guidance: float = 6.0
     seed: int = 0
     fps: int = 8
+    # fast generation, as infer.py's switches (cogpipe/inference/speed.py, docs/inference.md): the step cache and
+    # its threshold (None: the method's recommended), regional compilation, the attention kernel, a teacache-fit JSON
+    cache: str = "none"  # none | fbc | pab | fastercache | teacache | magcache | taylorseer
+    cache_threshold: Optional[float] = None
+    compile: bool = False
+    attention: str = "sdpa"  # sdpa | sage
+    teacache_coefficients: Optional[str] = field(default=None, metadata={"path": True})
+
+    def __post_init__(self):
+        from cogpipe.attention import kernel_problem
+        from cogpipe.inference.speed import CACHES, check
+
+        _one_of(self.cache, set(CACHES), "validation.cache")
+        _one_of(self.attention, {"sdpa", "sage"}, "validation.attention")
+        try:
+            check(self.speed())
+        except (ValueError, FileNotFoundError) as e:
+            key = "validation.attention" if kernel_problem(self.attention) else \
+                "validation.teacache_coefficients" if "--teacache-coefficients" in str(e) or "magcache" in str(e) \
+                else "validation.cache_threshold"
+            message = str(e).removeprefix("--cache-threshold: ").replace("--cache-threshold", key)
+            raise ConfigError(f"{key}: {message}") from None
+
+    def speed(self):
+        """The validation renders' cogpipe.inference.speed.Speed."""
+        from cogpipe.inference.speed import Speed
+
+        return Speed(self.cache, self.cache_threshold, self.compile, self.attention, self.teacache_coefficients)
 
 
 @dataclass

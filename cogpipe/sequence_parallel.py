@@ -197,8 +197,11 @@ class UlyssesAttnProcessor:
     """diffusers' CogVideoXAttnProcessor2_0 (joint text + video attention, qk-norm, rotary on the video tokens),
     with the video tokens split across the group and the heads split for the attention itself."""
 
-    def __init__(self, sp: SequenceParallel):
+    def __init__(self, sp: SequenceParallel, kernel=None):
+        from cogpipe.attention import Kernel
+
         self.sp = sp
+        self.kernel = kernel or Kernel("sdpa")  # cogpipe.attention: the attention itself, on the full sequence
 
     def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
         import torch.nn.functional as F
@@ -229,7 +232,7 @@ class UlyssesAttnProcessor:
             q = torch.cat([q[:, :, :text_len], apply_rotary_emb(q[:, :, text_len:], image_rotary_emb)], dim=2)
             if not attn.is_cross_attention:
                 k = torch.cat([k[:, :, :text_len], apply_rotary_emb(k[:, :, text_len:], image_rotary_emb)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = self.kernel(q, k, v)
         out = out.transpose(1, 2)  # (B, T + S, H/N, d)
         text_out = _GatherSummedBack.apply(out[:, :text_len].contiguous(), sp.group, n, sp.rank, 2)
         video_out = out[:, text_len:]

@@ -16,7 +16,7 @@ import torch
 from cogpipe import modelcard, models, sequence_parallel
 from cogpipe.data.folders import load_clip, scan
 from cogpipe.devices import compute_dtype
-from cogpipe.inference import generate, load_pipeline
+from cogpipe.inference import generate, load_pipeline, speed
 from cogpipe.inference.pipeline import set_scheduler
 from cogpipe.video import write_mp4
 
@@ -44,10 +44,15 @@ def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
     return [(p, images[i % len(images)]) for i, p in enumerate(prompts)]
 
 
-def _write(out: Path, step: int, i: int, frames, prompt: str, image, fps: int) -> Path:
+def _write(out: Path, step: int, i: int, frames, prompt: str, image, fps: int, report=None) -> Path:
+    """The video, its prompt (.txt), first frame (.png) and what the speed settings did (.speed.json)."""
     stem = out / "validation" / f"step-{step:06d}-{i}"
     path = write_mp4(frames, stem.with_suffix(".mp4"), fps=fps)
     stem.with_suffix(".txt").write_text(prompt + "\n")
+    if report is not None:
+        import json
+
+        stem.with_suffix(".speed.json").write_text(json.dumps(report.as_dict()) + "\n")
     if image is not None:
         image.save(stem.with_suffix(".png"))
     return path
@@ -82,6 +87,7 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
     was_training = transformer.training
     transformer.eval()
     written = []
+    report = speed.apply(pipe, cfg.validation.speed(), cfg.validation.steps, log=lambda *_: None)
     try:
         for i, (prompt, image) in mine:  # fp32 master weights (full fine-tune) compute in the autocast dtype
             with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
@@ -90,8 +96,10 @@ def validate_in_training(cfg, transformer, step: int, rank: int, world: int, dev
                                   prompt_embeds=embeds[prompt][None].to(device, dtype),
                                   negative_prompt_embeds=embeds[""][None].to(device, dtype))
             if i < len(inputs) and write:
-                written.append(_write(Path(cfg.output_dir), step, i, frames, prompt, image, cfg.validation.fps))
+                written.append(_write(Path(cfg.output_dir), step, i, frames, prompt, image, cfg.validation.fps,
+                                      report))
     finally:
+        speed.remove(transformer)
         transformer.train(was_training)
         del pipe, vae
         if torch.cuda.is_available():
@@ -117,12 +125,14 @@ def render_validation(output_dir, cfg, step: int, prompts=None, device=None, dty
     if sequence_group is not None:
         sequence_parallel.enable(pipe.transformer, sequence_group)
     writer = sequence_group is None or torch.distributed.get_rank(sequence_group) == 0
+    report = speed.apply(pipe, cfg.validation.speed(), cfg.validation.steps, log=print if writer else lambda *_: None)
     written = []
     for i, (prompt, image) in enumerate(inputs):
         frames = generate(pipe, prompt, cfg.data.frames, cfg.data.height, cfg.data.width, cfg.validation.steps,
                           cfg.validation.guidance, cfg.validation.seed, image=image)
         if writer:
-            written.append(_write(out, step, i, frames, prompt, image, cfg.validation.fps))
+            written.append(_write(out, step, i, frames, prompt, image, cfg.validation.fps, report))
+            print(f"validation {i}: {report.line()}")
     del pipe
     if not writer:
         return []

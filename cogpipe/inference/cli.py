@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="model / sequential CPU offload (an accelerator's memory is short)")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="weight-only quantization of transformer and T5 (torchao; fp8 needs compute capability 8.9+)")
+    from .speed import add_arguments as speed_arguments
+
+    speed_arguments(p)
     p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=None,
                    help="VAE slicing and tiling (default: on on an accelerator)")
     p.add_argument("--output", default="output.mp4",
@@ -117,6 +120,9 @@ def prepare(a: argparse.Namespace) -> Prepared:
                         image.size if image is not None else None,
                         source.folder if source.kind == "diffusers" else None)
     device = devices.inference_device(a.device)
+    from cogpipe.inference import speed
+
+    speed.check(speed.from_args(a), device, a.sequence_parallel, a.steps)
     rank = 0
     if a.sequence_parallel != 1:  # every rank runs the same video; the first one writes it
         device = devices.process_device(device)
@@ -127,7 +133,7 @@ def prepare(a: argparse.Namespace) -> Prepared:
 def load(a: argparse.Namespace, prepared: Prepared):
     """The pipeline the arguments ask for (cogpipe.inference.load_pipeline), its progress bar over the steps on."""
     from cogpipe import sequence_parallel
-    from cogpipe.inference import load_pipeline
+    from cogpipe.inference import load_pipeline, speed
 
     pipe = load_pipeline(prepared.source, a.lora, a.lora_scale or 1.0, a.dtype, prepared.device, base=a.base,
                          scheduler=a.scheduler, offload_mode=a.offload, quantization=a.quantize,
@@ -135,6 +141,7 @@ def load(a: argparse.Namespace, prepared: Prepared):
     pipe.set_progress_bar_config(disable=prepared.rank != 0, desc="denoising")
     if a.sequence_parallel != 1:
         sequence_parallel.enable(pipe.transformer, None)
+    speed.apply(pipe, speed.from_args(a), a.steps, log=print if prepared.rank == 0 else lambda *_: None)
     return pipe
 
 
@@ -152,6 +159,7 @@ def run(a: argparse.Namespace) -> int:
     import torch
 
     from cogpipe import devices, sequence_parallel
+    from cogpipe.inference.speed import report_of
     from cogpipe.video import write_mp4
 
     start = time.perf_counter()
@@ -185,6 +193,9 @@ def run(a: argparse.Namespace) -> int:
                   f"{sequence_parallel.COUNTS['bytes_sent']} bytes sent by this one")
     print(f"wrote {', '.join(str(p) for p in paths)} ({pipe.cogpipe_scheduler} scheduler, {a.steps} steps, "
           f"{devices.DTYPE_NAMES.get(pipe.transformer.dtype, pipe.transformer.dtype)}) in {took:.1f} s{memory}{across}")
+    report = report_of(pipe)
+    if report is not None:
+        print(report.line())
     return 0
 
 

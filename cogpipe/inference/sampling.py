@@ -100,9 +100,13 @@ def generate_videos(pipe, prompt: str, num_frames: int | None = None, height: in
     if tiled and tiled_decode_size(vae, height // scale, width // scale, scale) != (height, width):
         vae.disable_tiling()  # its tiles would not partition this size: decode whole
     videos = []
+    from .speed import Timer, begin
+
+    report = begin(pipe, steps)  # the speed settings' report (cogpipe.inference.speed), when installed
     try:  # diffusers' CogVideoX pipelines make one video per prompt (they reset num_videos_per_prompt to 1)
         for i in range(num_videos):
-            frames = runner(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + i)).frames[0]
+            with Timer(report):
+                frames = runner(**kwargs, generator=torch.Generator("cpu").manual_seed(seed + i)).frames[0]
             videos.append((np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8))  # [F, H, W, 3]
     finally:
         if tiled:

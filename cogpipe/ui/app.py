@@ -8,8 +8,10 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from cogpipe.attention import KERNELS
 from cogpipe.config import ConfigError
 from cogpipe.inference.pipeline import SCHEDULERS
+from cogpipe.inference.speed import CACHES
 from cogpipe.paths import repo_path
 from cogpipe.ui import generate as gen
 from cogpipe.ui import recipes, runs
@@ -18,7 +20,7 @@ from cogpipe.ui.safety import PathGuard
 
 REFRESH_S = 2.0  # how often the Runs and Train tabs re-read the files of runs that go on
 HISTORY_COLUMNS = ["prompt", "model", "loras", "frames", "height", "width", "fps", "steps", "guidance", "seed",
-                   "scheduler", "seconds", "file"]
+                   "scheduler", "cache", "cache_threshold", "blocks_skipped", "seconds", "file"]
 
 
 class Context:
@@ -101,6 +103,14 @@ def _generate_tab(ctx: Context) -> None:
                     guidance = gr.Number(6.0, label="Guidance", elem_id="gen-guidance")
                     seed = gr.Number(0, precision=0, label="Seed", elem_id="gen-seed")
                     scheduler = gr.Dropdown(list(SCHEDULERS), value="auto", label="Scheduler")
+                with gr.Accordion("Speed: step cache, compilation, attention kernel (docs/inference.md)", open=False):
+                    with gr.Row():
+                        cache = gr.Dropdown(list(CACHES), value="none", label="Step cache", elem_id="gen-cache")
+                        threshold = gr.Number(None, label="Cache threshold (empty: the method's recommended)",
+                                              elem_id="gen-cache-threshold")
+                        attention = gr.Dropdown(list(KERNELS), value="sdpa", label="Attention kernel",
+                                                elem_id="gen-attention")
+                        compiled = gr.Checkbox(False, label="Compile the blocks", elem_id="gen-compile")
                 button = gr.Button("Generate", variant="primary", elem_id="gen-button")
             with gr.Column():
                 result = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=320,
@@ -121,13 +131,14 @@ def _generate_tab(ctx: Context) -> None:
                 f"{spec}: {d['frames']} frames at {d['height']}x{d['width']}, {d['fps']} fps (the model's own)"
 
         def run(spec, lora_list, lora_scales, text, neg, img, vid, strn, n_frames, h, w, rate, n_steps, cfg, sd,
-                sched, past, progress=gr.Progress(track_tqdm=True)):
+                sched, method, thresh, kernel, comp, past, progress=gr.Progress(track_tqdm=True)):
             progress(0, desc="checking")
             try:
                 path, settings = ctx.generator.generate(
                     model=spec, prompt=text, negative_prompt=neg, loras=lora_list, lora_scales=lora_scales,
                     image=img, video=vid, strength=strn, frames=n_frames, height=h, width=w, fps=rate,
-                    steps=n_steps, guidance=cfg, seed=sd, scheduler=sched)
+                    steps=n_steps, guidance=cfg, seed=sd, scheduler=sched, cache=method, cache_threshold=thresh,
+                    attention=kernel, compile=comp)
             except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
                 gr.Warning(str(e))
                 return gr.update(), f"**error**: {e}", gr.update(), gr.update(), past
@@ -135,14 +146,16 @@ def _generate_tab(ctx: Context) -> None:
             caption = f"{settings['prompt']} (seed {settings['seed']}, {settings['steps']} steps)"
             shown = [(p["file"], f"{p['prompt']} (seed {p['seed']}, {p['steps']} steps)") for p in past]
             message = f"wrote {path.name}: {caption}, {settings['frames']} frames at {settings['height']}x" \
-                      f"{settings['width']}, {settings['scheduler']} scheduler, {settings['seconds']} s"
+                      f"{settings['width']}, {settings['scheduler']} scheduler, {settings['seconds']} s; " \
+                      f"{settings['speed_line']}"
             return str(path), message, shown, pd.DataFrame(past, columns=HISTORY_COLUMNS), past
 
         model.change(defaults, model, [frames, height, width, fps, status])
         refresh.click(lambda: (gr.update(choices=gen.shipped_models() + gen.exported_models(ctx.outputs)),
                                gr.update(choices=gen.found_loras(ctx.outputs))), None, [model, loras])
         button.click(run, [model, loras, scales, prompt, negative, image, video_in, strength, frames, height, width,
-                           fps, steps, guidance, seed, scheduler, history], [result, status, gallery, table, history])
+                           fps, steps, guidance, seed, scheduler, cache, threshold, attention, compiled, history],
+                     [result, status, gallery, table, history])
 
 
 def _runs_tab(ctx: Context, timer: gr.Timer) -> None:

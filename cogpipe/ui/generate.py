@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cogpipe import model_sources
 from cogpipe.inference import cli as infer
-from cogpipe.inference import resolve_clip
+from cogpipe.inference import resolve_clip, speed
 from cogpipe.inference.pipeline import shipped_model
 from cogpipe.ui.safety import PathGuard
 from cogpipe.video import write_mp4
@@ -57,7 +57,8 @@ def parse_scales(text, count: int) -> list[float]:
 
 def infer_argv(guard: PathGuard, model, prompt, negative_prompt="", loras=(), lora_scales="1", image=None,
                video=None, strength=0.8, frames=None, height=None, width=None, fps=None, steps=50, guidance=6.0,
-               seed=0, scheduler="auto") -> list[str]:
+               seed=0, scheduler="auto", cache="none", cache_threshold=None, attention="sdpa",
+               compile=False) -> list[str]:
     """The infer.py arguments for the page's fields; typed paths (model, LoRAs) checked by `guard`."""
     if not str(prompt or "").strip():
         raise ValueError("--prompt: write a prompt")
@@ -78,6 +79,11 @@ def infer_argv(guard: PathGuard, model, prompt, negative_prompt="", loras=(), lo
     for flag, value in (("--num-frames", frames), ("--height", height), ("--width", width), ("--fps", fps)):
         if value not in (None, ""):
             argv += [flag, str(int(value))]
+    argv += ["--cache", str(cache or "none"), "--attention", str(attention or "sdpa")]
+    if cache_threshold not in (None, ""):
+        argv += ["--cache-threshold", str(float(cache_threshold))]
+    if compile:
+        argv.append("--compile")
     return argv
 
 
@@ -122,7 +128,10 @@ class Generator:
             if key != self._key:
                 self._pipe, self._key = None, None
                 self._pipe, self._key = infer.load(a, prepared), key
+            else:  # the same weights: only the speed settings are installed anew
+                speed.apply(self._pipe, speed.from_args(a), a.steps)
             video = infer.sample(a, prepared, self._pipe)[0]
+            report = speed.report_of(self._pipe).as_dict()
             folder = self.outputs / GENERATED
             path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{len(list(folder.glob('*.mp4'))):04d}.mp4"
             write_mp4(video, path, fps=prepared.clip.fps)
@@ -133,5 +142,10 @@ class Generator:
                     "frames": clip.frames, "height": clip.height, "width": clip.width, "fps": clip.fps,
                     "steps": a.steps, "guidance": a.guidance, "seed": a.seed, "scheduler": self._pipe.cogpipe_scheduler,
                     "image": a.image or "", "video": a.video or "", "strength": a.strength if a.video else "",
+                    "cache": a.cache, "cache_threshold": report["threshold"], "attention": a.attention,
+                    "compile": a.compile, "blocks_skipped": f"{report['block_evaluations_skipped']}/"
+                                                            f"{report['block_evaluations']}",
+                    "steps_skipped": report["steps_skipped"], "speed": report,
+                    "speed_line": speed.report_of(self._pipe).line(),
                     "seconds": round(took, 1), "file": str(path)}
         return path, settings
