@@ -77,15 +77,16 @@ def every_recipe() -> list[tuple[str, str, list[str]]]:
     return [(n, r, o) for n, r, o, _ in _whole_sample([(n, r, o, None) for n, r, o in runs])]
 
 
-def git_state() -> dict:
-    """The commit the results are made with, and whether the working tree differed from it."""
+def git_state(out: Path = OUT) -> dict:
+    """The commit the results are made with, and whether the working tree differed from it (the results file `out`,
+    which this script writes, left out)."""
     import subprocess
 
     def git(*args):
         r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--untracked-files=no")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){out.resolve()}")
     return dict(commit=git("rev-parse", "HEAD"), dirty=None if status is None else bool(status))
 
 

@@ -20,6 +20,7 @@ its temp is complete and before the rename.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import glob
 import json
@@ -165,17 +166,63 @@ def publish(tmp, dst, *, sync: bool = False) -> Path:
     return dst
 
 
+class WriteFailed(OSError):
+    """An atomic write failed (a full disk, say): the message names the destination, its folder and the cause; the
+    partial temp is removed and the destination is as it was. `errno` is the cause's. Every write of this module
+    raises it for a storage error (DISK_ERRORS: a full disk, a quota, a read-only or failing filesystem); any other
+    error passes unchanged."""
+
+
+def write_failed(e: OSError, what: str, dst: Path, kept: str) -> WriteFailed:
+    """A WriteFailed for the OSError `e` while writing `what` (at `dst`); `kept`: what is still as it was."""
+    full = " (the disk is full: free space there, or point the output elsewhere)" if e.errno == errno.ENOSPC else ""
+    return WriteFailed(e.errno, f"writing {what} {dst} failed: {e.strerror or e} in {dst.parent}{full}; "
+                                f"the partial write was removed and {kept}")
+
+
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)  # what a write's storage can raise
+
+
+def disk_error(e: BaseException, folder) -> OSError | None:
+    """The OSError behind a failed write into `folder`: `e` itself, or, for the libraries that hide it, one rebuilt:
+    safetensors' SafetensorError ("... (os error 28)"), torch.save's RuntimeError from its zip writer ("unexpected
+    pos ..."), which names no cause: ENOSPC when the folder's filesystem has (almost) no space left (under 1 MiB, looked
+    at before the partial write is removed). None for any other error."""
+    if isinstance(e, OSError):
+        return e
+    if not isinstance(e, Exception):
+        return None
+    m = re.search(r"os error (\d+)", str(e))
+    if m:
+        return OSError(int(m[1]), os.strerror(int(m[1])))
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < 2 ** 20:
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({type(e).__name__}: {e})")
+    return None
+
+
 @contextlib.contextmanager
 def _published(tmp: Path, dst: Path, sync: bool) -> Iterator[Path]:
-    """Yield `tmp`; on success rename it over `dst` (fsync'd first with `sync`), on error remove it."""
+    """Yield `tmp`; on success rename it over `dst` (fsync'd first with `sync`), on error remove it. An OSError
+    becomes a WriteFailed naming the destination and its folder (once: nested writes keep the innermost)."""
     try:
         yield tmp
         if sync:
             fsync(tmp)
         publish(tmp, dst, sync=sync)
-    except BaseException:
+    except WriteFailed:
         _remove(tmp)
         raise
+    except BaseException as e:
+        cause, what = disk_error(e, dst.parent), "folder" if tmp.is_dir() else "file"
+        _remove(tmp)
+        if cause is None or cause.errno not in DISK_ERRORS:
+            raise
+        kept = f"{dst} is as it was before" if os.path.lexists(dst) else f"no {dst.name} was written"
+        raise write_failed(cause, what, dst, kept) from e
 
 
 def file(dst, *, sync: bool = False):

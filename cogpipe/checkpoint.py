@@ -99,6 +99,14 @@ def load_ema(directory, like: dict) -> dict:
     return ema
 
 
+def _previous(root: Path) -> str:
+    """What a failed save leaves standing: the checkpoint `latest` names."""
+    latest = root / "latest"
+    if not latest.exists():
+        return "there is no earlier checkpoint"
+    return f"the previous checkpoint ({latest.read_text().strip()}) is intact"
+
+
 def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, total_limit=None, ema=None,
          save_state=None) -> Path:
     """Write checkpoint-<step> atomically (all processes call this) and point `latest` at it. `save_state(folder)`
@@ -129,14 +137,23 @@ def save(accelerator, output_dir, step: int, state: dict, config_yaml: str, tota
                 save_file({k: v.contiguous().cpu() for k, v in ema.items()}, str(tmp / EMA))
             failpoint(f"checkpoint-save:{step}")
             (tmp / STATE).write_text(json.dumps(state, indent=1))
-    except OSError as e:
+    except Exception as e:  # a full disk: an OSError, or hidden in torch.save's and safetensors' own errors
+        cause = atomic.disk_error(e, root)
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = (root / "latest").read_text().strip() if (root / "latest").exists() else "none"
-        raise OSError(e.errno, f"writing checkpoint {final} failed ({e.strerror or e}); the previous "
-                               f"checkpoint ({previous}) is intact") from e
+        if cause is None:
+            raise
+        raise atomic.write_failed(cause, "checkpoint", final, _previous(root)) from e
     if accelerator.is_main_process:
-        atomic.publish(tmp, final)
-        atomic.write_text(root / "latest", final.name)
+        try:
+            atomic.publish(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise atomic.write_failed(e, "checkpoint", final, _previous(root)) from e
+        try:
+            atomic.write_text(root / "latest", final.name)
+        except OSError as e:  # the checkpoint is complete, `latest` still names the one before
+            raise atomic.WriteFailed(e.errno, f"{e.strerror or e}; {final} is complete (resume from it by its path) "
+                                              f"and `latest` still names the one before") from e
         if total_limit:
             for old in sorted(root.glob("checkpoint-*"))[:-total_limit]:
                 if old != final:
