@@ -1,0 +1,87 @@
+"""`cogpipe prepare` (issue 32): split raw videos into clips that follow the recipe, score and filter them, caption
+them with a vision-language model, write the manifest and folder layouts. Tiny synthetic videos made here."""
+
+import numpy as np
+import pytest
+
+from cogpipe.config import load_config
+from cogpipe.data.prepare import split
+from cogpipe.video import open_video, probe, write_mp4
+
+CUTS = [40, 95, 150]
+
+
+def synth(n, cuts, h=72, w=96, seed=0):
+    """n frames with a hard cut at each of `cuts`: each shot its own background colour and a moving disc."""
+    rng = np.random.default_rng(seed)
+    bounds = [0, *cuts, n]
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.zeros((n, h, w, 3), np.uint8)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        base = rng.integers(30, 225, 3)
+        cx, cy = int(rng.integers(10, w - 10)), int(rng.integers(10, h - 10))
+        for f in range(a, b):
+            x = (cx + (f - a)) % w
+            out[f] = base
+            out[f][((xx - x) ** 2 + (yy - cy) ** 2) < 100] = 255 - base
+    return out
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw")
+    write_mp4(synth(200, CUTS), d / "cuts.mp4", fps=30)
+    write_mp4(synth(300, [200], seed=1), d / "long_short.mp4", fps=30)  # a 200-frame shot, then a 100-frame one
+    write_mp4(synth(330, [], seed=2), d / "one_shot.mp4", fps=30)
+    return d
+
+
+def _target(recipe, *overrides):
+    return split.target_for(load_config(recipe, list(overrides), validate_model=False))
+
+
+def test_hard_cuts_found_within_one_frame_and_no_others(videos):
+    with open_video(videos / "cuts.mp4") as reader:
+        cuts = split.detect_cuts(reader)
+    assert len(cuts) == len(CUTS), cuts
+    assert all(abs(a - b) <= 1 for a, b in zip(cuts, CUTS)), cuts
+    with open_video(videos / "one_shot.mp4") as reader:
+        assert split.detect_cuts(reader) == []
+
+
+def test_recipe_targets_follow_the_model_version():
+    tiny = _target("configs/tiny_lora.yaml")
+    assert (tiny.version, tiny.fps, tiny.shapes) == ("1.0", 8.0, ((17, 64, 64),))
+    v10 = _target("configs/cogvideox_2b_lora.yaml")
+    assert (v10.version, v10.fps, v10.shapes) == ("1.0", 8.0, ((49, 480, 720),))
+    v15 = _target("configs/cogvideox1.5_5b_lora.yaml")
+    assert (v15.version, v15.fps) == ("1.5", 16.0) and (v15.shapes[0][0] - 1) % 16 == 0
+
+
+def test_windows_resample_the_frame_rate_never_slow_motion():
+    t = split.Target(fps=8.0, shapes=((49, 32, 48),))
+    frames, wins, reason = split.windows(0, 400, 30.0, t)
+    assert reason is None and frames == 49 and len(wins) == 2  # 400 frames = 13.3 s: two windows of 6 s
+    for idx in wins:
+        assert len(idx) == 49
+        assert (idx[-1] - idx[0]) / 30.0 == pytest.approx(48 / 8.0, abs=1 / 30)  # 6 s of source time
+        assert set(np.diff(idx)) <= {3, 4}  # 30/8 = 3.75 source frames per clip frame
+    assert wins[1][0] - wins[0][0] == round(49 * 30 / 8)  # consecutive, no overlap
+    assert split.windows(0, 150, 30.0, t)[2].startswith("shot too short")
+    assert "slow motion" in split.windows(0, 1000, 6.0, t)[2]
+
+
+@pytest.mark.parametrize("recipe, frames, fps, clips", [
+    ("configs/cogvideox_2b_lora.yaml", 49, 8, {"long_short.mp4": 1, "one_shot.mp4": 1}),
+    ("configs/cogvideox1.5_5b_lora.yaml", 81, 16, {"long_short.mp4": 1, "one_shot.mp4": 2}),
+])
+def test_clips_decode_to_exactly_the_recipes_frames_fps_and_size(videos, tmp_path, recipe, frames, fps, clips):
+    target = _target(recipe, "data.height=32", "data.width=48", f"data.frames={frames}")
+    for name, count in clips.items():
+        record = split.split_video(str(videos / name), target, tmp_path)
+        assert len(record["clips"]) == count, record
+        for row in record["clips"]:
+            info = probe(tmp_path / row["clip"])
+            assert (info.num_frames, info.fps, info.height, info.width) == (frames, fps, 32, 48)
+        if name == "long_short.mp4":  # the 100-frame shot (3.3 s) is too short for 49 frames at 8 fps (6 s)
+            assert [d["reason"].split(":")[0] for d in record["dropped"]] == ["shot too short"]
