@@ -85,3 +85,44 @@ def test_clips_decode_to_exactly_the_recipes_frames_fps_and_size(videos, tmp_pat
             assert (info.num_frames, info.fps, info.height, info.width) == (frames, fps, 32, 48)
         if name == "long_short.mp4":  # the 100-frame shot (3.3 s) is too short for 49 frames at 8 fps (6 s)
             assert [d["reason"].split(":")[0] for d in record["dropped"]] == ["shot too short"]
+
+
+def _moving(seed, n=17, h=64, w=64):
+    """A textured background with a bright square moving 2 px a frame."""
+    rng = np.random.default_rng(seed)
+    tex = rng.integers(0, 255, (h // 8, w // 8, 3)).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+    out = np.repeat(tex[None], n, axis=0).copy()
+    for f in range(n):
+        out[f, 20:36, 4 + 2 * f:20 + 2 * f] = 250
+    return out
+
+
+def test_filters_record_scores_then_drop_each_with_its_reason(tmp_path):
+    import cv2
+
+    from cogpipe.data.prepare import filters
+
+    moving = _moving(0)
+    blurred = np.stack([cv2.GaussianBlur(f, (0, 0), 3) for f in _moving(5)])
+    clips = {"a_moving.mp4": moving, "b_copy.mp4": np.clip(moving.astype(int) + 2, 0, 255).astype(np.uint8),
+             "c_still.mp4": np.repeat(moving[:1], 17, axis=0), "d_black.mp4": np.zeros_like(moving),
+             "e_blurred.mp4": blurred}
+    for name, frames in clips.items():
+        write_mp4(frames, tmp_path / name, fps=8)
+    scored = {name: filters.score_clip(tmp_path / name) for name in clips}
+    assert set(scored["a_moving.mp4"]) == {"motion", "sharpness", "dark", "frozen", "dhash"}
+    assert scored["a_moving.mp4"]["motion"] > 0.2 > 0.01 > scored["c_still.mp4"]["motion"]
+    assert scored["c_still.mp4"]["frozen"] == 1.0 and scored["a_moving.mp4"]["frozen"] == 0.0
+    assert scored["d_black.mp4"]["dark"] == 1.0 and scored["a_moving.mp4"]["dark"] == 0.0
+    assert scored["e_blurred.mp4"]["sharpness"] < scored["a_moving.mp4"]["sharpness"] / 4
+
+    drops = filters.apply(scored, filters.Thresholds())
+    assert drops["a_moving.mp4"] is None and drops["e_blurred.mp4"] is None
+    assert drops["b_copy.mp4"].startswith("near-duplicate of a_moving.mp4")
+    assert "too little motion" in drops["c_still.mp4"] and "frozen frames" in drops["c_still.mp4"]
+    assert drops["d_black.mp4"].startswith("black frames") or "black frames" in drops["d_black.mp4"]
+    # thresholds apply to the recorded scores: a sharpness bar drops the blurred clip, no rescoring
+    middle = (scored["e_blurred.mp4"]["sharpness"] + scored["a_moving.mp4"]["sharpness"]) / 2
+    drops = filters.apply(scored, filters.Thresholds(min_sharpness=middle, max_dup_distance=-1))
+    assert drops["e_blurred.mp4"].startswith("blurred") and drops["a_moving.mp4"] is None
+    assert drops["b_copy.mp4"] is None  # duplicate check off
