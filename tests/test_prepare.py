@@ -126,3 +126,96 @@ def test_filters_record_scores_then_drop_each_with_its_reason(tmp_path):
     drops = filters.apply(scored, filters.Thresholds(min_sharpness=middle, max_dup_distance=-1))
     assert drops["e_blurred.mp4"].startswith("blurred") and drops["a_moving.mp4"] is None
     assert drops["b_copy.mp4"] is None  # duplicate check off
+
+
+WORDS = ("a the red blue small large dog car bird person walks runs drives flies slowly quickly along across over "
+         "street road field sky sea beach forest at night in daylight camera pans tilts follows static wide close "
+         "shot scene light soft bright dark and with while . ,").split()
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+           "<|video_pad|>", "<unk>"]
+
+
+def make_tiny_vlm(root):
+    """A randomly initialised Qwen2.5-VL (real transformers classes, tiny sizes) and a word-level tokenizer made
+    here: no download."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + ["system", "user", "assistant", "You", "are", "helpful",
+                                                           "assistant."])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>", additional_special_tokens=SPECIAL[1:7])
+    fast.save_pretrained(root)
+    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL}
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None,
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(root)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(root)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from cogpipe.data import raycluster
+
+    ray = raycluster.connect(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vlm(tmp_path_factory):
+    return make_tiny_vlm(tmp_path_factory.mktemp("vlm"))
+
+
+def test_caption_end_to_end_offline_deterministic_resumable_within_the_t5_length(ray_local, vlm, tmp_path,
+                                                                                    monkeypatch):
+    from cogpipe.data.prepare import pipeline
+    from cogpipe.models import build_tokenizer
+
+    cfg = load_config("configs/tiny_lora.yaml", [])
+    (tmp_path / "clips").mkdir()
+    names = []
+    for i in range(3):
+        names.append(f"c{i}.mp4")
+        write_mp4(_moving(i), tmp_path / "clips" / names[-1], fps=8)
+    kw = dict(model_id=vlm, trigger="zq", batch_size=1, max_new_tokens=60)
+    monkeypatch.setenv(pipeline.FAULT_ENV, "2:raise")  # the run stops once 2 captions are persisted
+    with pytest.raises(pipeline.CaptionInterrupted):
+        pipeline.run_captions(tmp_path, names, cfg, **kw)
+    done = sorted(p.name[:-len(".json")] for p in (tmp_path / "work/captions").iterdir())
+    assert len(done) == 2
+    monkeypatch.delenv(pipeline.FAULT_ENV)
+    rest = pipeline.run_captions(tmp_path, names, cfg, **kw)
+    assert rest["captioned"] == sorted(set(names) - set(done))  # the model ran only for the clip without one
+    assert pipeline.run_captions(tmp_path, names, cfg, **kw)["captioned"] == []  # all kept: no model, no Ray
+    t5 = build_tokenizer(cfg.model)
+    captions = rest["captions"]
+    for name in names:
+        rec = captions[name]
+        assert rec["caption"].startswith("zq, ") and len(rec["caption"]) > 4
+        assert rec["tokens"] == len(t5(rec["caption"]).input_ids) <= rec["limit"] <= 226
+        assert rec["limit"] == 48  # the tiny recipe's own text length (226 for the released models)
+    assert any(r["cut"] for r in captions.values())  # 60 words do not fit in 48 byte tokens: cut at a word end
+    # greedy: the same text on every run (two Ray runs above; again here, in this process)
+    actor = pipeline.CaptionActor(vlm, cfg.model, 48, "zq", 8, None, 60, None)
+    for name in names:
+        out = actor(dict(clip=[name], path=[str(tmp_path / "clips" / name)]))
+        assert out["caption"] == [captions[name]["caption"]]
+    assert len({captions[n]["run"] for n in names}) == 2
