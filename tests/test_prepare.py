@@ -1,6 +1,8 @@
 """`cogpipe prepare` (issue 32): split raw videos into clips that follow the recipe, score and filter them, caption
 them with a vision-language model, write the manifest and folder layouts. Tiny synthetic videos made here."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -118,7 +120,7 @@ def test_filters_record_scores_then_drop_each_with_its_reason(tmp_path):
 
     drops = filters.apply(scored, filters.Thresholds())
     assert drops["a_moving.mp4"] is None and drops["e_blurred.mp4"] is None
-    assert drops["b_copy.mp4"].startswith("near-duplicate of a_moving.mp4")
+    assert drops["b_copy.mp4"].startswith("near-duplicate: ") and "from a_moving.mp4" in drops["b_copy.mp4"]
     assert "too little motion" in drops["c_still.mp4"] and "frozen frames" in drops["c_still.mp4"]
     assert drops["d_black.mp4"].startswith("black frames") or "black frames" in drops["d_black.mp4"]
     # thresholds apply to the recorded scores: a sharpness bar drops the blurred clip, no rescoring
@@ -219,3 +221,47 @@ def test_caption_end_to_end_offline_deterministic_resumable_within_the_t5_length
         out = actor(dict(clip=[name], path=[str(tmp_path / "clips" / name)]))
         assert out["caption"] == [captions[name]["caption"]]
     assert len({captions[n]["run"] for n in names}) == 2
+
+
+def test_cli_prepares_a_folder_for_the_tiny_recipe_and_resumes(ray_local, vlm, videos, tmp_path, capsys):
+    import json
+
+    from cogpipe.cli import main
+    from cogpipe.data.encode import plan
+    from cogpipe.data.folders import scan
+    from cogpipe.data.index import read_manifest
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("long_short.mp4", "one_shot.mp4"):
+        (raw / name).write_bytes((videos / name).read_bytes())
+    out = tmp_path / "prepared"
+    argv = ["prepare", str(raw), "--for", "configs/tiny_lora.yaml", "--out", str(out), "--caption-model", vlm,
+            "--max-new-tokens", "12", "--caption-batch", "8"]
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert "split: 2 source video(s), 2 to split" in log and "caption: " in log
+    # 30 fps -> 8 fps, 17 frames (2 s): the 200-frame shot gives 3 windows, the 100-frame one 1, 330 frames 5
+    records = {Path(r["source"]).name: r for r in __import__("cogpipe.data.prepare.pipeline",
+                                                             fromlist=["x"]).load_records(out)}
+    assert [len(records[n]["clips"]) for n in ("long_short.mp4", "one_shot.mp4")] == [4, 5]
+    report = json.loads((out / "report.json").read_text())
+    rows = read_manifest(out)
+    assert len(rows) == 9 and report["kept"] == sum(r["problem"] is None for r in rows) > 0
+    assert report["warning"].startswith(f"only {report['kept']} clips")
+    for r in rows:
+        assert (r["frames"], r["fps"], r["height"], r["width"]) == (17, 8.0, 64, 64)
+        info = probe(r["uri"])
+        assert (info.num_frames, info.fps, info.height, info.width) == (17, 8.0, 64, 64)
+    # the layouts train.py reads, and the manifest `cogpipe data encode` takes as it is
+    samples, problems = scan(out)
+    assert len(samples) == report["kept"] and not problems
+    assert [s.caption for s in samples] == (out / "prompts.txt").read_text().splitlines()
+    todo, skipped, _ = plan(load_config("configs/tiny_lora.yaml", []), rows, set())
+    assert len(todo) == report["kept"] and len(skipped) == 9 - report["kept"]
+    # started again: nothing is split, scored or captioned again
+    before = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")}
+    assert main(argv) == 0
+    log = capsys.readouterr().out
+    assert "2 to split" not in log and "0 to split" in log and "0 to score" in log and " 0 to caption" in log
+    assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")} == before

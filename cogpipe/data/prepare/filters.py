@@ -6,8 +6,9 @@ changing a threshold never scores again. Each dropped clip gets the reason (docs
     sharpness  variance of the Laplacian of the grey frames (at SCORE_WIDTH): low for a blurred clip
     dark       the fraction of frames whose mean brightness is under DARK_LEVEL (of 255): black frames
     frozen     the fraction of consecutive frame pairs that differ by under FROZEN_DIFF (mean absolute, of 255)
-    dhash      a 64-bit difference hash of the middle frame (hex); near-duplicates are clips whose hashes differ in
-               at most --max-dup-distance bits (the first, by name, is kept)
+    dhash      64-bit difference hashes of the frames at 1/4, 1/2 and 3/4 of the clip (192 bits, hex), so clips alike in
+               one frame but moving differently differ; near-duplicates are clips whose hashes differ in at most
+               --max-dup-distance bits (the first, by name, is kept)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Thresholds:
     min_sharpness: float = 0.0  # off by default: it depends on the content; docs/prepare.md
     max_dark: float = 0.5
     max_frozen: float = 0.5
-    max_dup_distance: int = 3  # bits of 64; -1: no duplicate check
+    max_dup_distance: int = 6  # bits of 192; -1: no duplicate check
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,7 +73,7 @@ def score_frames(frames: np.ndarray) -> dict:
     return dict(motion=round(motion, 4), sharpness=round(sharpness, 2),
                 dark=round(float((means < DARK_LEVEL).mean()), 4),
                 frozen=round(float((diffs < FROZEN_DIFF).mean()) if len(diffs) else 1.0, 4),
-                dhash=dhash(frames[len(frames) // 2]))
+                dhash="".join(dhash(frames[(len(frames) * k) // 4]) for k in (1, 2, 3)))
 
 
 def score_clip(path) -> dict:
@@ -109,7 +110,7 @@ def apply(scored: dict[str, dict], t: Thresholds) -> dict[str, str | None]:
             h = scored[clip]["dhash"]
             twin = next(((k, d) for k, kh in kept if (d := hamming(h, kh)) <= t.max_dup_distance), None)
             if twin:
-                why.append(f"near-duplicate of {twin[0]} (dhash distance {twin[1]} <= --max-dup-distance "
+                why.append(f"near-duplicate: dhash {twin[1]} bits from {twin[0]} (--max-dup-distance "
                            f"{t.max_dup_distance})")
             else:
                 kept.append((clip, h))
@@ -130,7 +131,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-frozen", type=float, default=d.max_frozen,
                         help=f"drop clips with more than this fraction of frozen frame pairs (default {d.max_frozen})")
     parser.add_argument("--max-dup-distance", type=int, default=d.max_dup_distance,
-                        help=f"near-duplicates: dhash bits apart at most (default {d.max_dup_distance}; -1: off)")
+                        help=f"near-duplicates: dhash bits apart at most, of 192 "
+                             f"(default {d.max_dup_distance}; -1: off)")
 
 
 def from_args(args) -> Thresholds:

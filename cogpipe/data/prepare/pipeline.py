@@ -247,3 +247,108 @@ def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool =
     if empty:
         log(f"  {len(empty)} clip(s) got an empty caption and are left out: {', '.join(empty[:5])}")
     return dict(captions=have, captioned=captioned, run=run)
+
+
+def source_captions(sources) -> dict[str, str]:
+    """{video path: caption} of the source folders that are datasets (prompts.txt + videos.txt, metadata, .txt)."""
+    from cogpipe.data.folders import DataError, scan
+
+    out = {}
+    for s in sources:
+        if Path(s).is_dir():
+            try:
+                samples, _ = scan(s)
+            except DataError:
+                continue
+            out.update({str(Path(x.video)): x.caption for x in samples})
+    return out
+
+
+def load_records(out) -> list[dict]:
+    d = _dirs(out)["split"]
+    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+
+def _category(reason: str) -> str:
+    return reason.split(":")[0].split(" (")[0]
+
+
+def run_write(out, target: split.Target, records: list[dict], drops: dict[str, str | None],
+              captions: dict[str, dict], limit: int, log=print) -> dict:
+    """The manifest (cogpipe/data/index.py's schema: `cogpipe data encode --manifest OUT` reads it as it is), the
+    folder layouts (prompts.txt + videos.txt, metadata.jsonl; `data.root: OUT` trains on them), clips.jsonl (every
+    clip: scores, drop reason, caption) and the report (report.json, printed)."""
+    import hashlib
+
+    from cogpipe.data.index import write_manifest
+    from cogpipe.data.stages import clip_key
+
+    out = Path(out).resolve()
+    d = _dirs(out)
+    rows, kept, everything = [], [], []
+    for c in clip_rows(records):
+        path = d["clips"] / c["clip"]
+        if not path.exists():
+            continue
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        bucket = [c["frames"], c["height"], c["width"]]
+        cap = captions.get(c["clip"]) or {}
+        problem = drops.get(c["clip"])
+        if problem is None and not cap.get("caption"):
+            problem = "no caption"
+        st = path.stat()
+        rows.append(dict(uri=str(path), locator=json.dumps(["file", str(path)]), size=st.st_size, mtime=st.st_mtime,
+                         caption=cap.get("caption"), digest=digest, frames=c["frames"], fps=c["fps"],
+                         height=c["height"], width=c["width"], bucket=bucket, key=clip_key(digest, bucket),
+                         problem=problem))
+        scores_file = d["scores"] / f"{c['clip']}.json"
+        scores = json.loads(scores_file.read_text()) if scores_file.exists() else None
+        everything.append(dict(clip=f"clips/{c['clip']}", source=c["source"], start=c["start"], end=c["end"],
+                               caption=cap.get("caption"), tokens=cap.get("tokens"), scores=scores,
+                               dropped=problem))
+        if problem is None:
+            kept.append((c, cap))
+    shot_drops = [dict(source=r["source"], shot=x["shot"], reason=x["reason"]) for r in records for x in r["dropped"]]
+    dropped: dict[str, int] = {}
+    for r in rows:
+        for part in (r["problem"] or "").split("; "):
+            if part:
+                dropped[_category(part)] = dropped.get(_category(part), 0) + 1
+    shots: dict[str, int] = {}
+    for x in shot_drops:
+        shots[_category(x["reason"])] = shots.get(_category(x["reason"]), 0) + 1
+    tokens = [cap["tokens"] for _, cap in kept]
+    step = max(1, -(-limit // 8))
+    histogram = {f"{lo}-{min(lo + step - 1, limit)}": sum(lo <= t < lo + step for t in tokens)
+                 for lo in range(0, limit + 1, step)}
+    minutes = sum(c["frames"] / c["fps"] for c, _ in kept) / 60
+    summary = dict(sources=[r["source"] for r in records], clips=len(rows), usable=len(kept),
+                   problems=len(rows) - len(kept), probed=0, buckets=[list(s) for s in target.shapes])
+    write_manifest(out, rows, summary)
+    atomic.write_text(out / "videos.txt", "".join(f"clips/{c['clip']}\n" for c, _ in kept))
+    atomic.write_text(out / "prompts.txt", "".join(f"{cap['caption']}\n" for _, cap in kept))
+    atomic.write_text(out / "metadata.jsonl", "".join(
+        json.dumps(dict(file_name=f"clips/{c['clip']}", caption=cap["caption"])) + "\n" for c, cap in kept))
+    atomic.write_text(out / "clips.jsonl", "".join(json.dumps(e) + "\n" for e in everything))
+    report = dict(kept=len(kept), dropped=dropped, shots_dropped=shots, caption_tokens=histogram, token_limit=limit,
+                  minutes=round(minutes, 2), fps=target.fps, shapes=[list(s) for s in target.shapes],
+                  warning=(f"only {len(kept)} clips: 500-1000 clips are the usual minimum for a LoRA"
+                           if len(kept) < 500 else None))
+    atomic.write_json(out / "report.json", report, indent=1)
+    log(f"write {out}: {len(kept)} clip(s) kept ({report['minutes']} min at {target.fps:g} fps), "
+        f"{len(rows) - len(kept)} dropped")
+    for k, v in sorted(dropped.items(), key=lambda kv: -kv[1]):
+        log(f"  dropped {v}: {k}")
+    for k, v in sorted(shots.items(), key=lambda kv: -kv[1]):
+        log(f"  shots left out {v}: {k}")
+    if tokens:
+        log("  caption T5 tokens: " + ", ".join(f"{k}: {v}" for k, v in histogram.items() if v))
+    if report["warning"]:
+        log(f"  warning: {report['warning']}")
+    return report
+
+
+def read_captions(out, clips: list[str]) -> dict[str, dict]:
+    d = _dirs(out)["captions"]
+    return {c: json.loads((d / f"{c}.json").read_text()) for c in clips if (d / f"{c}.json").exists()}
