@@ -10,6 +10,8 @@ from cogpipe.config import load_config
 from cogpipe.data.prepare import split
 from cogpipe.video import open_video, probe, write_mp4
 
+from fixtures.tiny_vlm import make_tiny_vlm
+
 CUTS = [40, 95, 150]
 
 
@@ -128,48 +130,6 @@ def test_filters_record_scores_then_drop_each_with_its_reason(tmp_path):
     drops = filters.apply(scored, filters.Thresholds(min_sharpness=middle, max_dup_distance=-1))
     assert drops["e_blurred.mp4"].startswith("blurred") and drops["a_moving.mp4"] is None
     assert drops["b_copy.mp4"] is None  # duplicate check off
-
-
-WORDS = ("a the red blue small large dog car bird person walks runs drives flies slowly quickly along across over "
-         "street road field sky sea beach forest at night in daylight camera pans tilts follows static wide close "
-         "shot scene light soft bright dark and with while . ,").split()
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-           "<|video_pad|>", "<unk>"]
-
-
-def make_tiny_vlm(root):
-    """A randomly initialised Qwen2.5-VL (real transformers classes, tiny sizes) and a word-level tokenizer made
-    here: no download."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    vocab = {t: i for i, t in enumerate(SPECIAL + WORDS + ["system", "user", "assistant", "You", "are", "helpful",
-                                                           "assistant."])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token="<unk>", additional_special_tokens=SPECIAL[1:7])
-    fast.save_pretrained(root)
-    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL}
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, bos_token_id=None,
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(root)
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(root)
-    return str(root)
 
 
 @pytest.fixture(scope="module")
