@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
 import uuid
 from pathlib import Path
 
@@ -26,13 +24,12 @@ from cogpipe import atomic
 from cogpipe.data.prepare import filters, split
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
-FAULT_ENV = "COGPIPE_FAULT_CAPTION"  # "N[:raise]": once N captions are persisted, the run kills itself (SIGKILL), or
-# raises CaptionInterrupted (tests: a run stopped between two captions)
+FAULT_ENV = "COGPIPE_FAULT_CAPTION"  # "N": once N captions are persisted, the run stops (CaptionInterrupted; tests)
 SCORE_CHUNK = 8
 
 
 class CaptionInterrupted(RuntimeError):
-    """Raised by the COGPIPE_FAULT_CAPTION=N:raise fault (tests)."""
+    """Raised by the COGPIPE_FAULT_CAPTION=N fault (tests): a run stopped between two captions."""
 
 
 class PrepareError(ValueError):
@@ -221,8 +218,7 @@ def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool =
         workers = workers or max(1, gpus)
         transformer_config, _ = component_configs(cfg.model)
         limit = int(transformer_config["max_text_seq_length"])
-        fault, _, how = os.environ.get(FAULT_ENV, "").partition(":")
-        fault = int(fault or 0)
+        fault = int(os.environ.get(FAULT_ENV, "") or 0)
         ds = ray.data.from_items([dict(clip=c, path=str(d["clips"] / c)) for c in todo],
                                  override_num_blocks=max(1, min(len(todo), -(-len(todo) // batch_size))))
         with warnings.catch_warnings():
@@ -239,10 +235,7 @@ def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool =
             have[row["clip"]] = rec
             captioned.append(row["clip"])
             if fault and len(captioned) >= fault:
-                print(f"{FAULT_ENV}: stopping this run after {fault} caption(s)", file=sys.stderr, flush=True)
-                if how == "raise":
-                    raise CaptionInterrupted(f"{FAULT_ENV}: stopped after {fault} caption(s)")
-                os.kill(os.getpid(), signal.SIGKILL)
+                raise CaptionInterrupted(f"{FAULT_ENV}: stopped after {fault} caption(s)")
     empty = [c for c in clips if not have[c]["caption"]]
     if empty:
         log(f"  {len(empty)} clip(s) got an empty caption and are left out: {', '.join(empty[:5])}")
