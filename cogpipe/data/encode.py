@@ -250,7 +250,7 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     log(f"encode: {len(todo)} clips to encode, {present} in the store already, {len(problems)} skipped for their "
         f"problem; {workers} encoding worker(s) on {'GPU' if gpus else 'CPU'}")
     t0 = time.monotonic()
-    added, failed, pids = 0, [], set()
+    added, failed, pids, arrived = 0, [], set(), []
     published = len(writer.store.shards)
     if todo:
         blocks = max(workers, min(-(-len(todo) // ENCODE_BATCH), 10_000))  # a block is about one VAE batch
@@ -266,6 +266,7 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
         progress = Progress(len(todo), "encode")
         for row in ds.iter_rows():
             progress.update(1)
+            arrived.append(time.monotonic() - t0)
             pids.add(int(row["pid"]))
             if row["problem"]:
                 failed.append((row["uri"], row["problem"]))
@@ -288,7 +289,7 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     log(f"encode {out}: {added} clips added in {seconds:.1f} s ({added / max(seconds, 1e-9):.2f} clips/s), "
         f"{len(writer.store.shards)} shards, {writer.store.rows} rows")
     return dict(added=added, present=present, skipped=len(problems), failed=len(failed), seconds=seconds,
-                workers=workers, pids=sorted(pids), rows=writer.store.rows)
+                workers=workers, pids=sorted(pids), rows=writer.store.rows, arrived=arrived)
 
 
 def add_arguments(parser) -> None:
