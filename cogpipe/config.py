@@ -70,7 +70,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = MISSING  # dataset folder (prompts.txt + videos.txt, captioned videos, or metadata)
+    root: Optional[str] = None  # dataset folder (prompts.txt + videos.txt, captioned videos, or metadata)
+    # a latent store (cogpipe data encode): a folder or an fsspec URL (s3://...); trained from instead of data.root
+    store: Optional[str] = field(default=None, metadata={"path": True})
+    store_options: dict = field(default_factory=dict)  # fsspec storage options of data.store (endpoint, credentials)
+    store_cache_dir: Optional[str] = field(default=None, metadata={"path": True})  # this machine's shard cache
+    store_cache_bytes: int = 32 * 1024**3  # the shard cache's size limit (least recently used shards evicted)
     frames: int = 17
     height: int = 64
     width: int = 64
@@ -81,6 +86,7 @@ class DataConfig:
     num_workers: Optional[int] = None  # DataLoader workers reading cached latents; None: 4 beside a GPU, 0 on a CPU
 
     def __post_init__(self):
+        ensure(self.store_cache_bytes > 0, "data.store_cache_bytes", f"must be positive, got {self.store_cache_bytes}")
         ensure(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
         ensure(self.image_noise_variants >= 1, "data.image_noise_variants", "must be >= 1")
         for i, b in enumerate(self.buckets):
@@ -265,6 +271,8 @@ def load_config(path=None, overrides=(), validate_model: bool = True) -> Config:
     config.model.pretrained = _recipe_relative(config.model.pretrained, path)
     config.model.pretrained = _converted(config.model.pretrained, config.model.base)
     config.data.root = _recipe_relative(config.data.root, path)
+    ensure(bool(config.data.root or config.data.store), "data.root",
+           "required value missing: a dataset folder (or data.store: a latent store)" + (f" in {path}" if path else ""))
     if validate_model:
         validate_against_model(config)
     ensure(not (config.model.fp8_frozen and config.train.mode != "lora"), "model.fp8_frozen",

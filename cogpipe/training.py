@@ -29,6 +29,7 @@ from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.data.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
 from cogpipe.data.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.data.checks import usable_samples
+from cogpipe.data.reader import StoreDataset, StorePlan, training_data
 from cogpipe.devices import compute_dtype, cpu_threads, loader_workers
 from cogpipe.diffusion import RotaryTables, diffusion_loss, model_inputs
 from cogpipe.export import export
@@ -72,8 +73,8 @@ class Run:
 
 @dataclass
 class TrainData:
-    dataset: CachedDataset
-    plan: EpochPlan
+    dataset: CachedDataset | StoreDataset
+    plan: EpochPlan | StorePlan
     draws: Draws
     extra_embeds: dict  # {prompt: (L, D)} for validation prompts and "" (the unconditional embedding)
 
@@ -130,25 +131,32 @@ def _start(cfg: Config) -> Run:
 
 
 def _prepare_data(run: Run) -> TrainData:
-    """Check the data, encode every clip and prompt once (cached; the VAE and T5 leave memory after)."""
+    """Check the data, encode every clip and prompt once (cached; the VAE and T5 leave memory after); or, with
+    data.store, read the latent store's index (cogpipe.data.reader)."""
     cfg, acc = run.cfg, run.accelerator
-    samples = usable_samples(cfg, run.log, run.accelerator.device)
+    samples = [] if cfg.data.store else usable_samples(cfg, run.log, run.accelerator.device)
     if acc.is_main_process:
         save_config(cfg, run.out / "config.yaml")
         for path in checkpoint.remove_partial(run.out):
             run.log(f"removed {path}, left by a killed write")
     val_prompts = [p for p, _ in validation_inputs(cfg)] if cfg.validation.every else []
     extra = val_prompts + ([""] if cfg.train.caption_dropout > 0 or val_prompts else [])
-    entries = build_cache(cfg, samples, acc.device, acc.process_index, acc.num_processes, acc.wait_for_everyone,
-                          run.log, extra)
-    # sequence parallel: the ranks of an SP group draw the same examples (the data order is per DP rank)
-    plan = EpochPlan([s.shape for s in samples], cfg.train.batch_size, cfg.train.seed, run.layout.dp_rank,
-                     run.layout.dp_world)
+    if cfg.data.store:
+        dataset, plan, extra_embeds = training_data(cfg, run.layout.dp_rank, run.layout.dp_world, acc.device, extra,
+                                                    acc.process_index, acc.num_processes, acc.wait_for_everyone,
+                                                    run.log)
+    else:
+        entries = build_cache(cfg, samples, acc.device, acc.process_index, acc.num_processes, acc.wait_for_everyone,
+                              run.log, extra)
+        dataset = CachedDataset(entries)
+        # sequence parallel: the ranks of an SP group draw the same examples (the data order is per DP rank)
+        plan = EpochPlan([s.shape for s in samples], cfg.train.batch_size, cfg.train.seed, run.layout.dp_rank,
+                         run.layout.dp_world)
+        extra_embeds = load_prompt_embeds(cfg, extra, acc.device)
     if plan.per_epoch == 0:
-        raise ValueError(f"data.root: no bucket holds one global batch of train.batch_size "
-                         f"{cfg.train.batch_size} x {run.layout.dp_world} data-parallel processes ({len(entries)} "
-                         f"clips)")
-    extra_embeds = load_prompt_embeds(cfg, extra, acc.device)
+        raise ValueError(f"{'data.store' if cfg.data.store else 'data.root'}: no bucket holds one global batch of "
+                         f"train.batch_size {cfg.train.batch_size} x {run.layout.dp_world} data-parallel processes "
+                         f"({len(dataset)} clips)")
     scheduler = models.build_scheduler(cfg.model)
     empty = extra_embeds.get("")
     draws = Draws(seed=cfg.train.seed, num_timesteps=len(scheduler.alphas_cumprod),
@@ -157,7 +165,7 @@ def _prepare_data(run: Run) -> TrainData:
                   timestep_sampling=cfg.train.timestep_sampling, logit_mean=cfg.train.timestep_logit_mean,
                   logit_std=cfg.train.timestep_logit_std,
                   patch_t=models.component_configs(cfg.model)[0].get("patch_size_t"))
-    return TrainData(dataset=CachedDataset(entries), plan=plan, draws=draws, extra_embeds=extra_embeds)
+    return TrainData(dataset=dataset, plan=plan, draws=draws, extra_embeds=extra_embeds)
 
 
 def _prepare_model(run: Run) -> Model:
@@ -323,6 +331,8 @@ def train(cfg: Config) -> Path:
     model = _prepare_model(run)
     opt = _prepare_optimizer(run, model)
     state = _resume(run, model, opt)
+    if run.resume is not None:  # the data order goes on from the checkpoint's cursor
+        data.plan.check_cursor(checkpoint.read_state(run.resume).get("data"), state.micro_step)
     config_yaml = to_yaml(cfg)
 
     meter = StepMeter(tc.grad_accum, acc.device)
@@ -331,8 +341,8 @@ def train(cfg: Config) -> Path:
     def save() -> Path:
         state.skipped_steps = int(meter.skipped.item())
         ema = sharding.gather_ema(acc, opt.ema, model.trainable)  # a collective: full fp32 on the main process
-        return checkpoint.save(acc, run.out, state.step, state.saved(), config_yaml, tc.checkpoints_total_limit,
-                               ema, opt.save_state)
+        return checkpoint.save(acc, run.out, state.step, {**state.saved(), "data": data.plan.cursor(state.micro_step)},
+                               config_yaml, tc.checkpoints_total_limit, ema, opt.save_state)
 
     batches = iter(_loader(run, data, state))
     metrics = tracking.MetricsFile(acc, cfg)

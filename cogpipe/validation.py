@@ -24,7 +24,7 @@ from cogpipe.video import write_mp4
 def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
     """(prompt, first-frame PIL image or None) pairs: `prompts`, else validation.prompts, else, only where the
     recipe asks for validation during training (validation.every), the dataset's first caption; [] when none."""
-    samples = scan(cfg.data.root)[0]
+    samples = scan(cfg.data.root)[0] if cfg.data.root else []  # a latent store holds no clips to show
     prompts = prompts or cfg.validation.prompts or ([samples[0].caption] if cfg.validation.every and samples else [])
     if not prompts:
         return []
@@ -36,6 +36,9 @@ def validation_inputs(cfg, prompts=None) -> list[tuple[str, object]]:
     if cfg.validation.images:
         images = [Image.open(path).convert("RGB") for path in cfg.validation.images]
     else:  # the first frame of the first clip, as training sees it
+        if not samples:
+            raise ValueError("validation.images: an image-to-video recipe trained from data.store (no clips) needs "
+                             "the validation first frames given")
         frame = load_clip(samples[0].video, cfg.data.frames, cfg.data.height, cfg.data.width)[0]
         images = [Image.fromarray(((frame.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())]
     return [(p, images[i % len(images)]) for i, p in enumerate(prompts)]

@@ -62,7 +62,10 @@ def test_missing_required_values(tmp_path):
     path.write_text("model:\n  preset: tiny\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert "output_dir" in str(e.value) and "data.root" in str(e.value)
+    assert "output_dir" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a dataset folder or a latent store: one of them
+        load_config(path, ["output_dir=o"])
+    assert "data.root" in str(e.value) and "data.store" in str(e.value)
 
 
 def test_channel_rule(tmp_path):

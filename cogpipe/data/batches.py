@@ -42,6 +42,14 @@ class EpochPlan:
     def _order(self, epoch: int) -> list[list[int]]:
         return epoch_batches(self.shapes, self.batch_size, self.seed, epoch, self.rank, self.world)
 
+    def cursor(self, micro_step: int) -> dict:
+        """Where the data order stands before `micro_step` (epoch, position): recorded in a checkpoint."""
+        epoch, position = divmod(micro_step, self.per_epoch)
+        return {"epoch": epoch, "position": position}
+
+    def check_cursor(self, saved, micro_step: int) -> None:
+        """A folder's order is its clips' (seed, epoch) order: nothing to check beyond micro_step."""
+
     def indices(self, micro_step: int) -> list[int]:
         epoch, position = divmod(micro_step, self.per_epoch)
         if epoch != self._epoch:

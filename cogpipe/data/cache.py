@@ -102,7 +102,9 @@ class Cache:
         cogpipe.devices.encoder_dtype; the same for LoRA and full fine-tunes)."""
         transformer_config, vcfg = models.component_configs(cfg.model)
         dtype = DTYPE_NAMES[encoder_dtype(device)]
-        return cls(cfg.data.cache_dir or Path(cfg.data.root) / ".cogpipe_cache", cfg.model, cfg.data,
+        # a run from a latent store (no data.root) caches only the prompts the store lacks, in its output folder
+        root = cfg.data.cache_dir or Path(cfg.data.root or cfg.output_dir) / ".cogpipe_cache"
+        return cls(root, cfg.model, cfg.data,
                    transformer_config["max_text_seq_length"], dtype,
                    models.model_facts(transformer_config, vcfg)["i2v"])
 

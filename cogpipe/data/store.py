@@ -276,7 +276,7 @@ def encode_shard(rows: list[dict], tensors_of=row_tensors) -> tuple[bytes, dict]
                            for s in spec.values()))
     sink = io.BytesIO()
     pq.write_table(table, sink, row_group_size=max(1, ROW_GROUP_BYTES // row_bytes), compression="none",
-                   write_statistics=["key"])
+                   use_dictionary=["caption", "uri"], write_statistics=["key"])  # tensors: raw bytes, as they are
     return sink.getvalue(), spec
 
 
@@ -386,14 +386,14 @@ class StoreWriter:
             if row["key"] in keys:
                 continue
             size = sum(t.numel() * t.element_size() for t in row_tensors(row).values())
-            buf = self._buffers.setdefault(bucket, [])
-            if buf and (len(buf) >= self.max_rows or self._buffer_bytes[bucket] + size > self.max_bytes):
+            if self._buffers.get(bucket) and self._buffer_bytes[bucket] + size > self.max_bytes:
                 self._publish(bucket)
-                buf = self._buffers.setdefault(bucket, [])
-            buf.append(row)
+            self._buffers.setdefault(bucket, []).append(row)
             self._buffer_bytes[bucket] = self._buffer_bytes.get(bucket, 0) + size
             keys.add(row["key"])
             added += 1
+            if len(self._buffers[bucket]) >= self.max_rows:
+                self._publish(bucket)
         return added
 
     def add_prompts(self, prompts: dict) -> None:
@@ -445,12 +445,25 @@ class StoreWriter:
 
 # ---- reading and checking ---------------------------------------------------------------------------------------
 
-def check_bytes(store: Store, shard: Shard, data: bytes, where: str = "") -> None:
-    """A StoreError naming the shard and both checksums where `data` is not the shard the index lists."""
-    actual = sha256_bytes(data)
-    if actual != shard.sha256 or len(data) != shard.bytes:
-        raise StoreError(f"store {store.url}: shard {shard.path}{where} is damaged: sha256 {actual} ({len(data)} "
-                         f"bytes), the index lists {shard.sha256} ({shard.bytes} bytes); nothing is read from it")
+def sha256_stream(f, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(sha256, size) of what an open binary file holds, read in chunks."""
+    h, n = hashlib.sha256(), 0
+    while block := f.read(chunk):
+        h.update(block)
+        n += len(block)
+    return h.hexdigest(), n
+
+
+def check_digest(store: Store, shard: Shard, actual: str, size: int, where: str = "") -> None:
+    """A StoreError naming the shard and both checksums where (actual, size) is not what the index lists."""
+    if actual != shard.sha256 or size != shard.bytes:
+        raise StoreError(f"store {store.url}: shard {shard.path}{where} is damaged: sha256 {actual} ({size} bytes), "
+                         f"the index lists {shard.sha256} ({shard.bytes} bytes); nothing is read from it")
+
+
+def check_bytes(store: Store, shard: Shard, data, where: str = "") -> None:
+    """check_digest of bytes in memory (any buffer)."""
+    check_digest(store, shard, hashlib.sha256(data).hexdigest(), memoryview(data).nbytes, where)
 
 
 def read_prompts(store: Store) -> dict[str, torch.Tensor]:
@@ -473,7 +486,6 @@ def read_prompts(store: Store) -> dict[str, torch.Tensor]:
 def verify(url, storage_options: Optional[dict] = None, log=lambda *_: None) -> list[str]:
     """Check every listed shard's bytes against its checksum, and its rows and keys against the index. Returns the
     problems, one a shard, each naming the shard (empty: the store is sound)."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     store = open_store(url, storage_options)
@@ -481,16 +493,16 @@ def verify(url, storage_options: Optional[dict] = None, log=lambda *_: None) -> 
     problems = []
     for s in store.shards + store.prompts:
         try:
-            data = fs.cat_file(f"{root}/{s.path}")
-        except FileNotFoundError:
-            problems.append(f"store {url}: shard {s.path} is listed in the index but missing")
-            continue
-        try:
-            check_bytes(store, s, data)
-            keys = pq.read_table(pa.BufferReader(data), columns=["key"]).column("key").to_pylist()
+            with fs.open(f"{root}/{s.path}", "rb") as f:
+                check_digest(store, s, *sha256_stream(f))
+            with fs.open(f"{root}/{s.path}", "rb") as f:
+                keys = pq.read_table(f, columns=["key"]).column("key").to_pylist()
             if len(keys) != s.rows or (s.keys_digest and keys_digest(keys) != s.keys_digest):
                 raise StoreError(f"store {url}: shard {s.path} holds {len(keys)} rows whose keys do not match the "
                                  f"index ({s.rows} rows)")
+        except FileNotFoundError:
+            problems.append(f"store {url}: shard {s.path} is listed in the index but missing")
+            continue
         except StoreError as e:
             problems.append(str(e))
             continue
