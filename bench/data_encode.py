@@ -11,11 +11,12 @@ each, in turns:
   ray_1        `cogpipe data encode` with 1 encoding actor into a fresh store (a local Ray on 2 CPUs, started once)
   ray_2        the same with 2 actors
 
-Throughput is the steady rate, clips/s once the encoders are loaded: for Ray, from the first batch's rows to the
-last row (the clips after the first batch over that time); for the folder cache, its clips over its encoding time
-(build_cache's time less the encoders' loading, timed apart in the same process). Wall times, start-up included, are
-recorded beside. The medians over the repeats are compared. Latents: every clip's stored mean and std against the
-folder cache's, bit for bit.
+Throughput is clips/s once the encoders are loaded: for Ray, the clips over the time from the first batch an actor
+started decoding to the last one it finished (the actors' own clocks: Ray's start-up, the actors' start and the
+encoders' loading left out; decoding, VAE and T5 in); for the folder cache, its clips over build_cache's time less
+the encoders' loading (timed apart in the same process; its content digests and entry writes in). Wall times,
+start-up included, are recorded beside. The medians over the repeats are compared. Latents: every clip's stored
+mean and std against the folder cache's, bit for bit.
 """
 
 from __future__ import annotations
@@ -100,13 +101,12 @@ def main() -> None:
         for workers in (1, 2):
             res = encode_mod.encode(cfg, tmp / "m", tmp / f"store{r}_{workers}", workers=workers,
                                     log=lambda *_: None)
-            first = res["arrived"][stages.ENCODE_BATCH - 1]
-            steady = (len(res["arrived"]) - stages.ENCODE_BATCH) / max(res["arrived"][-1] - first, 1e-9)
+            steady = res["added"] / max(res["busy_seconds"], 1e-9)
             digests = {row["uri"]: row["digest"] for row in index_mod.read_manifest(tmp / "m")}
             same = all(torch.equal(t_["mean"], reference[digests[uri]]["mean"])
                        and torch.equal(t_["std"], reference[digests[uri]]["std"])
                        for uri, t_ in stored_latents(tmp / f"store{r}_{workers}").items())
-            runs[f"ray_{workers}"].append(dict(wall_s=res["seconds"], first_batch_s=first, clips_per_s=steady,
+            runs[f"ray_{workers}"].append(dict(wall_s=res["seconds"], busy_s=res["busy_seconds"], clips_per_s=steady,
                                                clips=res["added"], bit_identical=same))
             print(f"repeat {r}: {workers} worker(s) {steady:.2f} clips/s steady, identical {same}", file=sys.stderr)
         print(f"repeat {r}: in process {runs['in_process'][-1]['clips_per_s']:.2f} clips/s", file=sys.stderr)
