@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking
+from cogpipe import checkpoint, models, offload, sequence_parallel, sharding, tracking, video
 from cogpipe.config import Config, save_config, to_yaml
 from cogpipe.data.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
 from cogpipe.data.cache import CachedDataset, build_cache, load_prompt_embeds
@@ -134,6 +134,8 @@ def _prepare_data(run: Run) -> TrainData:
     """Check the data, encode every clip and prompt once (cached; the VAE and T5 leave memory after); or, with
     data.store, read the latent store's index (cogpipe.data.reader)."""
     cfg, acc = run.cfg, run.accelerator
+    if not cfg.data.store:
+        run.log(f"video backend: {video.backend_name()} (cogpipe.video; {video.ENV} forces one)")
     samples = [] if cfg.data.store else usable_samples(cfg, run.log, run.accelerator.device)
     if acc.is_main_process:
         save_config(cfg, run.out / "config.yaml")

@@ -1,4 +1,4 @@
-"""Datasets: find (video, caption) pairs in a folder, decode with decord, sample, resize, crop.
+"""Datasets: find (video, caption) pairs in a folder, decode (cogpipe.video: decord or PyAV), sample, resize, crop.
 
 Layouts accepted (first match wins):
   1. `prompts.txt` + `videos.txt`: the official CogVideo finetune layout, one entry a line,
@@ -238,25 +238,23 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def _reader(path: Path):
-    import decord
+    """The clip opened with cogpipe.video (decord or PyAV: video.backend_name()); DataError names the rule."""
+    from cogpipe.video import VideoError, open_video
 
     if not path.is_file():
         raise _bad(path, "video file not found")
     if path.stat().st_size == 0:
         raise _bad(path, "empty file (0 bytes)")
     try:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-        reader[0]
-        return reader
-    except Exception as e:  # decord raises its own DECORDError or RuntimeError
-        raise _bad(path, f"cannot decode video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return open_video(path)
+    except VideoError as e:  # the message starts with the path: keep the rule only
+        raise _bad(path, f"cannot decode video ({str(e).removeprefix(f'{path}: ')})") from None
 
 
 def probe_clip(path) -> tuple[int, int, int]:
     """(frames, height, width) of a clip that decodes; DataError names the file and the rule."""
-    reader = _reader(Path(path))
-    h, w = reader[0].shape[:2]
-    return len(reader), h, w
+    with _reader(Path(path)) as reader:
+        return reader.num_frames, reader.height, reader.width
 
 
 def shape_problem(available: tuple[int, int, int], wanted: tuple[int, int, int]) -> Optional[str]:
@@ -280,19 +278,21 @@ def choose_bucket(available: tuple[int, int, int], buckets) -> Optional[tuple]:
 
 
 def open_clip(path, num_frames: int, height: int, width: int):
-    """Open a clip with decord and check it against the configured shape; DataError names the rule."""
+    """Open a clip (cogpipe.video.open_video) and check it against the configured shape; DataError names the
+    rule. The caller closes the reader."""
     path = Path(path)
     reader = _reader(path)
-    problem = shape_problem((len(reader), *reader[0].shape[:2]), (num_frames, height, width))
+    problem = shape_problem((reader.num_frames, reader.height, reader.width), (num_frames, height, width))
     if problem:
+        reader.close()
         raise _bad(path, problem)
     return reader
 
 
 def load_clip(path, num_frames: int, height: int, width: int) -> torch.Tensor:
     """Decode, sample `num_frames` frames, resize and crop: float [F, 3, H, W] in [-1, 1]."""
-    reader = open_clip(path, num_frames, height, width)
-    frames = torch.from_numpy(reader.get_batch(frame_indices(len(reader), num_frames).tolist()).asnumpy())
+    with open_clip(path, num_frames, height, width) as reader:
+        frames = torch.from_numpy(reader.frames(frame_indices(reader.num_frames, num_frames)))
     frames = frames.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, h, w) in [-1, 1]
     return resize_crop(frames, height, width).clamp(-1.0, 1.0).contiguous()
 
