@@ -155,6 +155,25 @@ def store(trained, tmp_path_factory):
     return store_from_folder(trained[1], tmp_path_factory.mktemp("store") / "s")
 
 
+def test_a_recipe_checks_the_store_it_trains_on(store, trained, capsys):
+    """`cogpipe check` of a recipe with data.store reads the index and checks the store against the recipe: its
+    encoders must be the model's (another VAE/T5 seed is named), its buckets among the recipe's."""
+    from cogpipe.data.checks import run
+
+    def check(*overrides):
+        args = type("Args", (), {"config": str(REPO / "configs" / "tiny_lora.yaml"), "overrides": [
+            "model.pretrained=null", "output_dir=unused", "data.root=null", f"data.store={store.url}", *overrides]})
+        code = run(args)
+        return code, capsys.readouterr().out
+
+    code, out = check()
+    assert code == 0 and f"{store.rows} rows in 1 shards, buckets 17x64x64" in out
+    code, out = check("model.init_seed=1")  # the preset's weights, so its VAE and T5, differ
+    assert code == 2 and "other encoders" in out and "vae: store" in out and "text_encoder: store" in out
+    code, out = check("data.frames=9")
+    assert code == 2 and "buckets [[17, 64, 64]] are not the recipe's" in out
+
+
 def test_store_run_killed_and_resumed_equals_the_folder_run(store, clips, trained, tmp_path):
     """The `trained` run (4 steps, batch 2, from the folder, no DataLoader workers) again from the store with no
     data.root (no clip read) and 2 DataLoader workers, killed by SIGKILL after step 3 and resumed from its step-2
