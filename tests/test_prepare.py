@@ -132,6 +132,20 @@ def test_filters_record_scores_then_drop_each_with_its_reason(tmp_path):
     assert drops["b_copy.mp4"] is None  # duplicate check off
 
 
+def test_captions_are_cut_at_a_sentence_end_within_the_recipes_t5_length():
+    from cogpipe.data.prepare.caption import fit_caption, sample_indices, t5_count
+    from cogpipe.models import build_tokenizer
+
+    t5 = build_tokenizer(load_config("configs/tiny_lora.yaml", []).model)
+    text = "A dog runs.  The camera pans left. Waves roll onto the beach under a pale sky."
+    assert fit_caption(t5, text, 200) == (" ".join(text.split()), t5_count(t5, " ".join(text.split())), False)
+    cut, n, was_cut = fit_caption(t5, text, 40)
+    assert (cut, was_cut) == ("A dog runs. The camera pans left.", True) and n == t5_count(t5, cut) <= 40
+    cut, n, _ = fit_caption(t5, "a very long single sentence without any end at all", 20)
+    assert cut == "a very long single" and n <= 20  # no sentence fits: whole words
+    assert list(sample_indices(49, 8)) == [3, 9, 15, 21, 27, 33, 39, 45]
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     from cogpipe.data import raycluster
@@ -224,4 +238,10 @@ def test_cli_prepares_a_folder_for_the_tiny_recipe_and_resumes(ray_local, vlm, v
     assert main(argv) == 0
     log = capsys.readouterr().out
     assert "2 to split" not in log and "0 to split" in log and "0 to score" in log and " 0 to caption" in log
+    assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")} == before
+    # one stage alone: `write` with a stricter threshold re-applies it to the recorded scores, scoring nothing again
+    assert main(["prepare", "write", "--for", "configs/tiny_lora.yaml", "--out", str(out), "--min-motion", "1e6"]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["kept"] == 0 and report["dropped"]["too little motion"] == 9
+    assert (out / "videos.txt").read_text() == "" and all(r["problem"] for r in read_manifest(out))
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")} == before

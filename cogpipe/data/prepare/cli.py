@@ -56,6 +56,9 @@ def prepare(args, log=print) -> int:
 
     items = list(args.items)
     stage = items.pop(0) if items and items[0] in STAGES else None
+    if stage == "caption" and args.caption_model == "source":
+        raise pipeline.PrepareError("--caption-model source takes the captions of the SOURCE folders: use it with "
+                                    "the whole run (`cogpipe prepare SOURCE... --caption-model source ...`)")
     if stage in (None, "split") and not items:
         raise pipeline.PrepareError("no SOURCE given: `cogpipe prepare [split] SOURCE... --for RECIPE --out DIR`")
     if stage not in (None, "split") and items:
@@ -83,9 +86,9 @@ def prepare(args, log=print) -> int:
     kept = [c["clip"] for c in clips if drops.get(c["clip"]) is None]
     transformer_config, _ = component_configs(cfg.model)
     limit = int(transformer_config["max_text_seq_length"])
-    if args.caption_model == "source":
-        captions = source_caption_records(records, pipeline.source_captions(
-            sorted({r["source"] for r in records} | set(items))), cfg, limit, args.trigger)
+    if args.caption_model == "source" and stage is None:
+        captions = source_caption_records(records, pipeline.source_captions(items), cfg, limit, args.trigger)
+        pipeline.save_captions(args.out, captions)  # so a later `write` alone finds them
     elif stage in (None, "caption"):
         captions = pipeline.run_captions(
             args.out, kept, cfg, model_id=args.caption_model, recaption=args.recaption, trigger=args.trigger,

@@ -345,3 +345,10 @@ def run_write(out, target: split.Target, records: list[dict], drops: dict[str, s
 def read_captions(out, clips: list[str]) -> dict[str, dict]:
     d = _dirs(out)["captions"]
     return {c: json.loads((d / f"{c}.json").read_text()) for c in clips if (d / f"{c}.json").exists()}
+
+
+def save_captions(out, captions: dict[str, dict]) -> None:
+    d = _dirs(out)["captions"]
+    d.mkdir(parents=True, exist_ok=True)
+    for clip, rec in captions.items():
+        atomic.write_json(d / f"{clip}.json", rec)
