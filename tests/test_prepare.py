@@ -132,6 +132,29 @@ def test_filters_record_scores_then_drop_each_with_its_reason(tmp_path):
     assert drops["b_copy.mp4"] is None  # duplicate check off
 
 
+def test_buckets_take_the_longest_frames_that_fit_then_the_closest_aspect():
+    t = split.Target(fps=8.0, shapes=((17, 64, 96), (17, 64, 64), (9, 64, 64)))
+    frames, wins, _ = split.windows(0, 40, 30.0, t)  # 40 frames at 30 fps: 1.3 s, 9 frames at 8 fps need 1 s
+    assert frames == 9 and len(wins) == 1
+    assert split.windows(0, 100, 30.0, t)[0] == 17
+    assert split.fit_shape(17, 720, 1280, t.shapes) == (17, 64, 96)  # 16:9 -> the wide bucket
+    assert split.fit_shape(17, 480, 480, t.shapes) == (17, 64, 64)
+    wide = np.zeros((2, 72, 160, 3), np.uint8)
+    wide[:, :, 40:120] = 200  # the centre 80 columns of 160: a 72x108 crop keeps them in the middle
+    out = split.crop_resize(wide, 64, 96)
+    assert out.shape == (2, 64, 96, 3) and out[0, 32, 48, 0] == 200 and out[0, 32, 2, 0] == 0
+
+
+def test_bad_input_is_named(tmp_path, capsys):
+    from cogpipe.cli import main
+
+    assert main(["prepare", str(tmp_path / "missing"), "--for", "configs/tiny_lora.yaml", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "missing: no such file or folder" in capsys.readouterr().err
+    assert main(["prepare", "write", "--for", "configs/tiny_lora.yaml", "--out", str(tmp_path / "o")]) == 2
+    assert "nothing split here yet" in capsys.readouterr().err
+
+
 def test_captions_are_cut_at_a_sentence_end_within_the_recipes_t5_length():
     from cogpipe.data.prepare.caption import fit_caption, sample_indices, t5_count
     from cogpipe.models import build_tokenizer
