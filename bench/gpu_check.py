@@ -16,6 +16,10 @@ its own part after each of its steps), so a run cut short still leaves every fin
                SentencePiece tokenizer, T5-XXL), two 49 x 480 x 720 clips, `train.py` on configs/cogvideox_2b_lora.yaml
                for 2 steps with one in-training validation, the export, the end-of-run render, then `infer.py` with
                the LoRA at the model's own size: wall time and peak GPU memory of each
+  caption      cogpipe prepare's captioner (cogpipe/data/prepare/caption.py): Qwen2.5-VL-3B-Instruct in bf16 (its
+               weights must be in the Hugging Face cache, or COGPIPE_CAPTION_MODEL names a folder: the GPU machine
+               has no internet) captions 12 clips of 49 x 480 x 720, 8 frames each, batches of 4: clips per minute, peak
+               memory, the captions' T5 token counts; then 4-bit weights where bitsandbytes is installed
   memory       bench/memory_measure.py: max_memory_allocated/reserved of recipes with the low-VRAM switches, and the
                ratio to their simulation (bench/results/memory_sim.json)
 The CUDA cache is emptied between stages. A stage is one entry of STAGES: (name, share of the budget, function of
@@ -169,10 +173,67 @@ def part_memory_stage(work: Path, tiny: bool, partial: Path) -> dict:
     return {"runs": part_memory(work, tiny)}
 
 
+def part_caption(work: Path, tiny: bool, partial: Path) -> dict:
+    """Captioning throughput and peak memory of the prepare captioner (bf16; then 4-bit where bitsandbytes is)."""
+    import importlib.util
+
+    import numpy as np
+
+    from cogpipe.data.prepare.caption import Captioner, clip_frames, fit_caption
+    from cogpipe.devices import DTYPE_NAMES
+    from cogpipe.models import build_tokenizer
+    from cogpipe.video import write_mp4
+
+    count, batch = (2, 2) if tiny else (12, 4)
+    frames, height, width = (17, 64, 64) if tiny else (49, 480, 720)
+    if tiny:
+        from fixtures.tiny_vlm import make_tiny_vlm
+
+        model_id = make_tiny_vlm(work / "tiny_vlm")
+    else:
+        model_id = os.environ.get("COGPIPE_CAPTION_MODEL", "Qwen/Qwen2.5-VL-3B-Instruct")
+    y, x = np.mgrid[0:height, 0:width]
+    paths = []
+    for i in range(count):
+        video = np.stack([np.stack([(x + 8 * t + 40 * i) % 256, (y + 4 * t) % 256, np.full_like(x, 20 * i)], -1)
+                          for t in range(frames)]).astype(np.uint8)
+        paths.append(write_mp4(video, work / "caption_clips" / f"{i}.mp4", fps=8))
+    sampled = [clip_frames(p) for p in paths]
+    from cogpipe.config import load_config
+
+    recipe = "tiny_lora.yaml" if tiny else "cogvideox_2b_lora.yaml"
+    try:  # the recipe's T5 tokenizer counts the captions' tokens (where it is in the cache)
+        t5 = build_tokenizer(load_config(REPO / "configs" / recipe, [], validate_model=False).model)
+    except Exception:
+        t5 = None
+    out: dict = {"model": model_id, "clips": count, "batch": batch, "clip_shape": [frames, height, width]}
+    modes = [None] + (["4bit"] if importlib.util.find_spec("bitsandbytes") and not tiny else [])
+    for quantize in modes:
+        with Peak() as load:  # bf16 on a GPU, fp32 on the CPU (cogpipe/devices.py)
+            captioner = Captioner(model_id, quantize=quantize, max_new_tokens=12 if tiny else 300)
+        name = quantize or DTYPE_NAMES[captioner.dtype]
+        captioner.caption([sampled[0][0]], [sampled[0][1]])  # warm-up
+        texts = []
+        with Peak() as p:
+            for i in range(0, count, batch):
+                part = sampled[i:i + batch]
+                texts += captioner.caption([f for f, _ in part], [r for _, r in part])
+        out[name] = {"load_s": load.result["wall_s"], **p.result, "dtype": str(captioner.dtype),
+                     "device": str(captioner.device), "clips_per_min": round(count / p.result["wall_s"] * 60, 2),
+                     "caption_chars": [len(t) for t in texts], "first_caption": texts[0][:600]}
+        if t5 is not None:
+            out[name]["t5_tokens"] = [fit_caption(t5, t, 10_000)[1] for t in texts]
+        del captioner
+        empty_cuda_cache()
+        write_json(partial, out)
+    return out
+
+
 STAGES = [  # (name, share of the budget it may take, what it runs)
     ("steps-2b", 0.15, functools.partial(part_steps, "steps-2b")),
     ("steps-5b", 0.2, functools.partial(part_steps, "steps-5b")),
     ("steps-1.5", 0.25, functools.partial(part_steps, "steps-1.5")),
+    ("caption", 0.2, part_caption),
     ("run", 1.0, part_run),  # whatever is left
     ("memory", 1.0, part_memory_stage),  # whatever the run left
 ]

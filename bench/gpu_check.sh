@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check on a machine with one CUDA GPU and PyTorch (e.g. the lent H200, whose image lacks diffusers,
-# omegaconf, decord and imageio-ffmpeg): installs the wheels carried in .whl/ (bench/gpu_wheels.sh fetches them),
+# omegaconf, decord and av): installs the wheels carried in .whl/ (bench/gpu_wheels.sh fetches them),
 # then runs bench/gpu_check.py. Results: bench/results/gpu_check_<device>.json, or $OUT/ when set.
 #
-#   bash bench/gpu_wheels.sh                                   # first, here, once: .whl/ (about 47 MB)
+#   bash bench/gpu_wheels.sh                                   # first, here, once: .whl/ (about 56 MB)
 #   bash bench/gpu_check.sh                                    # there (device tool: carry .whl); 5 min by default
 #                                                              # (BUDGET_MIN=N), JSON rewritten after every stage
 set -euo pipefail

@@ -18,6 +18,8 @@ COMMANDS = {
     "export": ("cogpipe.export", "export a training output folder to a Diffusers pipeline + LoRA"),
     "check": ("cogpipe.data.checks", "check a recipe's config and dataset without training"),
     "data": ("cogpipe.data.cli", "index and encode a dataset of any size on Ray into a latent store, verify it"),
+    "prepare": ("cogpipe.data.prepare.cli", "raw videos to a training set: split into the recipe's clips, filter, "
+                                            "caption (Qwen2.5-VL), write (docs/prepare.md)"),
     "plan": ("cogpipe.plan.cli", "estimate a recipe's peak GPU memory and the switches that make it fit"),
     "teacache-fit": ("cogpipe.inference.fit", "fit TeaCache's coefficients and MagCache's ratios for a model from "
                                               "a few of its own generations (infer.py --teacache-coefficients)"),

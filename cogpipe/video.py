@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cogpipe import atomic
+
 ENV = "COGPIPE_VIDEO_BACKEND"
 BACKENDS = ("decord", "pyav")
 _MODULES = {"decord": "decord", "pyav": "av"}
@@ -191,6 +193,7 @@ class PyAVReader(VideoReader):
             self._pts = sorted(pts)
             self._index = {p: i for i, p in enumerate(self._pts)}
             self._keys = sorted(keys) or self._pts[:1]
+            self.keyframes = [self._index[k] for k in self._keys]  # indices of the frames a seek can land on
             self._decoder = None  # a decode generator, positioned after frame self._at
             self._at = -1
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
@@ -271,8 +274,6 @@ def write_mp4(frames, path, fps: float = 8, quality: float = 8.0) -> Path:
     quality 1..10 as imageio's writer took it (crf = int((1 - quality / 10) * 51): 8 -> crf 10). Height and width
     must be even (4:2:0 chroma). The file appears complete or not at all (written under a temporary name)."""
     import av
-
-    from cogpipe import atomic
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8:

@@ -29,6 +29,15 @@ LONGEST_FIRST = ["test_readme.py", "test_launchers.py", "test_sequence_parallel.
                  "test_bench.py", "test_faults.py", "test_hub_layout.py", "test_ui_browser.py", "test_multiprocess.py"]
 
 
+def pytest_report_header(config):
+    from cogpipe import video
+
+    try:  # which one reads the clips: decord where installed, PyAV where not or forced (tests/no_decord, .ci/run)
+        return f"video backend: {video.backend_name()}"
+    except video.VideoBackendError as e:
+        return f"video backend: none ({e})"
+
+
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False

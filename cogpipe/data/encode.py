@@ -116,12 +116,13 @@ class Encoder:
 
         self.calls += 1
         self._maybe_fail()
+        started = time.time()
         if "pixels" not in batch:  # no decoding tasks before this stage (a CPU cluster): decode here
             rows = [decode_row({k: batch[k][i] for k in batch}) for i in range(len(batch["key"]))]
             batch = {k: [r[k] for r in rows] for k in rows[0]}
         n = len(batch["key"])
         out = {k: [] for k in ("key", "uri", "caption", "bucket", "problem", "mean", "std", "latent_shape",
-                               "prompt_embeds", "prompt_shape", "image_latents", "image_shape", "pid")}
+                               "prompt_embeds", "prompt_shape", "image_latents", "image_shape", "pid", "span")}
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
             if not batch["problem"][i]:
@@ -143,6 +144,7 @@ class Encoder:
                 out[k].append(str(batch[k][i]))
             out["bucket"].append([int(x) for x in batch["bucket"][i]])
             out["pid"].append(os.getpid())
+            out["span"].append([started, time.time()])  # when this batch was decoded and encoded (wall clock)
             e = encoded.get(i)
             out["mean"].append(e["mean"].tobytes() if e else b"")
             out["std"].append(e["std"].tobytes() if e else b"")
@@ -250,7 +252,7 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     log(f"encode: {len(todo)} clips to encode, {present} in the store already, {len(problems)} skipped for their "
         f"problem; {workers} encoding worker(s) on {'GPU' if gpus else 'CPU'}")
     t0 = time.monotonic()
-    added, failed, pids = 0, [], set()
+    added, failed, pids, arrived, spans = 0, [], set(), [], []
     published = len(writer.store.shards)
     if todo:
         blocks = max(workers, min(-(-len(todo) // ENCODE_BATCH), 10_000))  # a block is about one VAE batch
@@ -266,6 +268,8 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
         progress = Progress(len(todo), "encode")
         for row in ds.iter_rows():
             progress.update(1)
+            arrived.append(time.monotonic() - t0)
+            spans.append(tuple(row["span"]))
             pids.add(int(row["pid"]))
             if row["problem"]:
                 failed.append((row["uri"], row["problem"]))
@@ -288,7 +292,8 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     log(f"encode {out}: {added} clips added in {seconds:.1f} s ({added / max(seconds, 1e-9):.2f} clips/s), "
         f"{len(writer.store.shards)} shards, {writer.store.rows} rows")
     return dict(added=added, present=present, skipped=len(problems), failed=len(failed), seconds=seconds,
-                workers=workers, pids=sorted(pids), rows=writer.store.rows)
+                workers=workers, pids=sorted(pids), rows=writer.store.rows, arrived=arrived,
+                busy_seconds=(max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0)
 
 
 def add_arguments(parser) -> None:

@@ -18,19 +18,18 @@ def connect(address: str | None = None, num_cpus: int | None = None):
     it; "auto" finds the one on this machine), else a local Ray on this machine's cores, without the dashboard and
     with Ray's own logging kept to warnings."""
     import ray
-
-    if ray.is_initialized():
-        return ray
-    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=num_cpus or local_cpus(), **quiet)
     from ray.data import DataContext
 
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            ray.init(num_cpus=num_cpus or local_cpus(), include_dashboard=False, logging_level=logging.WARNING)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # cogpipe prints its own progress (clips/s, ETA)
     ctx.print_on_execution_start = False
+    ctx.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return ray
 
 

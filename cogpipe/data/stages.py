@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -51,39 +50,37 @@ def encoder_identity(cfg, device) -> str:
 
 
 def _reader(data, where: str):
-    import decord
+    """The clip (bytes or a path) opened with cogpipe.video (decord or PyAV); DataError names the rule in the
+    dataset check's words."""
+    from cogpipe.video import VideoError, open_video
 
     if isinstance(data, (str, Path)):
-        path = Path(data)
-        if not path.is_file():
+        if not Path(data).is_file():
             raise DataError(f"{where}: video file not found", Problem(where, "video file not found"))
-        data = path.read_bytes()
+        data = Path(data).read_bytes()
     if len(data) == 0:
         raise DataError(f"{where}: empty file (0 bytes)", Problem(where, "empty file (0 bytes)"))
     try:
-        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0))
-        reader[0]
-        return reader
-    except Exception as e:  # decord raises its own DECORDError or RuntimeError
-        rule = f"cannot decode video ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        return open_video(data)
+    except VideoError as e:  # the message starts with "<N bytes>: ": keep the rule only
+        rule = f"cannot decode video ({str(e).split(': ', 1)[-1]})"
         raise DataError(f"{where}: {rule}", Problem(where, rule)) from None
 
 
 def probe_video(data, where: str = "clip") -> dict:
     """{"frames", "fps", "height", "width"} of a clip's bytes (or file); DataError names the rule."""
-    reader = _reader(data, where)
-    h, w = reader[0].shape[:2]
-    return dict(frames=len(reader), fps=float(reader.get_avg_fps()), height=int(h), width=int(w))
+    with _reader(data, where) as reader:
+        return dict(frames=reader.num_frames, fps=float(reader.fps), height=reader.height, width=reader.width)
 
 
 def decode_clip(data, frames: int, height: int, width: int, where: str = "clip") -> torch.Tensor:
     """Decode a clip (bytes or a path), sample `frames` frames spread over it, resize and center-crop:
     float [F, 3, H, W] in [-1, 1]. DataError names the rule a clip too short or too small breaks."""
-    reader = _reader(data, where)
-    problem = shape_problem((len(reader), *reader[0].shape[:2]), (frames, height, width))
-    if problem:
-        raise DataError(f"{where}: {problem}", Problem(where, problem))
-    pixels = torch.from_numpy(reader.get_batch(frame_indices(len(reader), frames).tolist()).asnumpy())
+    with _reader(data, where) as reader:
+        problem = shape_problem((reader.num_frames, reader.height, reader.width), (frames, height, width))
+        if problem:
+            raise DataError(f"{where}: {problem}", Problem(where, problem))
+        pixels = torch.from_numpy(reader.frames(frame_indices(reader.num_frames, frames)))
     pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, h, w) in [-1, 1]
     return resize_crop(pixels, height, width).clamp(-1.0, 1.0).contiguous()
 
