@@ -85,6 +85,12 @@ def test_writer_killed_then_resumed_has_every_key_once(tmp_path):
     store = S.open_store(url)
     keys = [k for s in store.shards for k in _keys(url / s.path)]
     assert sorted(keys) == sorted(f"b0-{i}" for i in range(6)) and S.verify(url) == []
+    # a shard written elsewhere (a Ray task) holding a stored key is refused, the index left as it was
+    w = S.StoreWriter(url, IDENTITY)
+    again = w.write_shard((9, 16, 16), rows(1, start=5))
+    with pytest.raises(S.StoreError, match=f"{again.path}.*'b0-5'.*not published"):
+        w.publish([again])
+    assert S.open_store(url).rows == 6
 
 
 def _keys(path):
