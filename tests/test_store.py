@@ -180,6 +180,7 @@ def test_a_recipe_checks_the_store_it_trains_on(store, trained, capsys):
     assert code == 2 and "buckets [[17, 64, 64]] are not the recipe's" in out
 
 
+@pytest.mark.slow
 def test_store_run_killed_and_resumed_equals_the_folder_run(store, clips, trained, tmp_path):
     """The `trained` run (4 steps, batch 2, from the folder, no DataLoader workers) again from the store with no
     data.root (no clip read) and 2 DataLoader workers, killed by SIGKILL after step 3 and resumed from its step-2
