@@ -85,6 +85,12 @@ def test_writer_killed_then_resumed_has_every_key_once(tmp_path):
     store = S.open_store(url)
     keys = [k for s in store.shards for k in _keys(url / s.path)]
     assert sorted(keys) == sorted(f"b0-{i}" for i in range(6)) and S.verify(url) == []
+    # a shard written elsewhere (a Ray task) holding a stored key is refused, the index left as it was
+    w = S.StoreWriter(url, IDENTITY)
+    again = w.write_shard((9, 16, 16), rows(1, start=5))
+    with pytest.raises(S.StoreError, match=f"{again.path}.*'b0-5'.*not published"):
+        w.publish([again])
+    assert S.open_store(url).rows == 6
 
 
 def _keys(path):
@@ -174,6 +180,7 @@ def test_a_recipe_checks_the_store_it_trains_on(store, trained, capsys):
     assert code == 2 and "buckets [[17, 64, 64]] are not the recipe's" in out
 
 
+@pytest.mark.slow
 def test_store_run_killed_and_resumed_equals_the_folder_run(store, clips, trained, tmp_path):
     """The `trained` run (4 steps, batch 2, from the folder, no DataLoader workers) again from the store with no
     data.root (no clip read) and 2 DataLoader workers, killed by SIGKILL after step 3 and resumed from its step-2
