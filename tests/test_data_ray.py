@@ -218,15 +218,18 @@ def test_encode_on_ray_equals_train_py_encoding(ray_local, manifest, reference, 
 def test_encode_worker_killed_mid_task_is_retried_and_problems_skipped(ray_local, manifest, reference, tmp_path,
                                                                       monkeypatch):
     """An encoding actor kills itself (SIGKILL) on its first batch, once: Ray restarts it and runs the batch again;
-    nothing is missing, nothing twice. A manifest row with a problem is never encoded."""
+    nothing is missing, nothing twice. A manifest row with a problem is never encoded; a caption several clips share
+    is T5-encoded once."""
     rows = index_mod.read_manifest(manifest)
     rows[0]["problem"] = "cannot decode video (named by the index)"
+    for r in rows:
+        r["caption"] = rows[1]["caption"]  # one caption for every clip: T5 runs once
     marker = tmp_path / "killed"
     monkeypatch.setenv(encode_mod.FAULT_ENV, f"1:{marker}")
     result = encode_mod.encode(reference[0], rows, tmp_path / "s", workers=1, log=lambda *_: None)
     assert marker.exists(), "the actor did not kill itself"
     assert int(marker.read_text()) not in result["pids"]  # the rows came from the restarted actor
-    assert result["added"] == len(SPECS) - 1 and result["skipped"] == 1
+    assert result["added"] == len(SPECS) - 1 and result["skipped"] == 1 and result["text_encodes"] == 1
     stored, seen = _store_rows(tmp_path / "s")
     assert rows[0]["uri"] not in {u for _, u, _ in stored.values()}
     _assert_matches_reference(tmp_path / "s", manifest, reference, expected=len(SPECS) - 1)
