@@ -85,6 +85,12 @@ def test_writer_killed_then_resumed_has_every_key_once(tmp_path):
     store = S.open_store(url)
     keys = [k for s in store.shards for k in _keys(url / s.path)]
     assert sorted(keys) == sorted(f"b0-{i}" for i in range(6)) and S.verify(url) == []
+    # a shard written elsewhere (a Ray task) holding a stored key is refused, the index left as it was
+    w = S.StoreWriter(url, IDENTITY)
+    again = w.write_shard((9, 16, 16), rows(1, start=5))
+    with pytest.raises(S.StoreError, match=f"{again.path}.*'b0-5'.*not published"):
+        w.publish([again])
+    assert S.open_store(url).rows == 6
 
 
 def _keys(path):
@@ -155,37 +161,45 @@ def store(trained, tmp_path_factory):
     return store_from_folder(trained[1], tmp_path_factory.mktemp("store") / "s")
 
 
-@pytest.fixture(scope="module")
-def from_store(store, clips, trained, tmp_path_factory):
-    """The `trained` run (4 steps, batch 2) again, from the store and no data.root (so no clip is read)."""
-    base = tmp_path_factory.mktemp("from_store")
-    out, _ = run_tiny(clips, base / "out", base / "cache", **{"data.store": store.url, "data.root": "null"})
-    return out
+def test_a_recipe_checks_the_store_it_trains_on(store, trained, capsys):
+    """`cogpipe check` of a recipe with data.store reads the index and checks the store against the recipe: its
+    encoders must be the model's (another VAE/T5 seed is named), its buckets among the recipe's."""
+    from cogpipe.data.checks import run
+
+    def check(*overrides):
+        args = type("Args", (), {"config": str(REPO / "configs" / "tiny_lora.yaml"), "overrides": [
+            "model.pretrained=null", "output_dir=unused", "data.root=null", f"data.store={store.url}", *overrides]})
+        code = run(args)
+        return code, capsys.readouterr().out
+
+    code, out = check()
+    assert code == 0 and f"{store.rows} rows in 1 shards, buckets 17x64x64" in out
+    code, out = check("model.init_seed=1")  # the preset's weights, so its VAE and T5, differ
+    assert code == 2 and "other encoders" in out and "vae: store" in out and "text_encoder: store" in out
+    code, out = check("data.frames=9")
+    assert code == 2 and "buckets [[17, 64, 64]] are not the recipe's" in out
 
 
-def test_training_from_a_store_equals_the_folder(from_store, trained, store):
-    """Rows in the folder's order, one window of shards: the same order, so the same weights, exactly."""
-    a, b = weights(trained[0]), weights(from_store)
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    state = json.loads((from_store / "checkpoints" / "checkpoint-000004" / checkpoint.STATE).read_text())
-    # 4 micro-steps of 2 clips from 4 clips: 2 batches an epoch, so the cursor stands at the start of epoch 2
-    assert state["data"] == {"store": store.url, "store_digest": store.digest, "epoch": 2, "position": 0}
-    assert not (from_store.parent / "cache").exists()  # nothing encoded, no clip cache made
-
-
-def test_killed_and_resumed_from_a_store_with_loader_workers(from_store, store, clips, tmp_path):
-    """Killed by SIGKILL after step 3 (checkpoint at 2), resumed with 2 DataLoader workers: the unkilled run's
-    weights, bit for bit, with 0 workers or 2."""
+def test_store_run_killed_and_resumed_equals_the_folder_run(store, clips, trained, tmp_path):
+    """The `trained` run (4 steps, batch 2, from the folder, no DataLoader workers) again from the store with no
+    data.root (no clip read) and 2 DataLoader workers, killed by SIGKILL after step 3 and resumed from its step-2
+    checkpoint: the rows are in the folder's order and the store is one window of shards, so the order is the
+    folder's, and the weights equal the uninterrupted folder run's exactly."""
     overrides = {"data.store": store.url, "data.root": "null", "data.num_workers": 2}
     env = {**os.environ, "COGPIPE_FAILPOINT": "train-step:3", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); from helpers import run_tiny; "
            f"run_tiny({str(clips)!r}, {str(tmp_path / 'out')!r}, {str(tmp_path / 'cache')!r}, **{overrides!r})"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
-    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "checkpoint-000002"
+    ckpt = tmp_path / "out" / "checkpoints"
+    assert (ckpt / "latest").read_text() == "checkpoint-000002"
+    # 2 micro-steps of 2 clips from 4 clips: 2 batches an epoch, so the cursor stands at the start of epoch 1
+    state = json.loads((ckpt / "checkpoint-000002" / checkpoint.STATE).read_text())
+    assert state["data"] == {"store": store.url, "store_digest": store.digest, "epoch": 1, "position": 0}
     run_tiny(clips, tmp_path / "out", tmp_path / "cache", **overrides, **{"train.resume_from": "latest"})
-    a, b = weights(from_store), weights(tmp_path / "out")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = weights(trained[0]), weights(tmp_path / "out")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cache").exists()  # nothing encoded: no clip cache made
 
 
 def test_shard_cache_is_bounded_and_checks_downloads(tmp_path):

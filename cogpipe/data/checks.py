@@ -14,13 +14,23 @@ from dataclasses import replace
 
 from cogpipe.config import ConfigError, add_recipe_arguments, load_config
 from cogpipe.data.cache import Cache
-from cogpipe.data.folders import DataError, Problem, Sample, choose_bucket, load_image, report, scan, shape_problem
+from cogpipe.data.folders import (
+    DataError,
+    Problem,
+    Sample,
+    choose_bucket,
+    load_image,
+    recipe_buckets,
+    report,
+    scan,
+    shape_problem,
+)
 from cogpipe.devices import inference_device
 
 
 def buckets(cfg) -> list[tuple[int, int, int]]:
     """The (frames, height, width) shapes trained on: `data.buckets`, or the single configured shape."""
-    return [tuple(b) for b in cfg.data.buckets] or [(cfg.data.frames, cfg.data.height, cfg.data.width)]
+    return recipe_buckets(cfg.data)
 
 
 def check_dataset(cfg, log=lambda *_: None, device=None) -> tuple[list[Sample], list[Problem]]:
@@ -86,6 +96,8 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.data.store:
+            return _run_store(args, cfg)
         good, problems = check_dataset(cfg, print)
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}")
@@ -101,3 +113,20 @@ def run(args) -> int:
         print("training would refuse to start (set data.skip_bad=true to skip the bad clips)")
         return 1
     return 0
+
+
+def _run_store(args, cfg) -> int:
+    """A recipe with data.store: its index read, its encoders and buckets checked against the recipe (the shards'
+    checksums are `cogpipe data verify`'s)."""
+    from cogpipe.data.reader import check_store
+    from cogpipe.data.store import StoreError
+
+    try:
+        store = check_store(cfg, inference_device())
+    except StoreError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"config {args.config}: OK")
+    print(f"data.store {store.url}: {store.rows} rows in {len(store.shards)} shards, buckets "
+          + ", ".join("x".join(map(str, b)) for b in store.buckets))
+    return 0 if store.rows else 1

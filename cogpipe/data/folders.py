@@ -267,6 +267,11 @@ def shape_problem(available: tuple[int, int, int], wanted: tuple[int, int, int])
     return None
 
 
+def recipe_buckets(data_cfg) -> list[tuple[int, int, int]]:
+    """The (frames, height, width) shapes a recipe trains on: `data.buckets`, or the single configured shape."""
+    return [tuple(b) for b in data_cfg.buckets] or [(data_cfg.frames, data_cfg.height, data_cfg.width)]
+
+
 def choose_bucket(available: tuple[int, int, int], buckets) -> Optional[tuple]:
     """The nearest bucket a clip can fill without upsampling or repeating frames: closest aspect
     ratio, then the largest area, then the most frames. None when no bucket fits."""

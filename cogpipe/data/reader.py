@@ -231,14 +231,11 @@ class StoreDataset(torch.utils.data.Dataset):
 
 # ---- training's start-up ---------------------------------------------------------------------------------------
 
-def training_data(cfg, dp_rank: int, dp_world: int, device, extra_prompts, rank: int = 0, world: int = 1,
-                  barrier=lambda: None, log=print):
-    """(dataset, plan, extra prompt embeddings) of a recipe with data.store, from the store's index: its encoders
-    must be the recipe's, its buckets among the recipe's; extra prompts ("" and validation prompts) come from the
-    store's prompt table, those missing encoded here once (the folder cache's code, cogpipe.data.cache)."""
-    from cogpipe.data.cache import build_cache, load_prompt_embeds
-    from cogpipe.data.checks import buckets
-    from cogpipe.data.store import identity_mismatch, open_store, read_prompts, store_identity
+def check_store(cfg, device) -> Store:
+    """The recipe's data.store from its index, refused (StoreError) unless its encoders are the recipe's model's
+    and its buckets among the recipe's."""
+    from cogpipe.data.folders import recipe_buckets
+    from cogpipe.data.store import identity_mismatch, open_store, store_identity
 
     url = cfg.data.store
     store = open_store(url, cfg.data.store_options)
@@ -246,11 +243,24 @@ def training_data(cfg, dp_rank: int, dp_world: int, device, extra_prompts, rank:
     if differs:
         raise StoreError(f"data.store {url}: encoded by other encoders than this recipe's model: "
                          f"{'; '.join(differs)} (encode the clips again for this model)")
-    wanted = {tuple(b) for b in buckets(cfg)}
+    wanted = set(recipe_buckets(cfg.data))
     unknown = [b for b in store.buckets if b not in wanted]
     if unknown:
         raise StoreError(f"data.store {url}: buckets {[list(b) for b in unknown]} are not the recipe's "
                          f"({sorted(list(b) for b in wanted)}: data.frames/height/width or data.buckets)")
+    return store
+
+
+def training_data(cfg, dp_rank: int, dp_world: int, device, extra_prompts, rank: int = 0, world: int = 1,
+                  barrier=lambda: None, log=print):
+    """(dataset, plan, extra prompt embeddings) of a recipe with data.store, from the store's index: its encoders
+    must be the recipe's, its buckets among the recipe's; extra prompts ("" and validation prompts) come from the
+    store's prompt table, those missing encoded here once (the folder cache's code, cogpipe.data.cache)."""
+    from cogpipe.data.cache import build_cache, load_prompt_embeds
+    from cogpipe.data.store import read_prompts
+
+    url = cfg.data.store
+    store = check_store(cfg, device)
     prompts = read_prompts(store)
     missing = [t for t in dict.fromkeys(extra_prompts) if t not in prompts]
     if missing:

@@ -405,8 +405,23 @@ class StoreWriter:
         """Write one shard of this store, not yet published (see the module function write_shard)."""
         return write_shard(self._fs, self._root, bucket, rows)
 
-    def publish(self, shards: list[Shard] = (), prompts: list[Shard] = ()) -> None:
-        """List shards in the index: the commit point (the index is replaced whole)."""
+    def publish(self, shards: list[Shard] = (), prompts: list[Shard] = (), *, checked: bool = False) -> None:
+        """List shards in the index: the commit point (the index is replaced whole). Shards written elsewhere
+        (`write_shard` in Ray tasks) have their keys read first: a key the store holds already is a StoreError
+        naming the shard, and nothing is published (every key once)."""
+        if not checked:
+            import pyarrow.parquet as pq
+
+            keys = self.existing_keys()
+            for s in shards:
+                with self._fs.open(f"{self._root}/{s.path}", "rb") as f:
+                    new = pq.read_table(f, columns=["key"]).column("key").to_pylist()
+                seen: set[str] = set()
+                twice = {k for k in new if k in keys or k in seen or seen.add(k)}
+                if twice:
+                    raise StoreError(f"store {self.url}: shard {s.path} holds key(s) the store already has, e.g. "
+                                     f"{sorted(twice)[0]!r}: not published")
+                keys.update(new)
         self.store.shards += list(shards)
         self.store.prompts += list(prompts)
         _put_atomic(self._fs, f"{self._root}/{INDEX}", json.dumps(self.store.as_json(), indent=1).encode())
@@ -414,7 +429,7 @@ class StoreWriter:
     def _publish(self, bucket) -> None:
         rows = self._buffers.pop(bucket)
         self._buffer_bytes.pop(bucket, None)
-        self.publish([self.write_shard(bucket, rows)])
+        self.publish([self.write_shard(bucket, rows)], checked=True)  # add() skipped the keys already stored
 
     def flush(self) -> None:
         for bucket in list(self._buffers):
@@ -430,7 +445,7 @@ class StoreWriter:
                 for row in new:
                     by_shape.setdefault(tuple(_tensor(row["prompt_embeds"]).shape), []).append(row)
                 self.publish(prompts=[write_shard(self._fs, self._root, None, rows, kind="prompts")
-                                      for rows in by_shape.values()])
+                                      for rows in by_shape.values()], checked=True)
 
     def close(self) -> None:
         self.flush()
