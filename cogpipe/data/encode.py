@@ -208,10 +208,10 @@ def extra_prompts(cfg) -> list[str]:
 def plan(cfg, manifest: list[dict], have: set[str]) -> tuple[list[dict], list[dict], int]:
     """(the rows to encode, sorted by bucket, caption and key; the rows with a problem; how many keys the store
     holds already). Each clip gets the recipe's bucket and key (whatever bucket the index chose)."""
-    from cogpipe.data.checks import buckets
+    from cogpipe.data.folders import recipe_buckets
 
     rows = [dict(r) for r in manifest]
-    assign_buckets(rows, buckets(cfg))
+    assign_buckets(rows, recipe_buckets(cfg.data))
     problems = [r for r in rows if r.get("problem")]
     todo, seen, present = [], set(), 0
     for r in rows:
