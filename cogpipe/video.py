@@ -91,6 +91,14 @@ def _source(src):
     raise TypeError(f"open_video expects a path, bytes or a binary file-like object, got {type(src).__name__}")
 
 
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+class _TimestampMismatch(Exception):
+    """PyAVReader: a decoded frame's timestamp is not the one its packet announced."""
+
+
 class VideoReader:
     """A clip opened for reading frames by index. Use as a context manager, or call close()."""
 
@@ -112,7 +120,13 @@ class VideoReader:
                              f"{self.num_frames} frames")
         if idx.size == 0:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
-        return np.ascontiguousarray(self._frames(idx), dtype=np.uint8)
+        try:
+            return np.ascontiguousarray(self._frames(idx), dtype=np.uint8)
+        except VideoError:
+            raise
+        except Exception as e:  # a clip that breaks past its first frame: PyAV's FFmpegError subclasses
+            raise VideoError(f"{self.name}: cannot decode frames with {self.backend} ({type(e).__name__}: "
+                             f"{_first_line(e)})") from None
 
     def info(self) -> VideoInfo:
         return VideoInfo(self.num_frames, self.fps, self.height, self.width)
@@ -154,8 +168,7 @@ class DecordReader(VideoReader):
         try:
             return self._reader.get_batch(idx.tolist()).asnumpy()
         except Exception as e:  # decord's DECORDError: e.g. its batch copy fails at widths such as 16 or 48
-            message = (str(e).strip().splitlines() or [""])[0][:200]
-            raise VideoError(f"{self.name}: decord cannot decode frames ({type(e).__name__}: {message}); "
+            raise VideoError(f"{self.name}: decord cannot decode frames ({type(e).__name__}: {_first_line(e)}); "
                              f"{ENV}=pyav reads it with PyAV") from None
 
     def close(self):
@@ -165,7 +178,8 @@ class DecordReader(VideoReader):
 class PyAVReader(VideoReader):
     """Frame-accurate access by index: the stream's packets are read once (no decoding) for the presentation
     timestamps of its frames, frame i is the i-th smallest; a read seeks to the keyframe at or before the first
-    wanted frame and decodes forward to each wanted timestamp, seeking again only across a keyframe."""
+    wanted frame and decodes forward to each wanted timestamp, seeking again only across a keyframe. Where the
+    decoded frames do not carry their packets' timestamps (AVI with B-frames), frames are counted from the start."""
 
     backend = "pyav"
 
@@ -196,6 +210,7 @@ class PyAVReader(VideoReader):
             self.keyframes = [self._index[k] for k in self._keys]  # indices of the frames a seek can land on
             self._decoder = None  # a decode generator, positioned after frame self._at
             self._at = -1
+            self._by_order = False  # True once the decoded timestamps are found not to match the packets
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             self.fps = float(rate) if rate else 0.0
             self.num_frames = len(self._pts)
@@ -212,6 +227,15 @@ class PyAVReader(VideoReader):
         self._at = -1
 
     def _frames(self, idx):
+        if not self._by_order:
+            try:
+                return self._frames_by_pts(idx)
+            except _TimestampMismatch:
+                # the decoder's timestamps are not the packets' (AVI with B-frames): count frames from the start
+                self._by_order, self._decoder = True, None
+        return self._frames_by_order(idx)
+
+    def _frames_by_pts(self, idx):
         out: dict[int, np.ndarray] = {}
         for i in sorted(set(idx.tolist())):
             # Decode forward from where the decoder is when no keyframe lies between; otherwise seek.
@@ -228,11 +252,22 @@ class PyAVReader(VideoReader):
                     out[i] = frame.to_ndarray(format="rgb24")
                     break
                 if at > i:
-                    self._decoder = None
-                    raise VideoError(f"{self.name}: frame {i} (pts {self._pts[i]}) was not produced by the decoder")
+                    raise _TimestampMismatch
             else:
-                self._decoder = None
-                raise VideoError(f"{self.name}: the stream ended before frame {i} of {self.num_frames}")
+                raise _TimestampMismatch
+        return np.stack([out[i] for i in idx.tolist()])
+
+    def _frames_by_order(self, idx):
+        wanted, out = set(idx.tolist()), {}
+        self._container.seek(self._keys[0], stream=self._stream, backward=True, any_frame=False)
+        for at, frame in enumerate(self._container.decode(self._stream)):
+            if at in wanted:
+                out[at] = frame.to_ndarray(format="rgb24")
+                if len(out) == len(wanted):
+                    break
+        missing = sorted(wanted - out.keys())
+        if missing:
+            raise VideoError(f"{self.name}: the stream ended before frame {missing[0]} of {self.num_frames}")
         return np.stack([out[i] for i in idx.tolist()])
 
     def close(self):
@@ -253,8 +288,7 @@ def open_video(src, backend: str | None = None) -> VideoReader:
     except VideoError:
         raise
     except Exception as e:  # decord raises DECORDError/RuntimeError, PyAV its FFmpegError subclasses
-        message = (str(e).strip().splitlines() or [""])[0][:200]
-        raise VideoError(f"{label}: cannot decode video with {name} ({type(e).__name__}: {message})") from None
+        raise VideoError(f"{label}: cannot decode video with {name} ({type(e).__name__}: {_first_line(e)})") from None
 
 
 def probe(src) -> VideoInfo:

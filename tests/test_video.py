@@ -42,14 +42,17 @@ def _frames(n, h, w, seed=0):
     return out
 
 
-def _encode(path, frames, pix_fmt="yuv420p", fps=8, **options):
-    """An H.264 clip with settings write_mp4 does not use (4:4:4 for odd sizes, short GOPs with B-frames)."""
+def _encode(path, frames, pix_fmt="yuv420p", fps=8, codec="libx264", **options):
+    """A clip write_mp4 does not make: 4:4:4 for odd sizes, short GOPs with B-frames, other codecs and containers
+    (the container from the file's suffix)."""
     import av
 
     with av.open(str(path), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt, s.options = pix_fmt, {"crf": "10", **{k: str(v) for k, v in options.items()}}
+        s = c.add_stream(codec, rate=fps)
+        s.width, s.height = frames.shape[2], frames.shape[1]
+        s.pix_fmt, s.options = pix_fmt, {k: str(v) for k, v in options.items()}
+        if codec == "libx264":
+            s.options = {"crf": "10", **s.options}
         for f in frames:
             c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         c.mux(s.encode(None))
@@ -75,6 +78,8 @@ def clips(tmp_path_factory):
     # keyframes every 6 frames, 3 B-frames: decode order differs from display order, seeks land mid-clip
     made["gop"] = _encode(root / "gop.mp4", _frames(40, 32, 64, seed=1), fps=24, g=6, keyint_min=6, bf=3,
                           sc_threshold=0)
+    # AVI keeps no presentation timestamps: with B-frames the decoded frames' differ from the packets'
+    made["avi"] = _encode(root / "bframes.avi", _frames(20, 48, 64, seed=2), codec="mpeg4", g=5, bf=2)
     return made
 
 
@@ -122,7 +127,7 @@ def test_a_forced_backend_reaches_the_data_loader(clips, monkeypatch):
 
 # --- PyAV: frames by index ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["gop", "64x64", "33x47-444"])
+@pytest.mark.parametrize("name", ["gop", "64x64", "33x47-444", "avi"])
 def test_pyav_access_by_index_gives_the_frames_of_sequential_decoding(clips, name):
     whole = _sequential(clips[name])
     rng = np.random.default_rng(0)
@@ -148,7 +153,7 @@ def test_pyav_access_by_index_gives_the_frames_of_sequential_decoding(clips, nam
 # --- the two backends give the same frames --------------------------------------------------------------------
 
 @needs_decord
-@pytest.mark.parametrize("name", ["64x64", "64x96", "30x46", "18x18", "33x47-444", "gop"])
+@pytest.mark.parametrize("name", ["64x64", "64x96", "30x46", "18x18", "33x47-444", "gop", "avi"])
 def test_decord_and_pyav_decode_the_same_frames_exactly(clips, name):
     with open_video(clips[name], backend="decord") as d, open_video(clips[name], backend="pyav") as a:
         assert (d.num_frames, d.fps, d.height, d.width) == (a.num_frames, a.fps, a.height, a.width)

@@ -122,7 +122,8 @@ class Encoder:
             batch = {k: [r[k] for r in rows] for k in rows[0]}
         n = len(batch["key"])
         out = {k: [] for k in ("key", "uri", "caption", "bucket", "problem", "mean", "std", "latent_shape",
-                               "prompt_embeds", "prompt_shape", "image_latents", "image_shape", "pid", "span")}
+                               "prompt_embeds", "prompt_shape", "image_latents", "image_shape", "pid", "span",
+                                 "texts")}
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
             if not batch["problem"][i]:
@@ -145,6 +146,7 @@ class Encoder:
             out["bucket"].append([int(x) for x in batch["bucket"][i]])
             out["pid"].append(os.getpid())
             out["span"].append([started, time.time()])  # when this batch was decoded and encoded (wall clock)
+            out["texts"].append(self.text_encoded)  # captions this actor has run T5 on so far
             e = encoded.get(i)
             out["mean"].append(e["mean"].tobytes() if e else b"")
             out["std"].append(e["std"].tobytes() if e else b"")
@@ -206,10 +208,10 @@ def extra_prompts(cfg) -> list[str]:
 def plan(cfg, manifest: list[dict], have: set[str]) -> tuple[list[dict], list[dict], int]:
     """(the rows to encode, sorted by bucket, caption and key; the rows with a problem; how many keys the store
     holds already). Each clip gets the recipe's bucket and key (whatever bucket the index chose)."""
-    from cogpipe.data.checks import buckets
+    from cogpipe.data.folders import recipe_buckets
 
     rows = [dict(r) for r in manifest]
-    assign_buckets(rows, buckets(cfg))
+    assign_buckets(rows, recipe_buckets(cfg.data))
     problems = [r for r in rows if r.get("problem")]
     todo, seen, present = [], set(), 0
     for r in rows:
@@ -252,7 +254,7 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     log(f"encode: {len(todo)} clips to encode, {present} in the store already, {len(problems)} skipped for their "
         f"problem; {workers} encoding worker(s) on {'GPU' if gpus else 'CPU'}")
     t0 = time.monotonic()
-    added, failed, pids, arrived, spans = 0, [], set(), [], []
+    added, failed, pids, arrived, spans, texts = 0, [], set(), [], [], {}
     published = len(writer.store.shards)
     if todo:
         blocks = max(workers, min(-(-len(todo) // ENCODE_BATCH), 10_000))  # a block is about one VAE batch
@@ -270,6 +272,7 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
             progress.update(1)
             arrived.append(time.monotonic() - t0)
             spans.append(tuple(row["span"]))
+            texts[int(row["pid"])] = max(texts.get(int(row["pid"]), 0), int(row["texts"]))
             pids.add(int(row["pid"]))
             if row["problem"]:
                 failed.append((row["uri"], row["problem"]))
@@ -293,7 +296,8 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
         f"{len(writer.store.shards)} shards, {writer.store.rows} rows")
     return dict(added=added, present=present, skipped=len(problems), failed=len(failed), seconds=seconds,
                 workers=workers, pids=sorted(pids), rows=writer.store.rows, arrived=arrived,
-                busy_seconds=(max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0)
+                busy_seconds=(max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0,
+                text_encodes=sum(texts.values()))
 
 
 def add_arguments(parser) -> None:

@@ -186,7 +186,7 @@ def _reusable(prev: Optional[dict], clip: Clip) -> bool:
 def build_index(sources: list[str], out, cfg=None, video_column: Optional[str] = None,
                 caption_column: Optional[str] = None, chunk: int = CHUNK, log=print) -> dict:
     """Index `sources` into the manifest at `out` (see the module's docstring); returns the summary written."""
-    from cogpipe.data.checks import buckets
+    from cogpipe.data.folders import recipe_buckets
 
     t0 = time.monotonic()
     clips = [c for source in sources for c in open_source(source, video_column, caption_column)]
@@ -214,7 +214,7 @@ def build_index(sources: list[str], out, cfg=None, video_column: Optional[str] =
         progress.close()
         for i, result in zip(todo, probed):
             rows[i].update(result)
-    shapes = buckets(cfg) if cfg is not None else None
+    shapes = recipe_buckets(cfg.data) if cfg is not None else None
     if shapes is not None:
         assign_buckets(rows, shapes)
     problems = [r for r in rows if r.get("problem")]
