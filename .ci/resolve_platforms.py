@@ -86,8 +86,9 @@ def _recent_pip() -> str | None:
         return None
     if not _PIP_HOME:
         home = tempfile.mkdtemp(prefix="resolve-pip-")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target",
-                        home, PIP], check=True, env={**_index_env(), "PYTHONPATH": ""})
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                        "--root-user-action=ignore", "--target", home, PIP], check=True,
+                       env={**_index_env(), "PYTHONPATH": ""})
         _PIP_HOME.append(home)
     return _PIP_HOME[0]
 

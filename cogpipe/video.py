@@ -159,7 +159,9 @@ class DecordReader(VideoReader):
 
         super().__init__(name)
         self._reader = decord.VideoReader(src, ctx=decord.cpu(0))
-        first = self._reader[0].asnumpy()  # decodes: a clip decord cannot read fails here, not mid-training
+        # decodes through get_batch, as reads do: a clip decord cannot read (such as width 16) fails here, so the
+        # dataset check reports it rather than the cache build
+        first = self._frames(np.array([0]))[0]
         self.num_frames = len(self._reader)
         self.height, self.width = first.shape[:2]
         self.fps = float(self._reader.get_avg_fps())

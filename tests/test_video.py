@@ -163,10 +163,14 @@ def test_decord_and_pyav_decode_the_same_frames_exactly(clips, name):
 
 @needs_decord
 @pytest.mark.parametrize("name", ["16x16", "48x48"])
-def test_widths_decord_cannot_batch_are_an_error_that_names_the_way_out(clips, name):
-    with open_video(clips[name], backend="decord") as d:
-        with pytest.raises(VideoError, match=rf"{name}.mp4: decord cannot decode frames .*{video.ENV}=pyav"):
-            d.frames([0, 1])
+def test_widths_decord_cannot_batch_are_an_error_that_names_the_way_out(clips, name, monkeypatch):
+    from cogpipe.data import DataError, probe_clip
+
+    monkeypatch.setenv(video.ENV, "decord")
+    with pytest.raises(VideoError, match=rf"{name}.mp4: decord cannot decode frames .*{video.ENV}=pyav"):
+        open_video(clips[name], backend="decord")  # at open, so the dataset check names the clip
+    with pytest.raises(DataError, match=rf"{name}.mp4: cannot decode video \(decord cannot decode frames"):
+        probe_clip(clips[name])
     with open_video(clips[name], backend="pyav") as a:  # PyAV reads them
         assert np.array_equal(a.frames(range(a.num_frames)), _sequential(clips[name]))
 
