@@ -250,3 +250,26 @@ def test_teacache_fit_writes_what_teacache_and_magcache_load(tmp_path, capsys):
     assert cli.main(["--prompt", PROMPT, "--steps", "4", "--cache", "magcache", "--cache-threshold", "0.5",
                      "--teacache-coefficients", str(fit), "--output", str(tmp_path / "m.mp4")]) == 0
     assert "cache magcache (threshold 0.5)" in capsys.readouterr().out
+
+
+def test_gpu_check_inference_stage_runs_its_code_paths_tiny(tmp_path):
+    """bench/gpu_check.py's inference stage (unrun on a GPU here): on the toy 5B it times eager steps and every
+    cache at its recommended threshold, records Sage as absent and leaves compilation and fp8 to the GPU."""
+    import sys
+
+    sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
+    import gpu_check
+    from inference_gpu import part_inference
+
+    assert "inference" in [name for name, _, _ in gpu_check.STAGES]
+    result = part_inference(tmp_path, True, tmp_path / "inference.json")
+    modes = result["modes"]
+    assert json.loads((tmp_path / "inference.json").read_text())["modes"].keys() == modes.keys()
+    assert modes["eager"]["s_per_step"] > 0 and modes["eager"]["skipped_fraction"] == 0
+    for method in ("fbc", "pab", "fastercache", "teacache", "magcache", "taylorseer"):
+        assert "error" not in modes[f"cache-{method}"], modes[f"cache-{method}"]
+        assert modes[f"cache-{method}"]["steps"] == 6
+    assert modes["cache-taylorseer"]["skipped_fraction"] > 0 and modes["cache-pab"]["attention_skipped"] > 0
+    assert "not installed" in modes["sage"]["skipped"] and "GPU" in modes["compiled"]["skipped"]
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--only", "nonesuch", "--out", str(tmp_path / "x.json"), "--work", str(tmp_path)])
