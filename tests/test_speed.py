@@ -273,3 +273,25 @@ def test_gpu_check_inference_stage_runs_its_code_paths_tiny(tmp_path):
     assert "not installed" in modes["sage"]["skipped"] and "GPU" in modes["compiled"]["skipped"]
     with pytest.raises(SystemExit):
         gpu_check.main(["--only", "nonesuch", "--out", str(tmp_path / "x.json"), "--work", str(tmp_path)])
+
+
+def test_bench_measures_and_plots(tmp_path):
+    """bench/inference_speed.py's measures: PSNR and SSIM of identical and of changed videos, the plot written."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from inference_speed import plot, psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0)
+    assert 20 < psnr(a, b) < 40 and 0 < ssim(a, b) < 1
+    rows = [{"method": "none", "psnr_db": None, "skipped_fraction": 0, "attention_skipped_fraction": 0},
+            {"method": "teacache", "psnr_db": 37.0, "skipped_fraction": 0.6, "attention_skipped_fraction": 0.6},
+            {"method": "pab", "psnr_db": 50.0, "skipped_fraction": 0.0, "attention_skipped_fraction": 0.4}]
+    plot(rows, tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == (720, 440)
