@@ -295,3 +295,24 @@ def test_bench_measures_and_plots(tmp_path):
             {"method": "pab", "psnr_db": 50.0, "skipped_fraction": 0.0, "attention_skipped_fraction": 0.4}]
     plot(rows, tmp_path / "p.png")
     assert Image.open(tmp_path / "p.png").size == (720, 440)
+
+
+def test_remove_leaves_the_transformer_as_found(pipe, uncached):
+    """What validation during training relies on: after apply + remove the trained transformer has its own
+    processors, no cache hooks, no counters, no compiled blocks, and computes the uncached result."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    t = pipe.transformer
+    sp.remove(t)
+    before = [type(b.attn1.processor) for b in t.transformer_blocks]
+    assert before == [CogVideoXAttnProcessor2_0] * len(before)
+    for speed in (sp.Speed("teacache", 0.3, compile=True), sp.Speed("fbc", 0.3)):
+        sp.apply(pipe, speed, STEPS)
+        sp.remove(t)
+        assert [type(b.attn1.processor) for b in t.transformer_blocks] == before
+        assert not t.is_cache_enabled and sp.report_of(pipe) is None
+        assert all(not getattr(b, "_diffusers_hook", None) or not b._diffusers_hook.hooks
+                   for b in t.transformer_blocks)
+        assert all(b._compiled_call_impl is None for b in t.transformer_blocks)
+        assert not t._forward_pre_hooks and not any(b.ff.net[0]._forward_hooks for b in t.transformer_blocks)
+    assert torch.equal(_latents(pipe)[0], uncached)
