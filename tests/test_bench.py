@@ -117,7 +117,8 @@ def test_gpu_check_runs_its_code_paths_tiny_on_the_cpu(tmp_path):
     assert run["train"]["steps"] == 2 and run["train"]["video_shape"] == [17, 64, 64, 3]
     assert run["train"]["validation_videos"] == ["step-000001-0.mp4", "step-000002-0.mp4"]
     assert run["infer"]["exit"] == 0 and run["infer"]["video_shape"] == [17, 64, 64, 3]
-    assert list(report["parts"]) == ["steps-2b", "steps-5b", "steps-1.5", "run", "memory"]
+    assert list(report["parts"]) == ["steps-2b", "steps-5b", "steps-1.5", "run", "memory", "inference"]
+    assert "error" not in report["parts"]["inference"] and report["parts"]["inference"]["modes"]["eager"]["s_per_step"]
     assert report["parts"]["memory"]["runs"] and all("error" not in r for r in report["parts"]["memory"]["runs"])
     steps = [report["parts"][name] for name in ("steps-2b", "steps-5b", "steps-1.5")]
     assert [(s["like"], s["mode"], s["dtype"], s["steps"]) for s in steps] == [
