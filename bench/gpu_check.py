@@ -22,6 +22,10 @@ its own part after each of its steps), so a run cut short still leaves every fin
                memory, the captions' T5 token counts; then 4-bit weights where bitsandbytes is installed
   memory       bench/memory_measure.py: max_memory_allocated/reserved of recipes with the low-VRAM switches, and the
                ratio to their simulation (bench/results/memory_sim.json)
+  inference    bench/inference_gpu.py: seconds a denoising step of CogVideoX-5B at 49 x 480 x 720 (random bf16
+               weights) eager, compiled, fp8 + compiled, SageAttention where installed, and with each step cache at
+               its recommended threshold, with the peak memory of each (its own run: `--only inference
+               --budget-min 6`; in the full run it gets what the others left)
 The CUDA cache is emptied between stages. A stage is one entry of STAGES: (name, share of the budget, function of
 (work folder, tiny, its own JSON file) -> dict); add one there.
 """
@@ -229,6 +233,13 @@ def part_caption(work: Path, tiny: bool, partial: Path) -> dict:
     return out
 
 
+def part_inference_stage(work: Path, tiny: bool, partial: Path) -> dict:
+    """bench/inference_gpu.py: seconds a denoising step of 5B at 49 x 480 x 720 with the speed switches."""
+    from inference_gpu import part_inference
+
+    return part_inference(work, tiny, partial)
+
+
 STAGES = [  # (name, share of the budget it may take, what it runs)
     ("steps-2b", 0.15, functools.partial(part_steps, "steps-2b")),
     ("steps-5b", 0.2, functools.partial(part_steps, "steps-5b")),
@@ -236,6 +247,7 @@ STAGES = [  # (name, share of the budget it may take, what it runs)
     ("caption", 0.2, part_caption),
     ("run", 1.0, part_run),  # whatever is left
     ("memory", 1.0, part_memory_stage),  # whatever the run left
+    ("inference", 1.0, part_inference_stage),  # whatever is left
 ]
 
 
@@ -272,6 +284,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny shapes: the same code paths on a CPU")
     ap.add_argument("--budget-min", type=float, default=5.0,
                     help="all stages together (default 5: a rerun still fits in a 15-minute device lease)")
+    ap.add_argument("--only", nargs="+", default=None, metavar="STAGE",
+                    help=f"run only these stages (of {', '.join(n for n, _, _ in STAGES)})")
     ap.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -293,7 +307,12 @@ def main(argv=None) -> int:
         write_json(args.out, report)
 
     save()
+    unknown = sorted(set(args.only or []) - {n for n, _, _ in STAGES})
+    if unknown:
+        ap.error(f"--only: no stage {', '.join(unknown)} (stages: {', '.join(n for n, _, _ in STAGES)})")
     for name, share, _ in STAGES:
+        if args.only and name not in args.only:
+            continue
         left = deadline - time.perf_counter()
         timeout = int(min(left, share * 60 * args.budget_min)) if not args.tiny else int(max(left, 600))
         if timeout < MIN_STAGE_S:

@@ -22,8 +22,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SWEEP = {"teacache": [0.05, 0.1, 0.2, 0.3, 0.5], "fbc": [0.05, 0.1, 0.2, 0.3, 0.5],
-         "magcache": [0.02, 0.05, 0.1, 0.2], "pab": [2, 3, 4], "fastercache": [2, 3], "taylorseer": [2, 3, 4]}
+SWEEP = {"teacache": [0.05, 0.1, 0.2, 0.3], "fbc": [0.1, 0.2, 0.3, 0.5],
+         "magcache": [0.05, 0.1, 0.2], "pab": [2, 3], "fastercache": [2], "taylorseer": [2, 3]}
 PROMPTS = ["a blue circle moving up", "a red square moving left"]
 
 

@@ -117,9 +117,10 @@ def test_gpu_check_runs_its_code_paths_tiny_on_the_cpu(tmp_path):
     assert run["train"]["steps"] == 2 and run["train"]["video_shape"] == [17, 64, 64, 3]
     assert run["train"]["validation_videos"] == ["step-000001-0.mp4", "step-000002-0.mp4"]
     assert run["infer"]["exit"] == 0 and run["infer"]["video_shape"] == [17, 64, 64, 3]
-    assert list(report["parts"]) == ["steps-2b", "steps-5b", "steps-1.5", "caption", "run", "memory"]
+    assert list(report["parts"]) == ["steps-2b", "steps-5b", "steps-1.5", "caption", "run", "memory", "inference"]
     cap = report["parts"]["caption"]["fp32"]  # the tiny captioner on the CPU: fp32 (cogpipe/devices.py)
     assert cap["clips_per_min"] > 0 and all(n > 0 for n in cap["caption_chars"])
+    assert "error" not in report["parts"]["inference"] and report["parts"]["inference"]["modes"]["eager"]["s_per_step"]
     assert report["parts"]["memory"]["runs"] and all("error" not in r for r in report["parts"]["memory"]["runs"])
     steps = [report["parts"][name] for name in ("steps-2b", "steps-5b", "steps-1.5")]
     assert [(s["like"], s["mode"], s["dtype"], s["steps"]) for s in steps] == [

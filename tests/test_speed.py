@@ -250,3 +250,69 @@ def test_teacache_fit_writes_what_teacache_and_magcache_load(tmp_path, capsys):
     assert cli.main(["--prompt", PROMPT, "--steps", "4", "--cache", "magcache", "--cache-threshold", "0.5",
                      "--teacache-coefficients", str(fit), "--output", str(tmp_path / "m.mp4")]) == 0
     assert "cache magcache (threshold 0.5)" in capsys.readouterr().out
+
+
+def test_gpu_check_inference_stage_runs_its_code_paths_tiny(tmp_path):
+    """bench/gpu_check.py's inference stage (unrun on a GPU here): on the toy 5B it times eager steps and every
+    cache at its recommended threshold, records Sage as absent and leaves compilation and fp8 to the GPU."""
+    import sys
+
+    sys.path[:0] = [str(REPO / "bench"), str(REPO / "tests")]
+    import gpu_check
+    from inference_gpu import part_inference
+
+    assert "inference" in [name for name, _, _ in gpu_check.STAGES]
+    result = part_inference(tmp_path, True, tmp_path / "inference.json")
+    modes = result["modes"]
+    assert json.loads((tmp_path / "inference.json").read_text())["modes"].keys() == modes.keys()
+    assert modes["eager"]["s_per_step"] > 0 and modes["eager"]["skipped_fraction"] == 0
+    for method in ("fbc", "pab", "fastercache", "teacache", "magcache", "taylorseer"):
+        assert "error" not in modes[f"cache-{method}"], modes[f"cache-{method}"]
+        assert modes[f"cache-{method}"]["steps"] == 6
+    assert modes["cache-taylorseer"]["skipped_fraction"] > 0 and modes["cache-pab"]["attention_skipped"] > 0
+    assert "not installed" in modes["sage"]["skipped"] and "GPU" in modes["compiled"]["skipped"]
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--only", "nonesuch", "--out", str(tmp_path / "x.json"), "--work", str(tmp_path)])
+
+
+def test_bench_measures_and_plots(tmp_path):
+    """bench/inference_speed.py's measures: PSNR and SSIM of identical and of changed videos, the plot written."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from inference_speed import plot, psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0)
+    assert 20 < psnr(a, b) < 40 and 0 < ssim(a, b) < 1
+    rows = [{"method": "none", "psnr_db": None, "skipped_fraction": 0, "attention_skipped_fraction": 0},
+            {"method": "teacache", "psnr_db": 37.0, "skipped_fraction": 0.6, "attention_skipped_fraction": 0.6},
+            {"method": "pab", "psnr_db": 50.0, "skipped_fraction": 0.0, "attention_skipped_fraction": 0.4}]
+    plot(rows, tmp_path / "p.png")
+    assert Image.open(tmp_path / "p.png").size == (720, 440)
+
+
+def test_remove_leaves_the_transformer_as_found(pipe, uncached):
+    """What validation during training relies on: after apply + remove the trained transformer has its own
+    processors, no cache hooks, no counters, no compiled blocks, and computes the uncached result."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    t = pipe.transformer
+    sp.remove(t)
+    before = [type(b.attn1.processor) for b in t.transformer_blocks]
+    assert before == [CogVideoXAttnProcessor2_0] * len(before)
+    for speed in (sp.Speed("teacache", 0.3, compile=True), sp.Speed("fbc", 0.3)):
+        sp.apply(pipe, speed, STEPS)
+        sp.remove(t)
+        assert [type(b.attn1.processor) for b in t.transformer_blocks] == before
+        assert not t.is_cache_enabled and sp.report_of(pipe) is None
+        assert all(not getattr(b, "_diffusers_hook", None) or not b._diffusers_hook.hooks
+                   for b in t.transformer_blocks)
+        assert all(b._compiled_call_impl is None for b in t.transformer_blocks)
+        assert not t._forward_pre_hooks and not any(b.ff.net[0]._forward_hooks for b in t.transformer_blocks)
+    assert torch.equal(_latents(pipe)[0], uncached)

@@ -54,7 +54,7 @@ CACHES = ("none", "fbc", "pab", "fastercache", "teacache", "magcache", "taylorse
 INTERVAL_METHODS = ("pab", "fastercache", "taylorseer")  # threshold = a whole number of steps
 # the threshold each method runs at when none is given (docs/inference.md: measured on tiny-world, and the
 # published settings for the released models)
-RECOMMENDED = {"fbc": 0.1, "teacache": 0.1, "magcache": 0.1, "pab": 2, "fastercache": 2, "taylorseer": 3}
+RECOMMENDED = {"fbc": 0.2, "teacache": 0.1, "magcache": 0.1, "pab": 3, "fastercache": 2, "taylorseer": 2}
 
 # TeaCache's published polynomial rescaling per released version (x: relative L1 change of the timestep embedding
 # between steps; poly(x): the expected relative change of the model output), highest power first. Source: the
