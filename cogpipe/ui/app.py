@@ -388,7 +388,8 @@ def _data_tab(ctx: Context, timer: gr.Timer) -> None:
             if not chosen_recipe:
                 return "choose the recipe the dataset was prepared for", gr.update()
             try:
-                rec = dataset.edit_caption(folder(which), name_, text, ctx.configs / chosen_recipe)
+                rec = dataset.edit_caption(folder(which), name_, text, ctx.configs / chosen_recipe,
+                                           jobs=list(ctx.queue.jobs))
             except (ConfigError, ValueError, FileNotFoundError) as e:
                 return f"**not saved**: {e}", gr.update()
             return (f"saved: {name_} ({rec['tokens']} T5 tokens) in manifest.parquet, prompts.txt, metadata.jsonl, "

@@ -95,10 +95,11 @@ def clip_rows(folder) -> list[list]:
     return rows
 
 
-def edit_caption(folder, clip: str, text: str, recipe) -> dict:
+def edit_caption(folder, clip: str, text: str, recipe, jobs=()) -> dict:
     """Set clip `clip`'s caption to `text` (white space collapsed: prompts.txt is one caption a line) in every file
     of the prepared folder; returns the caption record written. ValueError naming the rule for an unknown clip, an
-    empty caption or one longer than the recipe's T5 length (never cut silently)."""
+    empty caption, one longer than the recipe's T5 length (never cut silently), or a prepare job of `jobs` (the
+    page's queue) queued or running on the folder (it would write the same files)."""
     from cogpipe import atomic
     from cogpipe.config import load_config
     from cogpipe.data.prepare import pipeline, split
@@ -106,6 +107,9 @@ def edit_caption(folder, clip: str, text: str, recipe) -> dict:
     from cogpipe.models import build_tokenizer, component_configs
 
     folder = Path(folder).resolve()
+    for job in jobs:
+        if job.name == f"prepare {folder.name}" and job.state in ("queued", "running"):
+            raise ValueError(f"{folder}: a prepare job is {job.state} on this folder; edit once it has ended")
     clip = Path(clip).name
     everything = read_clips(folder)
     by_clip = {Path(r["clip"]).name: r for r in everything}
