@@ -180,3 +180,40 @@ def test_stop_a_running_run(page, server, finished_run):
     assert len(saved) == 1 and saved[0].name in shown
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert 1 <= step < STOP_STEPS and f"{saved[0].name}\n{step}" in shown.replace("\t", "\n")
+
+
+def test_data_tab_prepares_a_folder_and_edits_a_caption(page, server):
+    """Prepare the page's clips folder (its own captions: --caption-model source), edit a clip's caption, see it in
+    the written files."""
+    from cogpipe.data.index import read_manifest
+
+    outputs = server[1]
+    page.get_by_role("tab", name="Data").click()
+    page.locator("#data-source").get_by_role("textbox").fill(str(outputs / "clips"))
+    page.locator("#data-name").get_by_role("textbox").fill("page_set")
+    page.click("#data-start")
+    assert "page_set" in _text(page, "#data-message", "prepare page_set|not started", 30)
+    log = page.wait_for_function("() => { const t = document.querySelector('#data-log textarea'); "
+                                 "return t && /\\[(finished|failed|interrupted)\\]/.test(t.value) ? t.value : null }",
+                                 timeout=240_000).json_value()
+    folder = outputs / "data" / "page_set"
+    assert "[finished]" in log, (folder / "ui_prepare.log").read_text()[-3000:]
+    page.click("#data-refresh")
+    page.locator("#data-chosen").get_by_role("combobox").click()
+    page.get_by_role("option", name="page_set").click()
+    _text(page, "#data-table", r"\.mp4", 30)
+    clip = page.locator("#data-clip").get_by_role("combobox").input_value()
+    box = page.locator("#data-caption").get_by_role("textbox")
+    page.wait_for_function("() => document.querySelector('#data-caption textarea').value.length > 0")
+    assert box.input_value() == json.loads((folder / "work" / "captions" / f"{clip}.json").read_text())["caption"]
+    edited = "a caption edited on the page"
+    box.fill(edited)
+    page.click("#data-save")
+    assert "saved" in _text(page, "#data-saved", "saved|not saved", 60)
+    assert edited in page.inner_text("#data-table")
+    videos = (folder / "videos.txt").read_text().splitlines()
+    assert (folder / "prompts.txt").read_text().splitlines()[videos.index(f"clips/{clip}")] == edited
+    assert {r["uri"].split("/")[-1]: r["caption"] for r in read_manifest(folder)}[clip] == edited
+    assert json.loads([m for m in (folder / "metadata.jsonl").read_text().splitlines() if clip in m][0])[
+        "caption"] == edited
+    _shot(page, "data")

@@ -1,4 +1,4 @@
-"""The page: Generate, Runs and Train tabs over cogpipe.ui's plain modules (the only module that imports gradio)."""
+"""The page: Generate, Runs, Train and Data tabs over cogpipe.ui's plain modules (the only module importing gradio)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from cogpipe.config import ConfigError
 from cogpipe.inference.pipeline import SCHEDULERS
 from cogpipe.inference.speed import CACHES
 from cogpipe.paths import repo_path
+from cogpipe.ui import dataset, recipes, runs
 from cogpipe.ui import generate as gen
-from cogpipe.ui import recipes, runs
 from cogpipe.ui.launcher import LAUNCHERS, JobQueue
 from cogpipe.ui.safety import PathGuard
 
@@ -69,6 +69,7 @@ def build(ctx: Context) -> gr.Blocks:
             _generate_tab(ctx)
             _runs_tab(ctx, timer)
             _train_tab(ctx, timer)
+            _data_tab(ctx, timer)
     return page
 
 
@@ -313,6 +314,104 @@ def _train_tab(ctx: Context, timer: gr.Timer) -> None:
         recipe.change(recipe_name, recipe, name)
         start.click(launch, [recipe, name, overrides, launcher, processes], message)
         timer.tick(live, None, [jobs, log])
+
+
+def _data_tab(ctx: Context, timer: gr.Timer) -> None:
+    names = recipes.list_recipes(ctx.configs)
+    with gr.Tab("Data", id="data") as tab:
+        with gr.Row():
+            with gr.Column():
+                source = gr.Textbox(str(ctx.root / "data" / "tiny"), label="Source folder (videos; under data/, "
+                                    "models/, configs/ or outputs/)", elem_id="data-source")
+                name = gr.Textbox("prepared", label="Dataset name (the folder under outputs/data/)",
+                                  elem_id="data-name")
+                recipe = gr.Dropdown(names, value="tiny_lora.yaml" if "tiny_lora.yaml" in names else None,
+                                     label="Recipe the clips are for (configs/)", elem_id="data-recipe")
+                model = gr.Textbox("source", label="Caption model: a Qwen2.5-VL id or folder, or `source` (the "
+                                   "source folder's own captions)", elem_id="data-model")
+                extra = gr.Textbox(label="Other flags of cogpipe prepare (e.g. --min-motion 0.2 --trigger zq)",
+                                   elem_id="data-extra")
+                start = gr.Button("Prepare", variant="primary", elem_id="data-start")
+                message = gr.Markdown(elem_id="data-message")
+                log = gr.Textbox(lines=8, max_lines=8, label="Log of the last prepare job", autoscroll=True,
+                                 elem_id="data-log")
+            with gr.Column():
+                with gr.Row():
+                    chosen = gr.Dropdown(dataset.list_prepared(ctx.outputs), label="Prepared dataset (outputs/data/)",
+                                         elem_id="data-chosen", scale=4)
+                    refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="data-refresh")
+                table = gr.Dataframe(pd.DataFrame(columns=dataset.COLUMNS), label="Clips (clips.jsonl)",
+                                     interactive=False, wrap=True, elem_id="data-table")
+                clip = gr.Dropdown([], label="Clip", elem_id="data-clip")
+                video = gr.Video(label="Clip", interactive=False, height=200, elem_id="data-video")
+                caption = gr.Textbox(lines=3, label="Caption", elem_id="data-caption")
+                save = gr.Button("Save caption", elem_id="data-save")
+                saved = gr.Markdown(elem_id="data-saved")
+
+        def folder(which):
+            return dataset.prepared_folder(ctx.outputs, which)
+
+        def launch(src, ds_name, chosen_recipe, caption_model, flags):
+            if not chosen_recipe:
+                return "choose a recipe"
+            try:
+                job = dataset.prepare_job(src, ds_name, ctx.configs / chosen_recipe, ctx.outputs, ctx.guard,
+                                          caption_model, flags, jobs=list(ctx.queue.jobs))
+            except (ConfigError, ValueError, FileNotFoundError) as e:
+                return f"**not started**: {e}"
+            waiting = ctx.queue.current() is not None or bool(ctx.queue.queued())
+            ctx.queue.submit(job)
+            return f"{job.name}: {'queued behind the running job' if waiting else 'started'} ({job.log})"
+
+        def show(which):
+            if not which:
+                return pd.DataFrame(columns=dataset.COLUMNS), gr.update(choices=[], value=None)
+            try:
+                rows = dataset.clip_rows(folder(which))
+            except (ValueError, FileNotFoundError) as e:
+                gr.Warning(str(e))
+                return pd.DataFrame(columns=dataset.COLUMNS), gr.update(choices=[], value=None)
+            clips = [r[0] for r in rows]
+            return pd.DataFrame(rows, columns=dataset.COLUMNS), gr.update(choices=clips,
+                                                                          value=clips[0] if clips else None)
+
+        def pick(which, name_):
+            if not which or not name_:
+                return None, ""
+            rows = {r[0]: r for r in dataset.clip_rows(folder(which))}
+            path = folder(which) / "clips" / name_
+            return (str(path) if path.is_file() else None), (rows.get(name_) or [None, ""])[1]
+
+        def store(which, name_, text, chosen_recipe):
+            if not which or not name_:
+                return "choose a dataset and a clip", gr.update()
+            if not chosen_recipe:
+                return "choose the recipe the dataset was prepared for", gr.update()
+            try:
+                rec = dataset.edit_caption(folder(which), name_, text, ctx.configs / chosen_recipe,
+                                           jobs=list(ctx.queue.jobs))
+            except (ConfigError, ValueError, FileNotFoundError) as e:
+                return f"**not saved**: {e}", gr.update()
+            return (f"saved: {name_} ({rec['tokens']} T5 tokens) in manifest.parquet, prompts.txt, metadata.jsonl, "
+                    f"clips.jsonl and work/captions/"), pd.DataFrame(dataset.clip_rows(folder(which)),
+                                                                     columns=dataset.COLUMNS)
+
+        def live():
+            job = next((j for j in reversed(ctx.queue.jobs) if j.name.startswith("prepare ")), None)
+            if job is None or not job.log.is_file():
+                return gr.update()
+            return f"[{job.state}] " + runs.readable(runs.log_tail(job.log.parent, name=job.log.name), lines=20)
+
+        def choices():
+            return gr.update(choices=dataset.list_prepared(ctx.outputs))
+
+        start.click(launch, [source, name, recipe, model, extra], message)
+        chosen.change(show, chosen, [table, clip])
+        clip.change(pick, [chosen, clip], [video, caption])
+        save.click(store, [chosen, clip, caption, recipe], [saved, table])
+        refresh.click(choices, None, chosen).then(show, chosen, [table, clip])
+        tab.select(choices, None, chosen)
+        timer.tick(live, None, log)
 
 
 def serve(outputs, host: str = "127.0.0.1", port: int = 7860, auth=None, block: bool = True):

@@ -88,6 +88,8 @@ def prepare(args, log=print) -> int:
     limit = int(transformer_config["max_text_seq_length"])
     if args.caption_model == "source" and stage is None:
         captions = source_caption_records(records, pipeline.source_captions(items), cfg, limit, args.trigger)
+        if not args.recaption:  # a caption already kept (an edit on the page, say) stays, as the model path does
+            captions.update(pipeline.read_captions(args.out, [c["clip"] for c in pipeline.clip_rows(records)]))
         pipeline.save_captions(args.out, captions)  # so a later `write` alone finds them
     elif stage in (None, "caption"):
         captions = pipeline.run_captions(
