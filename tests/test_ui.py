@@ -201,7 +201,8 @@ def test_the_guard_walks_the_schema_so_a_new_path_field_is_guarded(tmp_path):
     from cogpipe.ui.safety import path_fields
 
     assert set(path_fields(Config)) == {"output_dir", "model.pretrained", "model.base", "data.root", "data.cache_dir",
-                                        "train.resume_from", "validation.images"}
+                                        "data.store", "data.store_cache_dir", "train.resume_from", "validation.images",
+                                        "validation.teacache_coefficients"}
 
     @dataclass
     class Adapter:
