@@ -242,10 +242,11 @@ def fresh_copy(dst: Path) -> Path:
     return dst
 
 
-def run_document(document: str, root: Path, logs: Path) -> list[dict]:
-    """The runnable blocks of one document, in one bash session in `root`; stops at the first failing command.
-    Returns each command run: its text, exit code, seconds and output file."""
-    commands = [c for b in blocks(document) if not b.skip for c in b.commands]
+def run_document(document: str, root: Path, logs: Path, commands: list[str] | None = None) -> list[dict]:
+    """The runnable blocks of one document (or `commands`), in one bash session in `root`; stops at the first failing
+    command. Returns each command run: its text, exit code, seconds and output file."""
+    if commands is None:
+        commands = [c for b in blocks(document) if not b.skip for c in b.commands]
     if not commands:
         return []
     script = ["set +e"]
@@ -291,3 +292,16 @@ def test_the_runnable_commands_work_as_written(document, tmp_path):
     assert len(ran) == total and all(r["code"] == 0 for r in ran), _report(document, ran, total)
     changed = [n for n in checkout_files() if (root / n).read_bytes() != (REPO / n).read_bytes()]
     assert not changed, f"{document}: its commands rewrote files of the checkout: {changed}"
+
+
+def test_a_session_carries_cd_and_variables_and_a_failure_names_its_command(tmp_path):
+    (tmp_path / "sub").mkdir()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    commands = ["cd sub && X=7", "echo \"in $(basename $PWD) with $X\"", "ls nowhere  # fails", "echo never"]
+    ran = run_document("case.md", tmp_path, logs, commands)
+    assert [r["code"] for r in ran[:2]] == [0, 0] and ran[1]["log"].read_text() == "in sub with 7\n"
+    assert len(ran) == 3 and ran[2]["code"] != 0  # the session stops at the first failure
+    report = _report("case.md", ran, len(commands))
+    assert "command 3 of 4 failed with exit code" in report and "$ ls nowhere  # fails" in report
+    assert "nowhere" in report.split("---", 1)[1]  # ls's own message, from the command's output

@@ -157,3 +157,25 @@ def test_the_gpu_memory_measurement_runs_tiny_on_the_cpu(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [m["name"] for m in runs] == ["5b_lora+swap36+offload", "1.5_5b_lora+swap36+offload"]
     assert all(m["loss_finite"] and m["pcie_bytes_per_step"] > 0 for m in runs)
+
+
+def test_building_the_meta_model_warns_nothing():
+    """`cogpipe plan --simulate --gpu-memory` builds the model once per switch tried: diffusers' float32 warning (which
+    ModelMixin.to gives on any dtype cast of CogVideoX, whose float32 list is empty) must not repeat each time."""
+    import io
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from cogpipe.plan.simulate import build_meta_model
+
+    said = io.StringIO()
+    handler = logging.StreamHandler(said)
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        cfg, tc = _medium("cogvideox_5b_lora")
+        model, _ = build_meta_model(cfg, tc)
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert next(model.transformer_blocks[0].parameters()).dtype == torch.bfloat16  # the recipe's weight_dtype
+    assert "should be kept in float32" not in said.getvalue(), said.getvalue()

@@ -95,6 +95,12 @@ def prepare(a: argparse.Namespace) -> Prepared:
         raise ValueError(f"--num-videos must be at least 1, got {a.num_videos}")
     if a.image and a.video:
         raise ValueError("--image and --video: give one (image-to-video or video-to-video)")
+    if a.quantize == "fp8" and devices.inference_device(a.device).type != "cuda":  # said first: torchao won't help
+        from .pipeline import FP8_CAPABILITY
+
+        raise ValueError(f"--quantize fp8 needs an NVIDIA GPU of compute capability {FP8_CAPABILITY[0]}."
+                         f"{FP8_CAPABILITY[1]} or newer (Ada, Hopper); this run is on "
+                         f"{devices.inference_device(a.device).type}: use --quantize int8")
     if a.quantize != "none" and importlib.util.find_spec("torchao") is None:
         raise ValueError(f"--quantize {a.quantize} needs torchao, the `quantize` extra: pip install -e \".[quantize]\" "
                          f"(or pip install torchao)")
