@@ -136,6 +136,10 @@ def flags_of(program: tuple[str, ...]) -> set[str]:
     return _HELP[program]
 
 
+# cogpipe commands with commands of their own: every word after them names one (None), or only these words do
+NESTED = {"world": None, "data": None, "prepare": {"split", "filter", "caption", "write"}}
+
+
 def problems(words: list[str]) -> list[str]:
     """What is wrong with one simple command: unknown flags, missing checkout files, bad recipe overrides."""
     words = [w for w in words if not re.search(r"[\[\]<>]|\.\.\.", w)]  # a template's placeholders: [opt], <x>
@@ -150,7 +154,8 @@ def problems(words: list[str]) -> list[str]:
     if words[0] in ("python", "python3") and len(words) > 1 and words[1].endswith(".py"):
         program, args = (words[1],), words[2:]
     elif words[0] == "cogpipe" and len(words) > 1:
-        sub = words[1:3] if words[1] == "world" and len(words) > 2 else words[1:2]
+        nested = NESTED.get(words[1], ())
+        sub = words[1:3] if len(words) > 2 and (nested is None or words[2] in nested) else words[1:2]
         program, args = ("cogpipe", *sub), words[1 + len(sub):]
     elif words[:2] == ["accelerate", "launch"]:
         script = next((k for k, w in enumerate(words) if w.endswith(".py")), None)

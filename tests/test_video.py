@@ -114,7 +114,7 @@ def test_the_no_decord_folder_hides_decord_from_subprocesses_too():
 
 
 def test_a_forced_backend_reaches_the_data_loader(clips, monkeypatch):
-    from cogpipe import data
+    from cogpipe.data import folders as data
 
     monkeypatch.setenv(video.ENV, "pyav")
     monkeypatch.setitem(sys.modules, "decord", None)
@@ -164,7 +164,7 @@ def test_decord_and_pyav_decode_the_same_frames_exactly(clips, name):
 @needs_decord
 @pytest.mark.parametrize("name", ["16x16", "48x48"])
 def test_widths_decord_cannot_batch_are_an_error_that_names_the_way_out(clips, name, monkeypatch):
-    from cogpipe.data import DataError, probe_clip
+    from cogpipe.data.folders import DataError, probe_clip
 
     monkeypatch.setenv(video.ENV, "decord")
     with pytest.raises(VideoError, match=rf"{name}.mp4: decord cannot decode frames .*{video.ENV}=pyav"):
