@@ -10,6 +10,7 @@ import sys
 
 from cogpipe.config import ConfigError, add_recipe_arguments, load_config
 from cogpipe.data.folders import DataError
+from cogpipe.rundir import RefusedByMainProcess
 from cogpipe.signals import Interrupted
 from cogpipe.training import WorldNotFormed, train
 
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         if os.environ.get("RANK", "0") == "0":
             _error(e)
         return 2
-    except (DataError, FileNotFoundError, FloatingPointError, MemoryError, WorldNotFormed) as e:
+    except (DataError, FileNotFoundError, FloatingPointError, MemoryError, WorldNotFormed, RefusedByMainProcess) as e:
         _error(e)
         return 2
     print(f"done: {out}")

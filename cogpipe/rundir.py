@@ -41,6 +41,11 @@ class OutputDirInUse(ConfigError):
     """output_dir holds another run, or a live run holds its lock."""
 
 
+class RefusedByMainProcess(RuntimeError):
+    """On the other ranks of a launch: the main process refused output_dir. Not a ConfigError, which only the first
+    process prints: each rank says that it stopped, and why."""
+
+
 def _holder(out: Path) -> Optional[dict]:
     try:
         return json.loads((out / LOCK).read_text())

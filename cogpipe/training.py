@@ -166,7 +166,7 @@ def _claim_output_dir(cfg: Config, accelerator) -> None:
     if error is not None:
         raise error
     if problem is not None:
-        raise rundir.OutputDirInUse(f"the main process refused the output folder: {problem}")
+        raise rundir.RefusedByMainProcess(f"the main process refused the output folder: {problem}")
 
 
 def _prepare_data(run: Run) -> TrainData:
