@@ -59,9 +59,9 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
 
 
 def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
-    """build_cache encodes clips of one shape together (cache.ENCODE_BATCH); each entry is what encoding
+    """build_cache encodes clips of one shape together (stages.ENCODE_BATCH); each entry is what encoding
     that clip alone gives."""
-    from cogpipe.data import cache as cache_mod
+    from cogpipe.data import stages
     from cogpipe.data.folders import load_clip
 
     root = make_clips(tmp_path / "d", SPECS[:3])
@@ -69,7 +69,7 @@ def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
     entries = build_cache(cfg, discover(root), "cpu", log=lambda *_: None)
     vae = models.build_vae(cfg.model, torch.float32).eval()
     for sample, entry in zip(discover(root), entries):
-        alone = cache_mod.encode_videos(vae, [load_clip(sample.video, 17, 64, 64)])[0]
+        alone = stages.encode_videos(vae, [load_clip(sample.video, 17, 64, 64)])[0]
         cached = load_file(str(entry.latents))
         torch.testing.assert_close(cached["mean"], alone["mean"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cached["std"], alone["std"], atol=1e-5, rtol=1e-4)

@@ -138,44 +138,6 @@ class Cache:
 ENCODE_BATCH = stages.ENCODE_BATCH  # clips of one shape encoded together (always this many: cogpipe.data.stages)
 
 
-@torch.no_grad()
-def encode_videos(vae, clips: list[torch.Tensor]) -> list[dict]:
-    """Clips [F,3,H,W] in [-1,1], all of one shape -> for each, the scaled latent distribution {"mean", "std"}
-    of shape [C,F',H',W']. Encoded as one batch."""
-    x = torch.stack(clips).to(vae.device, vae.dtype).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W)
-    dist = vae.encode(x).latent_dist
-    s = vae.config.scaling_factor
-    return [{"mean": (m * s).float(), "std": (d * s).float()} for m, d in zip(dist.mean, dist.std)]
-
-
-@torch.no_grad()
-def encode_first_frame(vae, image: torch.Tensor, variants: int, seed: int) -> torch.Tensor:
-    """Image-to-video conditioning: `variants` encodings of the first frame [3,H,W], each with a little
-    pixel noise (sigma = exp(N(-3, 0.5))) as CogVideoX I2V training does: [K, C, 1, H', W'].
-
-    Scaled as the diffusers image-to-video pipeline scales image latents: x scaling_factor, or
-    / scaling_factor where the VAE has `invert_scale_latents` (CogVideoX 1.5)."""
-    g = torch.Generator().manual_seed(seed)
-    s = vae.config.scaling_factor
-    out = []
-    for _ in range(variants):
-        sigma = torch.exp(torch.normal(-3.0, 0.5, (1,), generator=g))
-        noisy = image + torch.randn(image.shape, generator=g) * sigma
-        x = noisy.to(vae.device, vae.dtype)[None, :, None]  # (1, 3, 1, H, W)
-        dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
-        out.append((z[0] / s if vae.config.invert_scale_latents else z[0] * s).float())
-    return torch.stack(out)
-
-
-@torch.no_grad()
-def encode_prompts(tokenizer, text_encoder, captions: list[str], max_len: int) -> torch.Tensor:
-    """T5 embeddings [B, max_len, D], padded and truncated as the CogVideoX pipelines do."""
-    ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True,
-                    add_special_tokens=True, return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
-
-
 def build_cache(cfg, samples, device, rank: int = 0, world: int = 1, barrier=lambda: None,
                 log=print, extra_prompts=()) -> list[Entry]:
     """Make sure every sample has cached latents and prompt embeddings; return the entries.
@@ -224,29 +186,6 @@ def build_cache(cfg, samples, device, rank: int = 0, world: int = 1, barrier=lam
     return entries
 
 
-def latent_shape(vae_config, frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """(frames, height, width) of the latents of a clip: 4x in time (first frame kept), 2^(levels - 1) in space."""
-    spatial = 2 ** (len(vae_config.block_out_channels) - 1)
-    return (frames - 1) // vae_config.temporal_compression_ratio + 1, height // spatial, width // spatial
-
-
-def _encode_checked(vae, clips: list[torch.Tensor], log) -> list[dict]:
-    """encode_videos, checked against the VAE's compression. The VAE's tiled encode (model.vae_tiling) gives
-    latents of another size where its tiles do not partition the clip (small clips); those are encoded whole."""
-    encoded = encode_videos(vae, clips)
-    want = latent_shape(vae.config, *clips[0].shape[:1], *clips[0].shape[2:])
-    got = tuple(encoded[0]["mean"].shape[1:])
-    if got != want and getattr(vae, "use_tiling", False):
-        log(f"cache: the VAE's tiled encode gave latents {got} for clips {tuple(clips[0].shape)}, not {want}: "
-            f"encoding them whole (model.vae_tiling is for clips larger than its tiles)")
-        vae.disable_tiling()
-        encoded = encode_videos(vae, clips)
-        got = tuple(encoded[0]["mean"].shape[1:])
-    if got != want:
-        raise ValueError(f"the VAE encoded clips {tuple(clips[0].shape)} to latents {got}, expected {want}")
-    return encoded
-
-
 def _encode_videos(cfg, cache: Cache, todo: list, device, dtype, log=print) -> None:
     """The folder cache's encoding: the same stages (cogpipe.data.stages) as `cogpipe data encode`."""
     vae = models.build_vae(cfg.model, dtype, device).to(device).eval()
@@ -265,7 +204,8 @@ def _encode_videos(cfg, cache: Cache, todo: list, device, dtype, log=print) -> N
                 if cache.i2v:
                     image = load_image(s.image, height, width) if s.image else frames[0]
                     seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run
-                    tensors["image_latents"] = encode_first_frame(vae, image, cfg.data.image_noise_variants, seed)
+                    variants = cfg.data.image_noise_variants
+                    tensors["image_latents"] = stages.encode_first_frame(vae, image, variants, seed)
                 atomic.save_safetensors(e.latents, tensors,
                                         {"video": str(s.video), "shape": json.dumps([num_frames, height, width])})
 

@@ -39,16 +39,6 @@ def clip_key(digest: str, shape) -> str:
     return _digest(dict(v=STORE_FORMAT, clip=digest, shape=[int(x) for x in shape]))
 
 
-def encoder_identity(cfg, device) -> str:
-    """Who encodes, for a recipe whose encoders run on `device`: the VAE's and the text encoder's identities (as
-    the folder cache computes them), the text length, the encoders' dtype and the first-frame variants (I2V)."""
-    from cogpipe.data.cache import Cache
-
-    cache = Cache.for_config(cfg, device)
-    return _digest(dict(v=STORE_FORMAT, vae=cache._vae_id, text=cache._text_id, length=cache.max_text_len,
-                        dtype=cache.dtype, i2v=cfg.data.image_noise_variants if cache.i2v else None))
-
-
 def _reader(data, where: str):
     """The clip (bytes or a path) opened with cogpipe.video (decord or PyAV); DataError names the rule in the
     dataset check's words."""
@@ -99,31 +89,86 @@ def encoder_threads(device):
         torch.set_num_threads(before)
 
 
+@torch.no_grad()
+def encode_videos(vae, clips: list[torch.Tensor]) -> list[dict]:
+    """Clips [F,3,H,W] in [-1,1], all of one shape -> for each, the scaled latent distribution {"mean", "std"}
+    of shape [C,F',H',W']. Encoded as one batch."""
+    x = torch.stack(clips).to(vae.device, vae.dtype).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W)
+    dist = vae.encode(x).latent_dist
+    s = vae.config.scaling_factor
+    return [{"mean": (m * s).float(), "std": (d * s).float()} for m, d in zip(dist.mean, dist.std)]
+
+
+def latent_shape(vae_config, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(frames, height, width) of the latents of a clip: 4x in time (first frame kept), 2^(levels - 1) in space."""
+    spatial = 2 ** (len(vae_config.block_out_channels) - 1)
+    return (frames - 1) // vae_config.temporal_compression_ratio + 1, height // spatial, width // spatial
+
+
+def encode_checked(vae, clips: list[torch.Tensor], log) -> list[dict]:
+    """encode_videos, checked against the VAE's compression. The VAE's tiled encode (model.vae_tiling) gives
+    latents of another size where its tiles do not partition the clip (small clips); those are encoded whole."""
+    encoded = encode_videos(vae, clips)
+    want = latent_shape(vae.config, *clips[0].shape[:1], *clips[0].shape[2:])
+    got = tuple(encoded[0]["mean"].shape[1:])
+    if got != want and getattr(vae, "use_tiling", False):
+        log(f"cache: the VAE's tiled encode gave latents {got} for clips {tuple(clips[0].shape)}, not {want}: "
+            f"encoding them whole (model.vae_tiling is for clips larger than its tiles)")
+        vae.disable_tiling()
+        encoded = encode_videos(vae, clips)
+        got = tuple(encoded[0]["mean"].shape[1:])
+    if got != want:
+        raise ValueError(f"the VAE encoded clips {tuple(clips[0].shape)} to latents {got}, expected {want}")
+    return encoded
+
+
+@torch.no_grad()
+def encode_first_frame(vae, image: torch.Tensor, variants: int, seed: int) -> torch.Tensor:
+    """Image-to-video conditioning: `variants` encodings of the first frame [3,H,W], each with a little
+    pixel noise (sigma = exp(N(-3, 0.5))) as CogVideoX I2V training does: [K, C, 1, H', W'].
+
+    Scaled as the diffusers image-to-video pipeline scales image latents: x scaling_factor, or
+    / scaling_factor where the VAE has `invert_scale_latents` (CogVideoX 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    s = vae.config.scaling_factor
+    out = []
+    for _ in range(variants):
+        sigma = torch.exp(torch.normal(-3.0, 0.5, (1,), generator=g))
+        noisy = image + torch.randn(image.shape, generator=g) * sigma
+        x = noisy.to(vae.device, vae.dtype)[None, :, None]  # (1, 3, 1, H, W)
+        dist = vae.encode(x).latent_dist
+        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g).to(dist.mean.device, dist.mean.dtype)
+        out.append((z[0] / s if vae.config.invert_scale_latents else z[0] * s).float())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, captions: list[str], max_len: int) -> torch.Tensor:
+    """T5 embeddings [B, max_len, D], padded and truncated as the CogVideoX pipelines do."""
+    ids = tokenizer(captions, padding="max_length", max_length=max_len, truncation=True,
+                    add_special_tokens=True, return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
 def vae_encode(vae, clips: list[torch.Tensor], log=print) -> list[dict]:
     """Clips [F,3,H,W] of one shape -> for each, {"mean", "std"} of its scaled latent distribution [C,F',H',W'],
     encoded ENCODE_BATCH at a time (a short batch filled with copies of its last clip)."""
-    from cogpipe.data.cache import _encode_checked
-
     out = []
     for i in range(0, len(clips), ENCODE_BATCH):
         batch = clips[i:i + ENCODE_BATCH]
         filled = batch + [batch[-1]] * (ENCODE_BATCH - len(batch))
-        out += _encode_checked(vae, filled, log)[:len(batch)]
+        out += encode_checked(vae, filled, log)[:len(batch)]
     return out
 
 
 def first_frame_latents(vae, image: torch.Tensor, variants: int, key: str) -> torch.Tensor:
     """Image-to-video: the first frame's noisy encodings [K,C,1,H',W'], seeded by the clip's key."""
-    from cogpipe.data.cache import encode_first_frame
-
     return encode_first_frame(vae, image, variants, int(key[:15], 16))
 
 
 def text_encode(tokenizer, text_encoder, caption: str, max_len: int) -> torch.Tensor:
     """One caption's T5 embeddings [L, D] in fp32 (always one caption a forward: the same bits whatever else is
     being encoded)."""
-    from cogpipe.data.cache import encode_prompts
-
     return encode_prompts(tokenizer, text_encoder, [caption], max_len)[0].float()
 
 
