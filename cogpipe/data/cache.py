@@ -62,19 +62,15 @@ def _file_digest(path: str, size: int, mtime_ns: int, memo: str | None) -> str:
     return digest
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def encoder_identity(model_cfg, component: str) -> str:
     """Who encodes: a preset's config and seed, or a pretrained folder's config and weight files."""
     if not model_cfg.pretrained:
         preset = models.PRESETS[model_cfg.preset]
-        return _digest(dict(preset=model_cfg.preset, seed=model_cfg.init_seed, component=component,
+        return stages.json_digest(dict(preset=model_cfg.preset, seed=model_cfg.init_seed, component=component,
                             config=preset.get(component), torch=torch.__version__.split("+")[0]))
     folder = models.pretrained_folder(model_cfg.pretrained, [component])  # a hub snapshot's path holds its commit
     files = sorted((folder / component).glob("*"))
-    return _digest(dict(component=component, files=[(f.name, f.stat().st_size, f.stat().st_mtime_ns,
+    return stages.json_digest(dict(component=component, files=[(f.name, f.stat().st_size, f.stat().st_mtime_ns,
                                                      f.read_text() if f.suffix == ".json" else None)
                                                     for f in files if f.is_file()]))
 
@@ -93,7 +89,7 @@ class Cache:
         self.model_cfg, self.data_cfg, self.max_text_len, self.dtype = model_cfg, data_cfg, max_text_len, dtype
         self.i2v = i2v
         self._vae_id = encoder_identity(model_cfg, "vae")
-        self._text_id = _digest([encoder_identity(model_cfg, "text_encoder"),
+        self._text_id = stages.json_digest([encoder_identity(model_cfg, "text_encoder"),
                                  encoder_identity(model_cfg, "tokenizer")])
 
     @classmethod
@@ -125,13 +121,13 @@ class Cache:
         if self.i2v:
             image = dict(image=file_digest(sample.image, self.root) if sample.image else "first-frame",
                          variants=d.image_noise_variants)
-        key = _digest(dict(v=CACHE_FORMAT, clip=file_digest(sample.video, self.root), vae=self._vae_id, frames=frames,
-                           height=height, width=width, dtype=self.dtype, image=image))
+        key = stages.json_digest(dict(v=CACHE_FORMAT, clip=file_digest(sample.video, self.root), vae=self._vae_id,
+                                      frames=frames, height=height, width=width, dtype=self.dtype, image=image))
         return self.root / "latents" / key[:2] / f"{key}.safetensors"
 
     def prompt_path(self, caption: str) -> Path:
-        key = _digest(dict(v=CACHE_FORMAT, text=caption, encoder=self._text_id, length=self.max_text_len,
-                           dtype=self.dtype))
+        key = stages.json_digest(dict(v=CACHE_FORMAT, text=caption, encoder=self._text_id, length=self.max_text_len,
+                                      dtype=self.dtype))
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
 

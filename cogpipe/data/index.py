@@ -46,7 +46,8 @@ def _schema():
 def probe_clips(items: list) -> list[dict]:
     """[(uri, locator)] -> for each {"digest", "frames", "fps", "height", "width", "problem"}: the clip's bytes read
     once, hashed and probed. A clip that does not decode gets the rule as its problem; nothing raises."""
-    from cogpipe.data.stages import probe_video, sha256_bytes
+    from cogpipe.data.stages import probe_video
+    from cogpipe.data.store import sha256_bytes
 
     out = []
     for uri, locator in items:

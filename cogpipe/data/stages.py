@@ -29,14 +29,15 @@ ENCODE_THREADS = 1  # torch threads of a CPU encoder
 STORE_FORMAT = 1  # bump when the stored tensors change meaning
 
 
-def _digest(obj) -> str:
+def json_digest(obj) -> str:
+    """sha256 of an object's canonical JSON: the keys of the cache and the store."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def clip_key(digest: str, shape) -> str:
     """A clip's key in the store: its content (sha256 of its bytes) and the shape (frames, height, width) it is
     encoded at. Who encodes it (VAE, text encoder, dtype) is the store's encoder identity, the same for every row."""
-    return _digest(dict(v=STORE_FORMAT, clip=digest, shape=[int(x) for x in shape]))
+    return json_digest(dict(v=STORE_FORMAT, clip=digest, shape=[int(x) for x in shape]))
 
 
 def _reader(data, where: str):
@@ -192,7 +193,4 @@ def bucket_for(frames: int, height: int, width: int, shapes) -> tuple[tuple | No
     rule = shape_problem(available, min(shapes, key=lambda b: b[0] * b[1] * b[2]))
     return None, rule if len(shapes) == 1 else f"fits no bucket of data.buckets: {rule}"
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
