@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--clips", type=int, default=96)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--note", default="", help="how busy the machine was while measured (recorded)")
     args = ap.parse_args()
 
     import ray
@@ -113,9 +114,9 @@ def main() -> None:
     ray.shutdown()
     med = {k: statistics.median(x["clips_per_s"] for x in v) for k, v in runs.items()}
     emit(dict(
-        bench="data_encode", machine=f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs while "
-        f"measured (numbers noisy: medians of {args.repeat})", torch=torch.__version__, ray=ray.__version__,
-        clips=args.clips, shape=[17, 64, 64], encode_batch=stages.ENCODE_BATCH, threads=stages.ENCODE_THREADS,
+        bench="data_encode", machine=f"{platform.machine()}, {os.cpu_count()} cores, {args.note}",
+        torch=torch.__version__, ray=ray.__version__,
+        clips=args.clips, shape=[17, 64, 64], encode_batch=cfg.data.encode_batch, threads=stages.ENCODE_THREADS,
         ray_init_s=round(ray_start, 2), median_clips_per_s={k: round(v, 3) for k, v in med.items()},
         ray_2_over_ray_1=round(med["ray_2"] / med["ray_1"], 3),
         ray_1_over_in_process=round(med["ray_1"] / med["in_process"], 3),

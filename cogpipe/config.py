@@ -89,6 +89,9 @@ class DataConfig:
     cache_dir: Optional[str] = field(default=None, metadata={"path": True})  # default <data.root>/.cogpipe_cache
     skip_bad: bool = False  # false: refuse to train on a dataset with bad clips; true: warn, skip, count
     image_noise_variants: int = 4  # image-to-video: cached noisy encodings of each first frame
+    # clips of one shape in one VAE forward while encoding (folder cache and `cogpipe data encode`); above 1, short
+    # batches are filled so a clip's bits never depend on its neighbours (not with model.vae_slicing)
+    encode_batch: int = 1
     buckets: list[list[int]] = field(default_factory=list)  # [[frames, height, width], ...]; [] = the one above
     num_workers: Optional[int] = None  # DataLoader workers reading cached latents; None: 4 beside a GPU, 0 on a CPU
 
@@ -96,6 +99,7 @@ class DataConfig:
         ensure(self.store_cache_bytes > 0, "data.store_cache_bytes", f"must be positive, got {self.store_cache_bytes}")
         ensure(self.frames >= 1, "data.frames", f"must be positive, got {self.frames}")
         ensure(self.image_noise_variants >= 1, "data.image_noise_variants", "must be >= 1")
+        ensure(self.encode_batch >= 1, "data.encode_batch", f"must be >= 1, got {self.encode_batch}")
         for i, b in enumerate(self.buckets):
             ensure(len(b) == 3 and b[0] >= 1, f"data.buckets[{i}]", f"must be [frames, height, width], got {list(b)}")
             ensure(b[1] % family.SIZE_MULTIPLE == 0 and b[2] % family.SIZE_MULTIPLE == 0 and min(b[1:]) > 0,

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -59,8 +60,8 @@ def test_encode_then_hit_then_invalidate(tmp_path, monkeypatch):
 
 
 def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
-    """build_cache encodes clips of one shape together (stages.ENCODE_BATCH); each entry is what encoding
-    that clip alone gives."""
+    """build_cache encodes clips of one shape together (data.encode_batch, 8 in the tiny recipe); each entry is what
+    encoding that clip alone gives."""
     from cogpipe.data import stages
     from cogpipe.data.folders import load_clip
 
@@ -74,6 +75,37 @@ def test_clips_encoded_in_batches_match_one_by_one(tmp_path):
         torch.testing.assert_close(cached["mean"], alone["mean"], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(cached["std"], alone["std"], atol=1e-5, rtol=1e-4)
     assert len({load_file(str(e.latents))["mean"].sum().item() for e in entries}) == 3  # three different clips
+
+
+def test_a_short_batch_is_filled_only_where_one_forward_holds_several():
+    """stages.vae_encode with data.encode_batch 8 fills a short batch to 8 clips, and a clip's bits are those of a
+    full batch; at batch 1, or with the VAE's slicing (model.vae_slicing: each clip its own forward), nothing is
+    filled and the bits are those of the clip alone."""
+    from cogpipe.data import stages
+
+    cfg = _cfg(Path("unused"), Path("unused"))
+    vae = models.build_vae(cfg.model, torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.rand((17, 3, 64, 64), generator=g) * 2 - 1 for _ in range(8)]
+    seen, encode = [], vae.encode
+
+    def spy(x, *a, **k):
+        seen.append(x.shape[0])
+        return encode(x, *a, **k)
+
+    vae.encode = spy
+    full = stages.vae_encode(vae, clips, 8)
+    short = stages.vae_encode(vae, clips[:3], 8)
+    assert seen == [8, 8]
+    assert all(torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"]) for a, b in zip(short, full))
+    seen.clear()
+    alone = stages.vae_encode(vae, clips[:3], 1)
+    assert seen == [1, 1, 1]
+    seen.clear()
+    vae.enable_slicing()
+    sliced = stages.vae_encode(vae, clips[:3], 8)
+    assert seen == [3] and not stages.fills(vae, 8)
+    assert all(torch.equal(a["mean"], b["mean"]) for a, b in zip(sliced, alone))
 
 
 RACE = """

@@ -46,8 +46,8 @@ def folder(tmp_path_factory):
     return make_clips(tmp_path_factory.mktemp("clips") / "d", SPECS)
 
 
-def _cfg(root, tmp, *more):
-    return load_config(RECIPE, ["model.pretrained=null", f"data.root={root}", f"data.cache_dir={tmp / 'cache'}",
+def _cfg(root, tmp, *more, recipe=RECIPE):
+    return load_config(recipe, ["model.pretrained=null", f"data.root={root}", f"data.cache_dir={tmp / 'cache'}",
                                 f"output_dir={tmp / 'out'}", "validation.every=0", *more])
 
 
@@ -251,6 +251,25 @@ def test_cli_driver_killed_then_rerun_encodes_only_the_rest(ray_local, manifest,
     assert (result["present"], result["added"]) == (2, len(SPECS) - 2)
     _assert_matches_reference(tmp_path / "S", manifest, reference)
     assert store.verify(tmp_path / "S") == []
+
+
+def test_image_to_video_first_frame_encodings_are_the_folder_caches(ray_local, folder, manifest, tmp_path):
+    """Image-to-video (the tiny I2V recipe): the store's noisy first-frame encodings are the folder cache's draws,
+    bit for bit (both seeded by the clip's store key), beside its latents."""
+    from cogpipe.data.cache import file_digest
+
+    cfg = _cfg(folder, tmp_path, recipe=str(REPO / "configs" / "tiny_i2v_lora.yaml"))
+    samples = discover(folder)
+    cached = {file_digest(s.video): load_file(str(e.latents))
+              for s, e in zip(samples, build_cache(cfg, samples, "cpu", log=lambda *_: None))}
+    result = encode_mod.encode(cfg, manifest, tmp_path / "s", workers=1, log=lambda *_: None)
+    assert result["added"] == len(SPECS)
+    digests = {r["uri"]: r["digest"] for r in index_mod.read_manifest(manifest)}
+    rows, _ = _store_rows(tmp_path / "s")
+    for _, uri, t in rows.values():
+        want = cached[digests[uri]]
+        assert t["image_latents"].shape == want["image_latents"].shape == (cfg.data.image_noise_variants, 16, 1, 8, 8)
+        assert torch.equal(t["image_latents"], want["image_latents"]) and torch.equal(t["mean"], want["mean"]), uri
 
 
 def test_sources_behind_an_s3_url(folder, monkeypatch):

@@ -131,9 +131,6 @@ class Cache:
         return self.root / "prompts" / key[:2] / f"{key}.safetensors"
 
 
-ENCODE_BATCH = stages.ENCODE_BATCH  # clips of one shape encoded together (always this many: cogpipe.data.stages)
-
-
 def build_cache(cfg, samples, device, rank: int = 0, world: int = 1, barrier=lambda: None,
                 log=print, extra_prompts=()) -> list[Entry]:
     """Make sure every sample has cached latents and prompt embeddings; return the entries.
@@ -192,16 +189,17 @@ def _encode_videos(cfg, cache: Cache, todo: list, device, dtype, log=print) -> N
     by_shape: dict[tuple, list] = {}
     for s, e in todo:
         by_shape.setdefault(s.shape or (cfg.data.frames, cfg.data.height, cfg.data.width), []).append((s, e))
+    size = cfg.data.encode_batch
     for (num_frames, height, width), group in by_shape.items():
-        for i in range(0, len(group), ENCODE_BATCH):
-            batch = group[i:i + ENCODE_BATCH]
+        for i in range(0, len(group), size):
+            batch = group[i:i + size]
             clips = [stages.decode_clip(s.video, num_frames, height, width, str(s.video)) for s, _ in batch]
-            for (s, e), frames, tensors in zip(batch, clips, stages.vae_encode(vae, clips, log)):
-                if cache.i2v:
+            for (s, e), frames, tensors in zip(batch, clips, stages.vae_encode(vae, clips, size, log)):
+                if cache.i2v:  # seeded by the clip's store key: the draws `cogpipe data encode` makes
                     image = load_image(s.image, height, width) if s.image else frames[0]
-                    seed = int(e.latents.stem[:15], 16)  # fixed per entry: the same variants on every run
-                    variants = cfg.data.image_noise_variants
-                    tensors["image_latents"] = stages.encode_first_frame(vae, image, variants, seed)
+                    key = stages.clip_key(file_digest(s.video, cache.root), (num_frames, height, width))
+                    tensors["image_latents"] = stages.first_frame_latents(vae, image, cfg.data.image_noise_variants,
+                                                                          key)
                 atomic.save_safetensors(e.latents, tensors,
                                         {"video": str(s.video), "shape": json.dumps([num_frames, height, width])})
 

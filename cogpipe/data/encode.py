@@ -5,7 +5,7 @@ Data into a latent store (cogpipe.data.store).
       -> read + decode + resize                     Ray tasks (CPU; on a cluster without GPUs, in the actors below,
                                                      which hold every core)
       -> VAE encode, T5 encode                      an actor pool: each actor loads the encoders once (one GPU each
-                                                     where the cluster has GPUs), encodes ENCODE_BATCH clips of a
+                                                     where the cluster has GPUs), encodes data.encode_batch clips of a
                                                      bucket a forward, and each distinct caption once
       -> StoreWriter in this process                shards published one at a time (index.json is the commit point)
 
@@ -133,7 +133,7 @@ class Encoder:
             for (frames, height, width), members in groups.items():
                 clips = [torch.from_numpy(_array(batch["pixels"][i], (frames, 3, height, width)).copy())
                          for i in members]
-                for i, clip, tensors in zip(members, clips, vae_encode(self.vae, clips)):
+                for i, clip, tensors in zip(members, clips, vae_encode(self.vae, clips, self.cfg.data.encode_batch)):
                     if self.i2v:
                         tensors["image_latents"] = first_frame_latents(self.vae, clip[0],
                                                                        self.cfg.data.image_noise_variants,
@@ -234,8 +234,6 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     import ray
 
     from cogpipe.data import raycluster, store
-    from cogpipe.data.stages import ENCODE_BATCH
-
     raycluster.connect()
     gpus = raycluster.gpus()
     device = "cuda" if gpus else "cpu"
@@ -257,13 +255,14 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     added, failed, pids, arrived, spans, texts = 0, [], set(), [], [], {}
     published = len(writer.store.shards)
     if todo:
-        blocks = max(workers, min(-(-len(todo) // ENCODE_BATCH), 10_000))  # a block is about one VAE batch
+        size = cfg.data.encode_batch
+        blocks = max(workers, min(-(-len(todo) // size), 10_000))  # a block is about one VAE batch
         ds = ray.data.from_items(todo, override_num_blocks=min(blocks, len(todo)))
         if gpus:  # decoding as CPU tasks beside the GPU actors; on a CPU cluster each actor decodes its own
             ds = ds.map(decode_row, num_cpus=1)  # batches (an actor holds its core: tasks beside it would wait)
         with warnings.catch_warnings():  # Ray 2.60 warns of passing actor options by keyword; it has no other way
             warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ds.map_batches(Encoder, batch_size=ENCODE_BATCH, compute=ray.data.ActorPoolStrategy(size=workers),
+            ds = ds.map_batches(Encoder, batch_size=size, compute=ray.data.ActorPoolStrategy(size=workers),
                                 num_cpus=1, num_gpus=1 if gpus else 0,
                                 fn_constructor_kwargs=dict(cfg=cfg, fault=os.environ.get(FAULT_ENV)),
                                 max_restarts=3, max_task_retries=3)  # a dead actor: restarted, its batch run again
@@ -284,10 +283,10 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
         progress.close()
     extras = [p for p in extra_prompts(cfg) if p not in set(store.read_prompts(writer.store))]
     if extras:
-        texts = ray.data.from_items([{"caption": p} for p in extras]).map(
+        encoded = ray.data.from_items([{"caption": p} for p in extras]).map(
             TextOnly, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, num_gpus=1 if gpus else 0,
             fn_constructor_kwargs=dict(cfg=cfg)).take_all()
-        writer.add_prompts({t["caption"]: _array(t["embeds"], t["shape"]) for t in texts})
+        writer.add_prompts({t["caption"]: _array(t["embeds"], t["shape"]) for t in encoded})
     writer.close()
     seconds = time.monotonic() - t0
     for uri, problem in failed:

@@ -6,11 +6,12 @@
         latents = vae_encode(vae, [clip, ...])                   # the scaled latent distribution of each clip
         embeds = text_encode(tokenizer, text_encoder, caption, max_len)
 
-A clip's latents are bit-identical whichever path, process or machine encodes it, with whatever neighbours: the VAE
-always sees batches of exactly ENCODE_BATCH clips of one shape (a short batch is filled with copies of its last clip,
-whose outputs are dropped) and, on a CPU, always runs on ENCODE_THREADS threads (float kernels split their sums by
-batch size and thread count, so either one changing changes the low bits of every latent). On a CPU, encoding on
-more cores means more encoding processes (Ray workers), not more threads in one.
+A clip's latents are bit-identical whichever path, process or machine encodes it, with whatever neighbours: each VAE
+forward holds exactly `data.encode_batch` clips of one shape (1 by default; where it is larger, a short batch is
+filled with copies of its last clip, whose outputs are dropped; with model.vae_slicing the VAE runs each clip alone
+and nothing is filled) and, on a CPU, always runs on ENCODE_THREADS threads (float kernels split their sums by batch
+size and thread count, so either one changing changes the low bits of every latent). On a CPU, encoding on more
+cores means more encoding processes (Ray workers), not more threads in one.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 
 from cogpipe.data.folders import DataError, Problem, frame_indices, resize_crop, shape_problem
 
-ENCODE_BATCH = 8  # clips of one shape in every VAE forward (on CPU about 3x faster a clip than one by one)
 ENCODE_THREADS = 1  # torch threads of a CPU encoder
 STORE_FORMAT = 1  # bump when the stored tensors change meaning
 
@@ -151,19 +151,27 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], max_len: int) -
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def vae_encode(vae, clips: list[torch.Tensor], log=print) -> list[dict]:
+def fills(vae, batch: int) -> bool:
+    """Whether a short batch is filled to `batch` clips: only where one forward holds several clips (a VAE with
+    slicing, model.vae_slicing, runs every clip alone whatever the batch)."""
+    return batch > 1 and not getattr(vae, "use_slicing", False)
+
+
+def vae_encode(vae, clips: list[torch.Tensor], batch: int, log=print) -> list[dict]:
     """Clips [F,3,H,W] of one shape -> for each, {"mean", "std"} of its scaled latent distribution [C,F',H',W'],
-    encoded ENCODE_BATCH at a time (a short batch filled with copies of its last clip)."""
+    encoded `batch` (data.encode_batch) at a time; where `fills`, a short batch is filled with copies of its last
+    clip, so a clip's bits never depend on how many neighbours it had."""
     out = []
-    for i in range(0, len(clips), ENCODE_BATCH):
-        batch = clips[i:i + ENCODE_BATCH]
-        filled = batch + [batch[-1]] * (ENCODE_BATCH - len(batch))
-        out += encode_checked(vae, filled, log)[:len(batch)]
+    for i in range(0, len(clips), batch):
+        chunk = clips[i:i + batch]
+        filled = chunk + [chunk[-1]] * (batch - len(chunk)) if fills(vae, batch) else chunk
+        out += encode_checked(vae, filled, log)[:len(chunk)]
     return out
 
 
 def first_frame_latents(vae, image: torch.Tensor, variants: int, key: str) -> torch.Tensor:
-    """Image-to-video: the first frame's noisy encodings [K,C,1,H',W'], seeded by the clip's key."""
+    """Image-to-video: the first frame's noisy encodings [K,C,1,H',W'], seeded by the clip's store key
+    (`clip_key`): the same draws on the folder cache's path and the store's."""
     return encode_first_frame(vae, image, variants, int(key[:15], 16))
 
 
