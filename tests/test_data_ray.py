@@ -158,6 +158,136 @@ def test_sources_list_every_kind_and_read_the_bytes_back(folder, tmp_path):
         list(sources.open_source(str(tmp_path / "nowhere")))
 
 
+def _hub(monkeypatch, root):
+    """A stand-in for the Hugging Face hub's hf:// file system (huggingface_hub.HfFileSystem, which needs the
+    network): hf://datasets/OWNER/NAME/... is root/datasets/OWNER/NAME/..., through fsspec's DirFileSystem. Returns
+    the list of what it was asked to list and to read."""
+    import importlib
+
+    import fsspec
+    from fsspec.implementations.dirfs import DirFileSystem
+
+    calls = []
+
+    class Hub(DirFileSystem):
+        protocol, cachable = "hf", False
+
+        def __init__(self, **_):
+            super().__init__(path=str(root), fs=fsspec.filesystem("file"))
+
+        def find(self, path, *args, **kwargs):
+            calls.append(("find", path))
+            return super().find(path, *args, **kwargs)
+
+        def cat_file(self, path, *args, **kwargs):
+            calls.append(("read", path))
+            return super().cat_file(path, *args, **kwargs)
+
+        def open(self, path, *args, **kwargs):
+            calls.append(("read", path))
+            return super().open(path, *args, **kwargs)
+
+    monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, "hf", Hub)
+    return calls
+
+
+def test_hub_ids_name_hub_datasets_and_local_paths_win(monkeypatch, tmp_path):
+    """OWNER/NAME[@REV] is the hub dataset hf://datasets/OWNER/NAME[@REV] (the path huggingface_hub's file system
+    lists) unless a local path has that name; the hub's file system gets the repo's path."""
+    import fsspec
+    from huggingface_hub import HfFileSystem
+
+    assert sources.source_url("owner/name") == "hf://datasets/owner/name"
+    assert sources.source_url("owner/name@v1.0") == "hf://datasets/owner/name@v1.0"
+    for other in ("hf://datasets/owner/name", "s3://b/k", "a/b/c", "clips.tar", "data/*.parquet"):
+        assert sources.source_url(other) == other
+    fs, path = fsspec.core.url_to_fs(sources.source_url("owner/name"))  # the real hf:// file system, not called
+    assert isinstance(fs, HfFileSystem) and path == "datasets/owner/name"
+    monkeypatch.chdir(tmp_path)
+    make_clips(tmp_path / "owner" / "name", SPECS[:1])
+    assert sources.source_url("owner/name") == "owner/name"  # a local folder of that name wins
+
+    calls = _hub(monkeypatch, tmp_path / "hub")
+    make_clips(tmp_path / "hub" / "datasets" / "someone" / "clips", SPECS[:1])
+    for source in ("someone/clips", "hf://datasets/someone/clips"):
+        calls.clear()
+        [clip] = sources.open_source(source)
+        assert calls[0] == ("find", "datasets/someone/clips") and clip.uri.startswith("hf://datasets/someone/clips/")
+    with pytest.raises(sources.SourceError, match="someone/nothing: not found: no local path of that name, nor "
+                                                  "the hub dataset hf://datasets/someone/nothing"):
+        sources.open_source("someone/nothing")
+
+
+def test_hub_repos_in_every_layout_are_listed_and_read_back(folder, monkeypatch, tmp_path):
+    """A hub dataset (hf://, a local stand-in) in each layout a repo holds clips in: prompt.txt + videos.txt +
+    videos/ (the Disney dataset's layout), metadata.jsonl with a first-frame image column, videos with .txt
+    captions, WebDataset tars, Parquet. Each is recognised; its clips' captions are listed and their bytes read back
+    from their locators; a folder layout is listed without reading a clip. A repo of none of them is refused, naming
+    the repo, what was looked for and what it holds."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    videos = sorted((folder / "videos").glob("*.mp4"))
+    data = [v.read_bytes() for v in videos]
+    captions = [s.caption for s in discover(folder)]
+    hub = tmp_path / "hub" / "datasets" / "o"
+    calls = _hub(monkeypatch, tmp_path / "hub")
+
+    disney = hub / "disney"  # Wild-Heart/Disney-VideoGeneration-Dataset: prompt.txt, videos.txt, videos/*.mp4
+    shutil.copytree(folder / "videos", disney / "videos")
+    (disney / "prompt.txt").write_text("".join(c + "\n" for c in captions))
+    shutil.copy(folder / "videos.txt", disney / "videos.txt")
+    (disney / "README.md").write_text("---\nlicense: apache-2.0\n---\n")
+    meta = make_clips(hub / "meta", SPECS[:2], layout="jsonl")
+    (meta / "first.png").write_bytes(b"an image's bytes")  # read back, not decoded, while listing
+    rows = [json.loads(line) for line in (meta / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["image"] = "first.png"
+    (meta / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    captioned = make_clips(hub / "captioned", SPECS[:2], layout="folder")
+    (hub / "wds" / "train").mkdir(parents=True)
+    (hub / "wds" / "train" / "000.tar").write_bytes(_tar({"k0.mp4": data[0], "k0.txt": b"zero"}))
+    (hub / "pq" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"video": [{"bytes": data[1], "path": "x.mp4"}], "caption": ["one"]}),
+                   hub / "pq" / "data" / "train-00000-of-00001.parquet")
+
+    calls.clear()
+    clips = list(sources.open_source("hf://datasets/o/disney"))
+    assert [c.caption for c in clips] == captions and not any(c.problem for c in clips)
+    assert clips[0].uri == "hf://datasets/o/disney/" + (folder / "videos.txt").read_text().splitlines()[0]
+    assert not [path for kind, path in calls if kind == "read" and path.endswith(".mp4")], "a clip read to list"
+    assert [sources.read_bytes(c.locator) for c in clips] == data and clips[0].size == len(data[0])
+
+    clips = list(sources.open_source("o/meta"))
+    assert [c.caption for c in clips] == [r["caption"] for r in rows] and not any(c.problem for c in clips)
+    assert clips[0].image == "hf://datasets/o/meta/first.png" and clips[1].image is None
+    assert sources.read_bytes(clips[0].image_locator) == b"an image's bytes"
+    assert sources.read_bytes(clips[1].locator) == (meta / rows[1]["video"]).read_bytes()
+
+    clips = list(sources.open_source("o/captioned"))
+    assert len(clips) == 2 and not any(c.problem for c in clips)
+    assert [sources.read_bytes(c.locator) for c in clips] == [v.read_bytes() for v in sorted(captioned.glob("*.mp4"))]
+
+    [clip] = sources.open_source("o/wds")
+    assert (clip.caption, clip.uri) == ("zero", "hf://datasets/o/wds/train/000.tar#k0.mp4")
+    assert sources.read_bytes(clip.locator) == data[0]
+    [clip] = sources.open_source("o/pq")
+    assert clip.caption == "one" and sources.read_bytes(clip.locator) == data[1]
+
+    (hub / "other").mkdir()
+    (hub / "other" / "README.md").write_text("no clips")
+    (hub / "other" / "other.py").write_text("# a dataset script")
+    (hub / "other" / "archive.zip").write_bytes(b"PK")
+    with pytest.raises(sources.SourceError) as e:
+        sources.open_source("o/other")
+    message = str(e.value)
+    assert message.startswith("o/other (hf://datasets/o/other): no clips found: looked for prompts.txt")
+    for part in ("videos.txt", "metadata.jsonl", ".tar", ".parquet", "same-name .txt captions",
+                 "it holds README.md, archive.zip, other.py", "dataset script"):
+        assert part in message, part
+
+
 # --- index -------------------------------------------------------------------------------------------------------
 
 
@@ -270,6 +400,55 @@ def test_image_to_video_first_frame_encodings_are_the_folder_caches(ray_local, f
         want = cached[digests[uri]]
         assert t["image_latents"].shape == want["image_latents"].shape == (cfg.data.image_noise_variants, 16, 1, 8, 8)
         assert torch.equal(t["image_latents"], want["image_latents"]) and torch.equal(t["mean"], want["mean"]), uri
+
+
+def test_image_to_video_listed_first_frame_images_are_the_folder_caches(ray_local, folder, tmp_path):
+    """A folder whose images.txt lists a first-frame image for a clip (image-to-video, the tiny I2V recipe): the
+    index records the image and its digest, the clip's store key holds the digest, and the store's noisy
+    first-frame encodings of that image are the folder cache's, bit for bit; a clip whose images.txt line is empty
+    keeps its own first frame and its usual key. A listed image that is missing is named by the probe."""
+    import hashlib
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from cogpipe.data import stages
+
+    root = tmp_path / "d"
+    names = (folder / "videos.txt").read_text().splitlines()[:2]
+    (root / "videos").mkdir(parents=True)
+    for name in names:
+        shutil.copy(folder / name, root / name)
+    (root / "videos.txt").write_text("".join(n + "\n" for n in names))
+    (root / "prompts.txt").write_text("".join(c + "\n" for c in (folder / "prompts.txt").read_text().splitlines()[:2]))
+    pixels = np.random.default_rng(0).integers(0, 256, (72, 96, 3), dtype=np.uint8)  # resized and cropped to 64x64
+    Image.fromarray(pixels).save(root / "first.png")
+    (root / "images.txt").write_text("first.png\n\n")
+    cfg = _cfg(root, tmp_path, "train.caption_dropout=0",  # no extra prompt: no text-only actor to start
+               recipe=str(REPO / "configs" / "tiny_i2v_lora.yaml"))
+    samples = discover(root)
+    assert samples[0].image is not None and samples[1].image is None
+    cached = {str(s.video): load_file(str(e.latents))
+              for s, e in zip(samples, build_cache(cfg, samples, "cpu", log=lambda *_: None))}
+
+    index_mod.build_index([str(root)], tmp_path / "m", cfg, log=lambda *_: None)
+    rows = index_mod.read_manifest(tmp_path / "m")
+    image = hashlib.sha256((root / "first.png").read_bytes()).hexdigest()
+    assert (rows[0]["image"], rows[0]["image_digest"]) == (str(samples[0].image), image)
+    assert rows[0]["key"] == stages.clip_key(rows[0]["digest"], (17, 64, 64), image)
+    assert rows[1]["image"] is None and rows[1]["key"] == stages.clip_key(rows[1]["digest"], (17, 64, 64))
+    result = encode_mod.encode(cfg, tmp_path / "m", tmp_path / "s", workers=1, log=lambda *_: None)
+    assert (result["added"], result["failed"]) == (2, 0)
+    stored, _ = _store_rows(tmp_path / "s")
+    assert set(stored) == {r["key"] for r in rows}
+    for _, uri, t in stored.values():
+        want = cached[uri]
+        assert torch.equal(t["image_latents"], want["image_latents"]) and torch.equal(t["mean"], want["mean"]), uri
+
+    [missing] = index_mod.probe_clips([(rows[1]["uri"], json.loads(rows[1]["locator"]),
+                                        ["file", str(root / "gone.png")])])
+    assert missing["problem"].startswith("cannot read first-frame image (FileNotFoundError")
 
 
 def test_sources_behind_an_s3_url(folder, monkeypatch):

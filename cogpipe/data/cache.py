@@ -197,7 +197,8 @@ def _encode_videos(cfg, cache: Cache, todo: list, device, dtype, log=print) -> N
             for (s, e), frames, tensors in zip(batch, clips, stages.vae_encode(vae, clips, size, log)):
                 if cache.i2v:  # seeded by the clip's store key: the draws `cogpipe data encode` makes
                     image = load_image(s.image, height, width) if s.image else frames[0]
-                    key = stages.clip_key(file_digest(s.video, cache.root), (num_frames, height, width))
+                    key = stages.clip_key(file_digest(s.video, cache.root), (num_frames, height, width),
+                                          file_digest(s.image, cache.root) if s.image else None)
                     tensors["image_latents"] = stages.first_frame_latents(vae, image, cfg.data.image_noise_variants,
                                                                           key)
                 atomic.save_safetensors(e.latents, tensors,

@@ -3,7 +3,8 @@ Data into a latent store (cogpipe.data.store).
 
     manifest rows -> skip problems and keys already in the store -> sorted by (bucket, caption, key)
       -> read + decode + resize                     Ray tasks (CPU; on a cluster without GPUs, in the actors below,
-                                                     which hold every core)
+                                                     which hold every core); for an image-to-video recipe, also the
+                                                     clip's listed first-frame image, where it has one
       -> VAE encode, T5 encode                      an actor pool: each actor loads the encoders once (one GPU each
                                                      where the cluster has GPUs), encodes data.encode_batch clips of a
                                                      bucket a forward, and each distinct caption once
@@ -45,19 +46,26 @@ def _array(data: bytes, shape, dtype="float32") -> np.ndarray:
 
 
 def decode_row(row: dict) -> dict:
-    """Ray task: read a clip's bytes and decode, sample, resize, crop it at its bucket (float32 [F,3,H,W] as bytes).
-    A clip that no longer decodes comes back with its problem."""
+    """Ray task: read a clip's bytes and decode, sample, resize, crop it at its bucket (float32 [F,3,H,W] as bytes);
+    where the row lists a first-frame image (image-to-video), read it and resize, crop it the same way (float32
+    [3,H,W] as bytes, `image_pixels`; b"" where none). A clip that no longer decodes comes back with its problem."""
+    from cogpipe.data.folders import load_image
     from cogpipe.data.stages import decode_clip
 
     frames, height, width = (int(x) for x in row["bucket"])
-    out = {**row, "pixels": b"", "problem": ""}
+    out = {**row, "pixels": b"", "image_pixels": b"", "problem": ""}
+    reading = "the clip's bytes"
     try:
         clip = decode_clip(read_bytes(json.loads(row["locator"])), frames, height, width, row["uri"])
+        if row.get("image_locator"):
+            reading = "first-frame image"
+            image = read_bytes(json.loads(row["image_locator"]))
+            out["image_pixels"] = load_image(row["image"], height, width, image).numpy().tobytes()
         out["pixels"] = clip.numpy().tobytes()
     except DataError as e:
         out["problem"] = e.problem.rule if e.problem else str(e)
     except Exception as e:  # an object store or file gone since indexing
-        out["problem"] = f"cannot read the clip's bytes ({type(e).__name__}: {str(e)[:200]})"
+        out["problem"] = f"cannot read {reading} ({type(e).__name__}: {str(e)[:200]})"
     return out
 
 
@@ -134,8 +142,10 @@ class Encoder:
                 clips = [torch.from_numpy(_array(batch["pixels"][i], (frames, 3, height, width)).copy())
                          for i in members]
                 for i, clip, tensors in zip(members, clips, vae_encode(self.vae, clips, self.cfg.data.encode_batch)):
-                    if self.i2v:
-                        tensors["image_latents"] = first_frame_latents(self.vae, clip[0],
+                    if self.i2v:  # the clip's listed first-frame image where it has one, else its own first frame
+                        listed = batch["image_pixels"][i]
+                        image = torch.from_numpy(_array(listed, (3, height, width))) if len(listed) else clip[0]
+                        tensors["image_latents"] = first_frame_latents(self.vae, image,
                                                                        self.cfg.data.image_noise_variants,
                                                                        batch["key"][i])
                     encoded[i] = {k: v.cpu().numpy() for k, v in tensors.items()}
@@ -207,11 +217,14 @@ def extra_prompts(cfg) -> list[str]:
 
 def plan(cfg, manifest: list[dict], have: set[str]) -> tuple[list[dict], list[dict], int]:
     """(the rows to encode, sorted by bucket, caption and key; the rows with a problem; how many keys the store
-    holds already). Each clip gets the recipe's bucket and key (whatever bucket the index chose)."""
+    holds already). Each clip gets the recipe's bucket and key (whatever bucket the index chose); for an
+    image-to-video recipe, a clip's listed first-frame image is part of its key and is read to encode."""
     from cogpipe.data.folders import recipe_buckets
+    from cogpipe.data.stages import recipe_i2v
 
+    i2v = recipe_i2v(cfg)
     rows = [dict(r) for r in manifest]
-    assign_buckets(rows, recipe_buckets(cfg.data))
+    assign_buckets(rows, recipe_buckets(cfg.data), i2v)
     problems = [r for r in rows if r.get("problem")]
     todo, seen, present = [], set(), 0
     for r in rows:
@@ -221,8 +234,10 @@ def plan(cfg, manifest: list[dict], have: set[str]) -> tuple[list[dict], list[di
         if r["key"] in have:
             present += 1
             continue
+        image = i2v and bool(r.get("image_locator"))
         todo.append(dict(key=r["key"], uri=r["uri"], locator=r["locator"], caption=r["caption"],
-                         bucket=list(r["bucket"])))
+                         bucket=list(r["bucket"]), image=r["image"] if image else "",
+                         image_locator=r["image_locator"] if image else ""))
     todo.sort(key=lambda r: (r["bucket"], r["caption"], r["key"]))
     return todo, problems, present
 

@@ -2,15 +2,19 @@
 
 Layouts accepted (first match wins):
   1. `prompts.txt` + `videos.txt`: the official CogVideo finetune layout, one entry a line,
-     paths relative to the folder;
+     paths relative to the folder (`prompt.txt` is read where there is no `prompts.txt`: the name the
+     Disney dataset of the CogVideoX LoRA tutorials uses); an optional `images.txt` gives a first-frame
+     image per clip for image-to-video;
   2. `metadata.jsonl` or `metadata.csv` with a video column (video | file_name | path) and a caption
-     column (caption | prompt | text);
+     column (caption | prompt | text), and optionally a first-frame image column (image | image_path |
+     first_frame);
   3. a folder of videos, each with a same-name `.txt` caption.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -115,6 +119,8 @@ def _rows(root: Path, problems: list[Problem]) -> list[tuple]:
     """(video path as written, caption, where, image path or None) for each entry of the dataset. An entry whose
     video line is missing or empty is a problem, not a row."""
     prompts, videos = root / "prompts.txt", root / "videos.txt"
+    if not prompts.exists() and (root / "prompt.txt").exists():
+        prompts = root / "prompt.txt"  # the Disney dataset's name (CogVideoX LoRA tutorials, diffusers' finetuning)
     if prompts.exists() or videos.exists():
         if not (prompts.exists() and videos.exists()):
             missing = "videos.txt" if prompts.exists() else "prompts.txt"
@@ -151,8 +157,8 @@ def _rows(root: Path, problems: list[Problem]) -> list[tuple]:
                     problems.append(Problem(f"{meta}:{i + 1}", f"not valid JSON ({e.msg})"))
         else:
             try:
-                with open(meta, newline="", encoding="utf-8") as f:
-                    rows = [(r, i + 2) for i, r in enumerate(csv.DictReader(f))]  # line 1 is the header
+                text = io.StringIO(meta.read_bytes().decode("utf-8"), newline="")
+                rows = [(r, i + 2) for i, r in enumerate(csv.DictReader(text))]  # line 1 is the header
             except (OSError, UnicodeDecodeError) as e:
                 problems.append(Problem(str(meta), f"cannot read as UTF-8 CSV ({type(e).__name__}: {e})"))
         out = []
@@ -187,6 +193,14 @@ def scan(root) -> tuple[list[Sample], list[Problem]]:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data.root: dataset folder {root} does not exist")
+    return scan_tree(root)
+
+
+def scan_tree(root) -> tuple[list[Sample], list[Problem]]:
+    """`scan` of a folder that exists: `root` is a pathlib.Path, or any object with the few Path methods used here
+    and in _rows (`/`, name, suffix, with_suffix, exists, is_file, read_bytes, iterdir, resolve, is_relative_to):
+    cogpipe.data.sources reads the layouts behind an fsspec URL with it, under the same rules and in the same
+    words. The Samples' paths are of root's kind."""
     problems: list[Problem] = []
     rows = _rows(root, problems)
     if not rows and not problems:
@@ -302,16 +316,27 @@ def load_clip(path, num_frames: int, height: int, width: int) -> torch.Tensor:
     return resize_crop(frames, height, width).clamp(-1.0, 1.0).contiguous()
 
 
-def load_image(path, height: int, width: int) -> torch.Tensor:
-    """A first-frame image, resized and center-cropped like the clips: float [3, H, W] in [-1, 1]."""
+def _image_pixels(path, data: Optional[bytes] = None) -> np.ndarray:
+    """An image file (or its bytes, `data`; `path` then only names it) as uint8 RGB [h, w, 3]; DataError names
+    the rule."""
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     try:
-        with Image.open(path) as im:
-            pixels = np.asarray(im.convert("RGB"))
+        with Image.open(io.BytesIO(data) if data is not None else Path(path)) as im:
+            return np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise _bad(path, f"cannot read first-frame image ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def probe_image(data: bytes, where: str = "image") -> tuple[int, int]:
+    """(height, width) of a first-frame image's bytes; DataError names the rule (load_image's words)."""
+    return tuple(_image_pixels(where, data).shape[:2])
+
+
+def load_image(path, height: int, width: int, data: Optional[bytes] = None) -> torch.Tensor:
+    """A first-frame image (a file, or its bytes `data`, `path` then naming it), resized and center-cropped like
+    the clips: float [3, H, W] in [-1, 1]."""
+    pixels = _image_pixels(path, data)
     if pixels.shape[0] < height or pixels.shape[1] < width:
         raise _bad(path, f"image is {pixels.shape[0]}x{pixels.shape[1]}, smaller than data.height x data.width = "
                          f"{height}x{width}")

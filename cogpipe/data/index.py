@@ -7,12 +7,15 @@ manifest (DIR/manifest.parquet, one row a clip; DIR/manifest.json says what was 
 A row: uri (where the clip is), locator (how any process reads its bytes again, JSON), size and mtime (of the file
 that holds it, where the source says them), caption, digest (sha256 of the clip's bytes), frames, fps, height, width,
 bucket and key (with --config: the recipe's bucket for the clip and its key in a store, cogpipe.data.stages.clip_key;
-without: null, chosen by `cogpipe data encode`), problem (the rule the clip breaks, in the dataset check's words:
-cannot decode, too short, too small, no caption, ...; null for a usable clip).
+without: null, chosen by `cogpipe data encode`), image, image_locator, image_size, image_mtime and image_digest (a
+first-frame image the source lists for the clip, image-to-video: where it is, how to read it, its file's size and
+mtime, sha256 of its bytes; null where none), problem (the rule the clip breaks, in the dataset check's words:
+cannot decode, too short, too small, no caption, an unreadable first-frame image, ...; null for a usable clip).
 
 Run again over a grown source, only new or changed clips are probed: a clip whose uri, size and mtime are those of a
 row of the previous manifest keeps that row (its problem too: a broken clip is named once, not retried on every
-run; only a clip whose bytes could not be read, an I/O error, is tried again).
+run; only a clip whose bytes could not be read, an I/O error, is tried again); a clip with a first-frame image keeps
+its row only if the image's uri, size and mtime are unchanged too.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ CHUNK = 8  # clips a probing task takes
 READ_ERROR = "cannot read the clip's bytes"  # the one problem a re-index tries again
 
 COLUMNS = ("uri", "locator", "size", "mtime", "caption", "digest", "frames", "fps", "height", "width", "bucket",
-           "key", "problem")
+           "key", "image", "image_locator", "image_size", "image_mtime", "image_digest", "problem")
+PROBED = ("digest", "frames", "fps", "height", "width", "image_digest", "problem")  # what a probe finds
 
 
 def _schema():
@@ -40,17 +44,22 @@ def _schema():
     return pa.schema([("uri", pa.string()), ("locator", pa.string()), ("size", pa.int64()), ("mtime", pa.float64()),
                       ("caption", pa.string()), ("digest", pa.string()), ("frames", pa.int32()),
                       ("fps", pa.float32()), ("height", pa.int32()), ("width", pa.int32()),
-                      ("bucket", pa.list_(pa.int32())), ("key", pa.string()), ("problem", pa.string())])
+                      ("bucket", pa.list_(pa.int32())), ("key", pa.string()), ("image", pa.string()),
+                      ("image_locator", pa.string()), ("image_size", pa.int64()), ("image_mtime", pa.float64()),
+                      ("image_digest", pa.string()), ("problem", pa.string())])
 
 
 def probe_clips(items: list) -> list[dict]:
-    """[(uri, locator)] -> for each {"digest", "frames", "fps", "height", "width", "problem"}: the clip's bytes read
-    once, hashed and probed. A clip that does not decode gets the rule as its problem; nothing raises."""
+    """[(uri, locator[, image locator or None])] -> for each {"digest", "frames", "fps", "height", "width",
+    "image_digest", "problem"}: the clip's bytes (and its first-frame image's, where it has one) read once, hashed
+    and probed. A clip that does not decode, or whose image does not, gets the rule as its problem; nothing
+    raises."""
+    from cogpipe.data.folders import probe_image
     from cogpipe.data.stages import probe_video
     from cogpipe.data.store import sha256_bytes
 
     out = []
-    for uri, locator in items:
+    for uri, locator, *image in items:
         try:
             data = read_bytes(locator)
         except Exception as e:  # fsspec, the object stores and pyarrow raise many kinds
@@ -61,6 +70,16 @@ def probe_clips(items: list) -> list[dict]:
             row.update(probe_video(data, uri))
         except DataError as e:
             row["problem"] = e.problem.rule if e.problem else str(e)
+        if image and image[0] is not None:
+            try:
+                picture = read_bytes(image[0])
+                row["image_digest"] = sha256_bytes(picture)
+                probe_image(picture, uri)
+            except DataError as e:
+                row["problem"] = row.get("problem") or e.problem.rule
+            except Exception as e:  # as for the clip: its file missing, an object store's error
+                row["problem"] = row.get("problem") or f"cannot read first-frame image ({type(e).__name__}: " \
+                                                       f"{str(e)[:200]})"
         out.append(row)
     return out
 
@@ -163,8 +182,9 @@ def write_manifest(out, rows: list[dict], summary: dict) -> None:
     _put_atomic(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=1).encode())
 
 
-def assign_buckets(rows: list[dict], shapes) -> None:
-    """Each probed row's bucket among `shapes` and its key, or the rule it breaks as its problem (in place)."""
+def assign_buckets(rows: list[dict], shapes, i2v: bool = False) -> None:
+    """Each probed row's bucket among `shapes` and its key (for an image-to-video recipe, with its first-frame
+    image's digest where it has one), or the rule it breaks as its problem (in place)."""
     from cogpipe.data.stages import bucket_for, clip_key
 
     for r in rows:
@@ -175,11 +195,16 @@ def assign_buckets(rows: list[dict], shapes) -> None:
         if bucket is None:
             r["problem"] = rule
         else:
-            r["bucket"], r["key"] = list(bucket), clip_key(r["digest"], bucket)
+            r["bucket"], r["key"] = list(bucket), clip_key(r["digest"], bucket,
+                                                           r.get("image_digest") if i2v else None)
 
 
 def _reusable(prev: Optional[dict], clip: Clip) -> bool:
-    return (prev is not None and clip.size is not None and clip.mtime is not None
+    same_image = prev is not None and prev.get("image") == clip.image and (
+        clip.image is None or (clip.image_size is not None and clip.image_mtime is not None
+                               and prev.get("image_size") == clip.image_size
+                               and prev.get("image_mtime") == clip.image_mtime))
+    return (same_image and clip.size is not None and clip.mtime is not None
             and prev.get("size") == clip.size and prev.get("mtime") == clip.mtime
             and not (prev.get("problem") or "").startswith(READ_ERROR))
 
@@ -195,12 +220,13 @@ def build_index(sources: list[str], out, cfg=None, video_column: Optional[str] =
     rows, todo = [], []
     for clip in clips:
         base = dict(uri=clip.uri, locator=json.dumps(clip.locator), size=clip.size, mtime=clip.mtime,
-                    caption=clip.caption)
+                    caption=clip.caption, image=clip.image, image_size=clip.image_size, image_mtime=clip.image_mtime,
+                    image_locator=json.dumps(clip.image_locator) if clip.image_locator is not None else None)
         prev = previous.get(clip.uri)
         if clip.problem:  # found while listing (no caption, missing file): nothing to probe
             rows.append({**base, "problem": clip.problem})
         elif _reusable(prev, clip):
-            rows.append({**base, **{k: prev[k] for k in ("digest", "frames", "fps", "height", "width", "problem")}})
+            rows.append({**base, **{k: prev.get(k) for k in PROBED}})
         else:
             rows.append(base)
             todo.append(len(rows) - 1)
@@ -211,13 +237,17 @@ def build_index(sources: list[str], out, cfg=None, video_column: Optional[str] =
 
         raycluster.connect()
         progress = Progress(len(todo), "probe")
-        probed = _probe_all([(rows[i]["uri"], json.loads(rows[i]["locator"])) for i in todo], chunk, progress)
+        probed = _probe_all([(rows[i]["uri"], json.loads(rows[i]["locator"]),
+                              json.loads(rows[i]["image_locator"]) if rows[i]["image_locator"] else None)
+                             for i in todo], chunk, progress)
         progress.close()
         for i, result in zip(todo, probed):
             rows[i].update(result)
     shapes = recipe_buckets(cfg.data) if cfg is not None else None
     if shapes is not None:
-        assign_buckets(rows, shapes)
+        from cogpipe.data.stages import recipe_i2v
+
+        assign_buckets(rows, shapes, recipe_i2v(cfg))
     problems = [r for r in rows if r.get("problem")]
     summary = dict(sources=list(sources), clips=len(rows), usable=len(rows) - len(problems),
                    problems=len(problems), probed=len(todo), buckets=[list(s) for s in shapes] if shapes else None,
@@ -234,7 +264,8 @@ def build_index(sources: list[str], out, cfg=None, video_column: Optional[str] =
 
 def add_arguments(parser) -> None:
     parser.add_argument("sources", nargs="+", metavar="SOURCE",
-                        help="a dataset folder, .tar shards, .parquet files, a `datasets` folder, or a URL of one")
+                        help="a dataset folder, .tar shards, .parquet files, a `datasets` folder, a URL of one, "
+                             "or a Hugging Face hub dataset (hf://datasets/OWNER/NAME, or OWNER/NAME)")
     parser.add_argument("--out", required=True, help="the manifest's folder (or fsspec URL)")
     parser.add_argument("--config", help="a recipe: also choose each clip's bucket and key")
     parser.add_argument("--video-column", help="the video column of a table source (default: video, file_name, ...)")

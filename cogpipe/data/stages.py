@@ -34,10 +34,23 @@ def json_digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def clip_key(digest: str, shape) -> str:
-    """A clip's key in the store: its content (sha256 of its bytes) and the shape (frames, height, width) it is
-    encoded at. Who encodes it (VAE, text encoder, dtype) is the store's encoder identity, the same for every row."""
-    return json_digest(dict(v=STORE_FORMAT, clip=digest, shape=[int(x) for x in shape]))
+def clip_key(digest: str, shape, image: str | None = None) -> str:
+    """A clip's key in the store: its content (sha256 of its bytes), the shape (frames, height, width) it is
+    encoded at and, for an image-to-video recipe whose source lists a first-frame image for the clip, that image's
+    content (sha256 of its bytes; None: the clip's own first frame, and the key is the one it always was). Who
+    encodes it (VAE, text encoder, dtype) is the store's encoder identity, the same for every row."""
+    key = dict(v=STORE_FORMAT, clip=digest, shape=[int(x) for x in shape])
+    if image is not None:
+        key["image"] = image
+    return json_digest(key)
+
+
+def recipe_i2v(cfg) -> bool:
+    """Whether a recipe's model is image-to-video (its transformer's config)."""
+    from cogpipe import models
+
+    transformer_config, vcfg = models.component_configs(cfg.model)
+    return bool(models.model_facts(transformer_config, vcfg)["i2v"])
 
 
 def _reader(data, where: str):
@@ -170,8 +183,9 @@ def vae_encode(vae, clips: list[torch.Tensor], batch: int, log=print) -> list[di
 
 
 def first_frame_latents(vae, image: torch.Tensor, variants: int, key: str) -> torch.Tensor:
-    """Image-to-video: the first frame's noisy encodings [K,C,1,H',W'], seeded by the clip's store key
-    (`clip_key`): the same draws on the folder cache's path and the store's."""
+    """Image-to-video: the first frame's (the clip's own, or its listed first-frame image's) noisy encodings
+    [K,C,1,H',W'], seeded by the clip's store key (`clip_key`, which holds the listed image's digest): the same
+    draws on the folder cache's path and the store's."""
     return encode_first_frame(vae, image, variants, int(key[:15], 16))
 
 
