@@ -2,6 +2,7 @@
 them with a vision-language model, write the manifest and folder layouts. Tiny synthetic videos made here."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,8 +12,11 @@ from cogpipe.data.prepare import split
 from cogpipe.video import open_video, probe, write_mp4
 
 from fixtures.tiny_vlm import make_tiny_vlm
+from helpers import REPO
 
 CUTS = [40, 95, 150]
+RECIPE = str(REPO / "configs" / "tiny_lora.yaml")
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def synth(n, cuts, h=72, w=96, seed=0):
@@ -184,64 +188,103 @@ def vlm(tmp_path_factory):
     return make_tiny_vlm(tmp_path_factory.mktemp("vlm"))
 
 
-def test_caption_end_to_end_offline_deterministic_resumable_within_the_t5_length(ray_local, vlm, tmp_path,
-                                                                                    monkeypatch):
-    from cogpipe.data.prepare import pipeline
+@pytest.fixture(scope="module")
+def prepared(ray_local, vlm, videos, tmp_path_factory):
+    """`cogpipe prepare` of two raw videos for the tiny recipe (the whole run, in this process, on the module's Ray):
+    (DIR, the argv, the log). The tests after it read DIR; the one that changes it puts it back."""
+    import contextlib
+    import io
+
+    from cogpipe.cli import main
+
+    raw = tmp_path_factory.mktemp("raw_copy")
+    for name in ("long_short.mp4", "one_shot.mp4"):
+        (raw / name).write_bytes((videos / name).read_bytes())
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    argv = ["prepare", str(raw), "--for", RECIPE, "--out", str(out), "--caption-model", vlm, "--max-new-tokens", "12",
+            "--caption-batch", "8"]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        assert main(argv) == 0
+    return SimpleNamespace(out=out, argv=argv, log=log.getvalue())
+
+
+def test_caption_killed_then_rerun_captions_only_the_clips_without_one(ray_local, vlm, prepared, tmp_path):
+    """`cogpipe prepare caption` in a process of its own (on the module's Ray through --address, its captioning actor
+    there), SIGKILLed by a failpoint once it has persisted its 2nd caption: the 2 captions are whole files of that run
+    (no temp left), the rerun calls the model once a clip without a caption (batch 1: the actors count their model
+    calls) and leaves the 2 files as they were; a third run calls no model. Captions are greedy (the killed run's,
+    the rerun's and this process's are the same text), start with the trigger and fit the recipe's T5 length."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from cogpipe import atomic
+    from cogpipe.data.prepare import filters, pipeline
     from cogpipe.models import build_tokenizer
 
-    cfg = load_config("configs/tiny_lora.yaml", [])
-    (tmp_path / "clips").mkdir()
-    names = []
-    for i in range(3):
-        names.append(f"c{i}.mp4")
-        write_mp4(_moving(i), tmp_path / "clips" / names[-1], fps=8)
-    kw = dict(model_id=vlm, trigger="zq", batch_size=1, max_new_tokens=60)
-    monkeypatch.setenv(pipeline.FAULT_ENV, "2")  # the run stops once 2 captions are persisted
-    with pytest.raises(pipeline.CaptionInterrupted):
-        pipeline.run_captions(tmp_path, names, cfg, **kw)
-    done = sorted(p.name[:-len(".json")] for p in (tmp_path / "work/captions").iterdir())
-    assert len(done) == 2
-    monkeypatch.delenv(pipeline.FAULT_ENV)
-    rest = pipeline.run_captions(tmp_path, names, cfg, **kw)
-    assert rest["captioned"] == sorted(set(names) - set(done))  # the model ran only for the clip without one
-    assert pipeline.run_captions(tmp_path, names, cfg, **kw)["captioned"] == []  # all kept: no model, no Ray
+    cfg = load_config(RECIPE, [])
+    out = tmp_path / "out"
+    shutil.copytree(prepared.out / "clips", out / "clips")  # split and scored already: only captioning is left
+    for part in ("split", "scores"):
+        shutil.copytree(prepared.out / "work" / part, out / "work" / part)
+    clips = pipeline.clip_rows(pipeline.load_records(out))
+    drops = pipeline.decide(pipeline.run_scores(out, clips, log=lambda *_: None), filters.Thresholds())
+    names = [c["clip"] for c in clips if drops[c["clip"]] is None]
+    assert len(names) >= 3, drops
+    cmd = [sys.executable, "-m", "cogpipe.cli", "prepare", "caption", "--for", RECIPE, "--out", str(out),
+           "--caption-model", vlm, "--trigger", "zq", "--caption-batch", "1", "--max-new-tokens", "60",
+           "--address", ray_local.get_runtime_context().gcs_address]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "COGPIPE_FAILPOINT": "caption-written:2"}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert f"caption: {len(names)} clip(s), {len(names)} to caption" in killed.stdout
+    captions_dir = out / "work" / "captions"
+    written = {p.name[:-len(".json")]: p.read_bytes() for p in captions_dir.glob("*.json")}
+    assert len(written) == 2 and set(written) <= set(names) and atomic.temps(out) == []
+    first = [json.loads(b) for b in written.values()]  # whole JSON files, not torn
+    assert len({r["run"] for r in first}) == 1 and all(r["caption"].startswith("zq, ") for r in first)
+
+    logs = []
+    kw = dict(model_id=vlm, trigger="zq", batch_size=1, max_new_tokens=60, log=logs.append)
+    rest = pipeline.run_captions(out, names, cfg, **kw)
+    assert sorted(rest["captioned"]) == sorted(set(names) - set(written))
+    assert rest["model_calls"] == len(names) - 2, logs  # the model ran for the clips without a caption only
+    assert {c: (captions_dir / f"{c}.json").read_bytes() for c in written} == written  # the killed run's kept
+    again = pipeline.run_captions(out, names, cfg, **kw)
+    assert (again["captioned"], again["model_calls"]) == ([], 0)  # all kept: no model, no Ray
     t5 = build_tokenizer(cfg.model)
     captions = rest["captions"]
+    assert set(captions) == set(names) and len({r["run"] for r in captions.values()}) == 2
     for name in names:
         rec = captions[name]
         assert rec["caption"].startswith("zq, ") and len(rec["caption"]) > 4
         assert rec["tokens"] == len(t5(rec["caption"]).input_ids) <= rec["limit"] <= 226
         assert rec["limit"] == 48  # the tiny recipe's own text length (226 for the released models)
     assert any(r["cut"] for r in captions.values())  # 60 words do not fit in 48 byte tokens: cut at a word end
-    # greedy: the same text on every run (two Ray runs above; again here, in this process)
+    # greedy: the same text on every run (the killed process's, the rerun's; again here, in this process)
     actor = pipeline.CaptionActor(vlm, cfg.model, 48, "zq", 8, None, 60, None)
     for name in names:
-        out = actor(dict(clip=[name], path=[str(tmp_path / "clips" / name)]))
-        assert out["caption"] == [captions[name]["caption"]]
-    assert len({captions[n]["run"] for n in names}) == 2
+        got = actor(dict(clip=[name], path=[str(out / "clips" / name)]))
+        assert got["caption"] == [captions[name]["caption"]]
 
 
-def test_cli_prepares_a_folder_for_the_tiny_recipe_and_resumes(ray_local, vlm, videos, tmp_path, capsys):
+def test_cli_prepares_a_folder_for_the_tiny_recipe_and_resumes(prepared, capsys):
     import json
 
     from cogpipe.cli import main
     from cogpipe.data.encode import plan
     from cogpipe.data.folders import scan
     from cogpipe.data.index import read_manifest
+    from cogpipe.data.prepare.pipeline import load_records
 
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for name in ("long_short.mp4", "one_shot.mp4"):
-        (raw / name).write_bytes((videos / name).read_bytes())
-    out = tmp_path / "prepared"
-    argv = ["prepare", str(raw), "--for", "configs/tiny_lora.yaml", "--out", str(out), "--caption-model", vlm,
-            "--max-new-tokens", "12", "--caption-batch", "8"]
-    assert main(argv) == 0
-    log = capsys.readouterr().out
+    out, argv, log = prepared.out, prepared.argv, prepared.log
     assert "split: 2 source video(s), 2 to split" in log and "caption: " in log
     # 30 fps -> 8 fps, 17 frames (2 s): the 200-frame shot gives 3 windows, the 100-frame one 1, 330 frames 5
-    records = {Path(r["source"]).name: r for r in __import__("cogpipe.data.prepare.pipeline",
-                                                             fromlist=["x"]).load_records(out)}
+    records = {Path(r["source"]).name: r for r in load_records(out)}
     assert [len(records[n]["clips"]) for n in ("long_short.mp4", "one_shot.mp4")] == [4, 5]
     report = json.loads((out / "report.json").read_text())
     rows = read_manifest(out)
@@ -255,7 +298,7 @@ def test_cli_prepares_a_folder_for_the_tiny_recipe_and_resumes(ray_local, vlm, v
     samples, problems = scan(out)
     assert len(samples) == report["kept"] and not problems
     assert [s.caption for s in samples] == (out / "prompts.txt").read_text().splitlines()
-    todo, skipped, _ = plan(load_config("configs/tiny_lora.yaml", []), rows, set())
+    todo, skipped, _ = plan(load_config(RECIPE, []), rows, set())
     assert len(todo) == report["kept"] and len(skipped) == 9 - report["kept"]
     # started again: nothing is split, scored or captioned again
     before = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")}
@@ -264,8 +307,80 @@ def test_cli_prepares_a_folder_for_the_tiny_recipe_and_resumes(ray_local, vlm, v
     assert "2 to split" not in log and "0 to split" in log and "0 to score" in log and " 0 to caption" in log
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")} == before
     # one stage alone: `write` with a stricter threshold re-applies it to the recorded scores, scoring nothing again
-    assert main(["prepare", "write", "--for", "configs/tiny_lora.yaml", "--out", str(out), "--min-motion", "1e6"]) == 1
-    report = json.loads((out / "report.json").read_text())
-    assert report["kept"] == 0 and report["dropped"]["too little motion"] == 9
+    layouts = {name: (out / name).read_bytes() for name in ("videos.txt", "prompts.txt", "metadata.jsonl")}
+    assert main(["prepare", "write", "--for", RECIPE, "--out", str(out), "--min-motion", "1e6"]) == 1
+    strict = json.loads((out / "report.json").read_text())
+    assert strict["kept"] == 0 and strict["dropped"]["too little motion"] == 9
     assert (out / "videos.txt").read_text() == "" and all(r["problem"] for r in read_manifest(out))
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")} == before
+    # and without it again: the same set as before (the later tests train on it)
+    assert main(["prepare", "write", "--for", RECIPE, "--out", str(out)]) == 0
+    assert {name: (out / name).read_bytes() for name in layouts} == layouts
+    assert json.loads((out / "report.json").read_text())["kept"] == report["kept"]
+
+
+def test_the_prepared_set_trains_from_the_folder_and_from_the_store(ray_local, prepared, tmp_path):
+    """The prepared set trains with the tiny recipe (its random preset) for 2 steps, from the folder layout
+    (data.root=DIR) and from the store `cogpipe data encode` makes of DIR's manifest (data.store, no clip read): each
+    writes its checkpoint and LoRA. The store's examples are the folder cache's bit for bit
+    (cogpipe/data/stages.py), but its rows are in encode's order (bucket, caption, key), not videos.txt's, and a one-
+    window store trains its rows in the order a folder trains its list: so the store run equals, in losses, gradient
+    norms and LoRA weights bit for bit, a run from DIR's clips listed in the store's row order (the same latents
+    cache, nothing encoded again)."""
+    import json
+    import shutil
+    import time
+
+    import pyarrow.parquet as pq
+    import torch
+    from safetensors.torch import load_file
+
+    from cogpipe.data import encode as encode_mod
+    from cogpipe.data import store as store_mod
+    from cogpipe.data.index import read_manifest
+    from cogpipe.training import train
+
+    from helpers import tiny_overrides
+
+    t0 = time.monotonic()
+    quick = {"train.max_steps": 2, "train.checkpoint_every": 0, "validation.every": 0, "validation.prompts": "[]"}
+
+    def run(name, root, **more):
+        cfg = load_config(RECIPE, tiny_overrides(root, tmp_path / f"run_{name}", tmp_path / "cache", **quick, **more))
+        out = train(cfg)
+        assert (out / "checkpoints" / "checkpoint-000002").is_dir()
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2]
+        print(f"{name}: {time.monotonic() - t0:.1f} s")
+        return cfg, [(m["loss"], m["grad_norm"]) for m in metrics], load_file(out / "lora" / LORA_WEIGHTS)
+
+    cfg, folder_metrics, _ = run("folder", prepared.out)
+    result = encode_mod.encode(cfg, prepared.out, tmp_path / "store", workers=1, log=lambda *_: None)
+    store = store_mod.open_store(tmp_path / "store")
+    kept = json.loads((prepared.out / "report.json").read_text())["kept"]
+    assert result["added"] == kept == store.rows
+    print(f"encode: {time.monotonic() - t0:.1f} s")
+
+    def cache(*parts):
+        return {p: p.stat().st_mtime_ns for part in parts for p in (tmp_path / "cache" / part).rglob("*")}
+
+    cached = cache("")
+    _, store_metrics, store_lora = run("store", "null", **{"data.store": tmp_path / "store"})
+    assert cache("") == cached  # nothing probed or encoded: the store's rows only
+
+    rows = [r for s in store.shards for r in pq.read_table(tmp_path / "store" / s.path, columns=["uri", "caption"])
+            .to_pylist()]
+    view = tmp_path / "view"  # DIR's clips and captions, listed in the store's row order
+    (view / "clips").mkdir(parents=True)
+    for r in rows:  # copies: a folder's clips live in it (the content keys the latents cache)
+        shutil.copyfile(r["uri"], view / "clips" / Path(r["uri"]).name)
+    (view / "videos.txt").write_text("".join(f"clips/{Path(r['uri']).name}\n" for r in rows))
+    (view / "prompts.txt").write_text("".join(f"{r['caption']}\n" for r in rows))
+    assert sorted(r["uri"] for r in rows) == sorted(r["uri"] for r in read_manifest(prepared.out) if not r["problem"])
+    encoded = cache("latents", "prompts")
+    assert len([p for p in cache("latents") if p.suffix == ".safetensors"]) == kept
+    _, view_metrics, view_lora = run("view", view)
+    assert cache("latents", "prompts") == encoded  # the folder run's encodings, not made again
+    assert store_metrics == view_metrics, (store_metrics, view_metrics, folder_metrics)
+    assert store_lora.keys() == view_lora.keys()
+    assert all(torch.equal(store_lora[k], view_lora[k]) for k in store_lora)

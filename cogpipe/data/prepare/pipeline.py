@@ -9,8 +9,10 @@
 
 A killed run started again does only what has no output yet: a source with a record (made with the same params) is
 not split again, a clip with scores is not scored again, a clip with a caption is not captioned again (unless
---recaption). Split and scoring run as Ray tasks, captioning as a Ray Data actor pool (one model per actor, one GPU
-each where the cluster has GPUs). On a cluster (--address) OUT must be a folder every worker reaches (shared).
+--recaption). Captions are persisted by the driver, each as it arrives (the fault tests kill it there:
+COGPIPE_FAILPOINT=caption-written:<n>, cogpipe/atomic.py, SIGKILLs it once the run's n-th caption is written).
+Split and scoring run as Ray tasks, captioning as a Ray Data actor pool (one model per actor, one GPU each where
+the cluster has GPUs). On a cluster (--address) OUT must be a folder every worker reaches (shared).
 """
 
 from __future__ import annotations
@@ -24,12 +26,7 @@ from cogpipe import atomic
 from cogpipe.data.prepare import filters, split
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
-FAULT_ENV = "COGPIPE_FAULT_CAPTION"  # "N": once N captions are persisted, the run stops (CaptionInterrupted; tests)
 SCORE_CHUNK = 8
-
-
-class CaptionInterrupted(RuntimeError):
-    """Raised by the COGPIPE_FAULT_CAPTION=N fault (tests): a run stopped between two captions."""
 
 
 class PrepareError(ValueError):
@@ -159,7 +156,7 @@ def decide(scored: dict[str, dict], thresholds: filters.Thresholds) -> dict[str,
 
 class CaptionActor:
     """A Ray Data actor: one captioning model, loaded once; a batch of clip paths in, their captions out (already
-    fitted to the recipe's T5 length)."""
+    fitted to the recipe's T5 length), each row with the actor's pid and its model calls so far (`calls`)."""
 
     def __init__(self, model_id, model_cfg, limit, trigger, frames, quantize, max_new_tokens, dtype):
         from cogpipe.data.prepare.caption import Captioner
@@ -183,7 +180,7 @@ class CaptionActor:
             cut.append(was_cut)
             raw.append(text)
         return dict(clip=list(batch["clip"]), caption=captions, tokens=tokens, cut=cut, raw=raw,
-                    pid=[os.getpid()] * len(texts))
+                    pid=[os.getpid()] * len(texts), calls=[self.captioner.calls] * len(texts))
 
 
 def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool = False, trigger: str | None = None,
@@ -191,7 +188,8 @@ def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool =
                  quantize: str | None = None, max_new_tokens: int | None = None, dtype: str | None = None,
                  log=print) -> dict:
     """Caption the clips without a caption (all with recaption), persisting each caption as it arrives. Returns
-    {"captions": {clip: record}, "captioned": [clips captioned in this run], "run": id}."""
+    {"captions": {clip: record}, "captioned": [clips captioned in this run], "model_calls": the captioning model's
+    generate() calls in this run (counted by the actors), "run": id}."""
     import warnings
 
     import ray
@@ -211,14 +209,13 @@ def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool =
     run = uuid.uuid4().hex[:12]
     log(f"caption: {len(clips)} clip(s), {len(todo)} to caption, {len(have)} captioned already "
         f"({'--recaption' if recaption else 'kept'})")
-    captioned = []
+    captioned, calls = [], {}
     if todo:
         raycluster.connect()
         gpus = raycluster.gpus()
         workers = workers or max(1, gpus)
         transformer_config, _ = component_configs(cfg.model)
         limit = int(transformer_config["max_text_seq_length"])
-        fault = int(os.environ.get(FAULT_ENV, "") or 0)
         ds = ray.data.from_items([dict(clip=c, path=str(d["clips"] / c)) for c in todo],
                                  override_num_blocks=max(1, min(len(todo), -(-len(todo) // batch_size))))
         with warnings.catch_warnings():
@@ -234,12 +231,13 @@ def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool =
             atomic.write_json(d["captions"] / f"{row['clip']}.json", rec)  # persisted as it finishes
             have[row["clip"]] = rec
             captioned.append(row["clip"])
-            if fault and len(captioned) >= fault:
-                raise CaptionInterrupted(f"{FAULT_ENV}: stopped after {fault} caption(s)")
+            calls[rec["pid"]] = max(calls.get(rec["pid"], 0), int(row["calls"]))
+            atomic.failpoint(f"caption-written:{len(captioned)}")
+        log(f"  {len(captioned)} clip(s) captioned in {sum(calls.values())} model call(s)")
     empty = [c for c in clips if not have[c]["caption"]]
     if empty:
         log(f"  {len(empty)} clip(s) got an empty caption and are left out: {', '.join(empty[:5])}")
-    return dict(captions=have, captioned=captioned, run=run)
+    return dict(captions=have, captioned=captioned, model_calls=sum(calls.values()), run=run)
 
 
 def source_captions(sources) -> dict[str, str]:
