@@ -18,6 +18,10 @@ def needs(module: str, extra: str):
 
 
 NEEDS_TORCHAO = needs("torchao", "quantize")
+# the data extra (the latent store, cogpipe data on Ray) and the prepare extra (shot detection, filters): a module's
+# `pytestmark`, so its fixtures are skipped too
+NEEDS_DATA = [needs("pyarrow", "data"), needs("fsspec", "data"), needs("ray", "data"), needs("datasets", "data")]
+NEEDS_PREPARE = [needs("scenedetect", "prepare"), needs("cv2", "prepare")]
 
 # Generated videos compared with ones made on another machine (a shipped image, a README strip): float kernels
 # differ between CPUs (vector widths, reduction orders), so 50 denoising steps may end a few 8-bit values one level

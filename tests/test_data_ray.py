@@ -22,7 +22,9 @@ from cogpipe.data import sources, store
 from cogpipe.data.cache import build_cache
 from cogpipe.data.folders import discover
 
-from helpers import REPO, make_clips
+from helpers import NEEDS_DATA, REPO, make_clips
+
+pytestmark = NEEDS_DATA  # the extras these tests need: skipped, named, where missing
 
 SPECS = [("square", "red", "left"), ("circle", "blue", "up"), ("triangle", "green", "right"),
          ("square", "yellow", "down")]

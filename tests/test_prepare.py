@@ -12,7 +12,9 @@ from cogpipe.data.prepare import split
 from cogpipe.video import open_video, probe, write_mp4
 
 from fixtures.tiny_vlm import make_tiny_vlm
-from helpers import REPO
+from helpers import NEEDS_DATA, NEEDS_PREPARE, REPO
+
+pytestmark = NEEDS_DATA + NEEDS_PREPARE  # the extras these tests need: skipped, named, where missing
 
 CUTS = [40, 95, 150]
 RECIPE = str(REPO / "configs" / "tiny_lora.yaml")

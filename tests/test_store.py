@@ -18,7 +18,9 @@ from cogpipe.data import store as S
 from cogpipe.data.batches import epoch_batches
 from cogpipe.data.reader import StoreDataset, store_epoch
 
-from helpers import REPO, run_tiny
+from helpers import NEEDS_DATA, REPO, run_tiny
+
+pytestmark = NEEDS_DATA  # the extras these tests need: skipped, named, where missing
 
 IDENTITY = {"vae": "v", "text_encoder": "t"}
 

@@ -11,7 +11,9 @@ from cogpipe.ui import dataset
 from cogpipe.ui.launcher import JobQueue
 from cogpipe.ui.safety import PathGuard, UnsafePath
 
-from helpers import REPO
+from helpers import NEEDS_DATA, NEEDS_PREPARE, REPO
+
+pytestmark = NEEDS_DATA + NEEDS_PREPARE  # the extras these tests need: skipped, named, where missing
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 NAMES = ["purple_circle_left", "purple_square_up"]
