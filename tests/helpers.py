@@ -117,17 +117,20 @@ def free_port() -> int:
 
 
 def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check: bool = True, processes: int = 2,
-           switch: dict | None = None, **extra):
+           switch: dict | None = None, reads: Path | None = None, **extra):
     """`accelerate launch --config_file configs/accelerate/<launcher>.yaml` with 2 (or `processes`) CPU processes (the
     CPU switch of CPU_SWITCH, a free port) of train.py on the tiny recipe with the test overrides, batch 1 a
-    process. `switch`: these CPU switches instead (DS_ACCELERATOR and ACCELERATE_USE_CPU left unset otherwise)."""
+    process. `switch`: these CPU switches instead (DS_ACCELERATOR and ACCELERATE_USE_CPU left unset otherwise).
+    `reads`: a folder where each process records the rows the latent store's reader hands it (tests/store_reads.py;
+    assert_store_reads checks them)."""
     import os
     import subprocess
     import sys
 
+    script = [str(REPO / "tests" / "store_reads.py")] if reads is not None else []
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "configs" / "accelerate" / f"{launcher}.yaml"), "--num_processes", str(processes),
-           "--main_process_port", str(free_port()), str(REPO / "train.py"), "--config",
+           "--main_process_port", str(free_port()), *script, str(REPO / "train.py"), "--config",
            str(REPO / "configs" / "tiny_lora.yaml"),
            *tiny_overrides(clips, out, cache, **{"train.batch_size": 1, **extra})]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **CPU_SWITCH[launcher]}
@@ -135,7 +138,65 @@ def launch(launcher: str, clips, out, cache, failpoint: str | None = None, check
         env = {k: v for k, v in env.items() if k not in ("DS_ACCELERATOR", "ACCELERATE_USE_CPU")} | switch
     if failpoint:
         env["COGPIPE_FAILPOINT"] = failpoint
+    if reads is not None:
+        env["COGPIPE_TEST_READS"] = str(reads)
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+# ---- the latent store (cogpipe/data/store.py) for the tests that train from one -------------------------------------
+
+def store_from_folder(cfg, url, prompts=(), **options):
+    """A latent store holding the folder cache's examples of `cfg`'s clips, in the folder's order (as an encoder
+    would write them), and `prompts` ("" and validation prompts) in its prompt table, as `cogpipe data encode` writes
+    a recipe's extra prompts. Its rows are the folder cache's tensors and it is one window of shards, so training from
+    it reads the folder run's examples in the folder run's order (cogpipe.data.reader): a run from the store equals
+    the same run from the folder. The cache is the folder runs' (usually encoded already): no Ray, no encoder run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cogpipe.data import store as S
+    from cogpipe.data.cache import build_cache, load_prompt_embeds
+    from cogpipe.data.checks import usable_samples
+
+    cpu = torch.device("cpu")
+    samples = usable_samples(cfg, log=lambda *_: None, device=cpu)
+    entries = build_cache(cfg, samples, cpu, log=lambda *_: None, extra_prompts=list(prompts))
+    with S.StoreWriter(url, S.store_identity(cfg, cpu), **options) as w:
+        for sample, e in zip(samples, entries):
+            latents = load_file(str(e.latents))
+            w.add(sample.shape, [{"key": e.latents.stem, "caption": e.caption, "uri": str(sample.video),
+                                  "prompt_embeds": load_file(str(e.prompt))["prompt_embeds"], **latents}])
+        if prompts:
+            w.add_prompts(load_prompt_embeds(cfg, list(prompts), cpu))
+    return S.open_store(url, options.get("storage_options"))
+
+
+def assert_store_reads(reads: Path, store, seed: int, micro_steps, processes: int, sp: int = 1,
+                       killed: bool = False) -> dict:
+    """What launch(..., reads=...) recorded: every process read, through the store's reader, its data-parallel
+    rank's example of each of `micro_steps` (batch 1 a process) in the data order of cogpipe.data.reader.StorePlan,
+    for data-parallel rank = process // sp of processes // sp; the processes of one sequence-parallel group (`sp`
+    consecutive processes) received the same examples, byte for byte; the data-parallel ranks of a micro-step
+    different rows (the parts of one global batch). `killed`: the launch was killed during the last of
+    `micro_steps`, which a process may not have read yet when another's kill ended it. Returns {process: [{"row",
+    "digest"}, ...]}."""
+    import json
+
+    from cogpipe.data.reader import StorePlan
+
+    got = {p: [json.loads(line) for line in (reads / f"process{p}.jsonl").read_text().splitlines()]
+           for p in range(processes)}
+    dp_world = processes // sp
+    for p, rows in got.items():
+        plan = StorePlan(store, 1, seed, p // sp, dp_world)
+        want = [plan.indices(m)[0] for m in micro_steps]
+        assert [r["row"] for r in rows] in ([want, want[:-1]] if killed else [want]), (p, want, rows)
+    n = min(len(rows) for rows in got.values())
+    for p in range(processes):  # an SP group's processes: the same sample at every micro-step
+        assert got[p][:n] == got[p - p % sp][:n], (p, got)
+    for m in range(n):  # a global batch: each data-parallel rank its own part
+        assert len({got[d * sp][m]["row"] for d in range(dp_world)}) == dp_world, got
+    return got

@@ -20,7 +20,14 @@ encoders under ZeRO-3) with the EMA on, and once on the random preset:
 (DeepSpeed runs a bf16 base only under train.mixed_precision=bf16, whose engine-side casts one process does not
 reproduce; FSDP2 keeps the bf16 base beside fp32 adapters in one unit, the case FSDP1 refuses.) Five one-process
 references serve all cells: conftest's `trained` (random LoRA), random full, hub LoRA fp32 and bf16, hub full; the
-hub ones with the EMA (it does not change the trained weights, so one reference serves with and without it)."""
+hub ones with the EMA (it does not change the trained weights, so one reference serves with and without it).
+
+Two cells, zero3 LoRA and fsdp full, train from a latent store (data.store, no data.root: cogpipe/data/reader.py)
+instead of the clip folder: one store a module, holding the folder cache's examples of the same clips in the
+folder's order and the validation prompts, so the folder's one-process reference is still the run to equal. They
+check that each process read its data-parallel rank's part of every global batch from the store (tests/
+store_reads.py) and that no clip cache was made; tests/test_sequence_parallel.py does the same for SP x DP, and
+tests/test_store.py for DDP (one process, and two machines reading from S3)."""
 
 import json
 import os
@@ -31,7 +38,7 @@ from safetensors.torch import load_file
 
 from cogpipe import checkpoint
 
-from helpers import launch, run_tiny
+from helpers import assert_store_reads, launch, run_tiny, store_from_folder
 
 pytest.importorskip("deepspeed")  # the [deepspeed] extra, which CI installs
 
@@ -45,7 +52,8 @@ EMA = {"train.ema_decay": 0.9}
 CELLS = {  # (launcher, mode): base ("random" | "hub": with the EMA on | "hub-bf16": a LoRA's frozen base in bf16)
     ("ddp", "full"): "hub", ("zero2", "lora"): "hub", ("zero2", "full"): "random",
     ("zero3", "lora"): "random", ("zero3", "full"): "hub", ("fsdp", "lora"): "hub-bf16", ("fsdp", "full"): "random"}
-ZERO3_PROMPTS = "[a purple square moving left,a purple circle moving up,a purple triangle moving down]"
+FROM_STORE = {("zero3", "lora"), ("fsdp", "full")}  # cells that read a latent store, not the clip folder
+ZERO3_PROMPTS = ["a purple square moving left", "a purple circle moving up", "a purple triangle moving down"]
 
 
 def _file(out, name=checkpoint.TRAINABLE, step=4):
@@ -79,6 +87,13 @@ def reference(trained, clips, hub, tmp_path_factory):
     return refs
 
 
+@pytest.fixture(scope="module")
+def store(trained, tmp_path_factory):
+    """The random preset's store of the clips `trained` read (its folder cache's examples, in its order), with the
+    zero3 cell's validation prompts and "" in its prompt table (as `cogpipe data encode` writes that recipe's)."""
+    return store_from_folder(trained[1], tmp_path_factory.mktemp("store") / "s", prompts=[*ZERO3_PROMPTS, ""])
+
+
 def described(r) -> dict:
     """The launch as the run logged it (sharding.describe)."""
     lines = [line for line in r.stdout.splitlines() if line.startswith("sharding: ")]
@@ -105,19 +120,31 @@ def assert_launch(launcher: str, mode: str, base: str, d: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher,mode", list(CELLS), ids=[f"{k[0]}-{k[1]}-{v}" for k, v in CELLS.items()])
-def test_killed_then_resumed_equals_one_process(launcher, mode, reference, clips, trained, hub, tmp_path):
+def test_killed_then_resumed_equals_one_process(launcher, mode, reference, clips, trained, hub, request, tmp_path):
     base = CELLS[launcher, mode]
     extra = _overrides(base, mode, hub)
     validation = launcher == "zero3" and mode == "lora"
     if validation:  # 3 prompts on 2 processes: the prompt list is padded so both run the same sharded forwards
-        extra.update({"validation.every": 2, "validation.prompts": ZERO3_PROMPTS})
+        extra.update({"validation.every": 2, "validation.prompts": f"[{','.join(ZERO3_PROMPTS)}]"})
+    data, cache, reads = clips, trained[2], {}
+    if (launcher, mode) in FROM_STORE:  # no clip folder; a cache folder of its own, which must stay unmade
+        store = request.getfixturevalue("store")
+        data, cache, extra["data.store"] = "null", tmp_path / "cache", store.url
+        reads = {"killed": tmp_path / "reads-killed", "resumed": tmp_path / "reads-resumed"}
     out = tmp_path / "out"
-    killed = launch(launcher, clips, out, trained[2], "train-step:3", check=False, **extra)
+    killed = launch(launcher, data, out, cache, "train-step:3", check=False, reads=reads.get("killed"), **extra)
     assert killed.returncode != 0 and (out / "checkpoints" / "latest").read_text().strip() == "checkpoint-000002"
     assert_launch(launcher, mode, base, described(killed))
-    r = launch(launcher, clips, out, trained[2], **{"train.resume_from": "latest", **extra})
+    r = launch(launcher, data, out, cache, reads=reads.get("resumed"), **{"train.resume_from": "latest", **extra})
     assert "resumed from" in r.stdout + r.stderr
     assert_launch(launcher, mode, base, described(r))
+    if reads:  # each process read its part of every global batch from the store: micro-steps 1-3, then 3-4
+        for run in (killed, r):
+            assert f"data.store {store.url}: 4 rows in 1 shards, buckets [[17, 64, 64]], 2 batches an epoch" in (
+                run.stdout), run.stdout[-2000:]
+        assert_store_reads(reads["killed"], store, trained[1].train.seed, range(3), 2, killed=True)
+        assert_store_reads(reads["resumed"], store, trained[1].train.seed, range(2, 4), 2)
+        assert not cache.exists()  # nothing encoded: no clip, and the validation prompts came from the store
     ref = reference[base, mode]
     final = _file(out)
     assert set(final) == set(ref["weights"])

@@ -1,5 +1,6 @@
 """Sequence parallel (cogpipe/sequence_parallel.py): the transformer across 2 and 4 CPU processes (gloo) gives one
-process's output and parameter gradients for every position scheme; the size checks."""
+process's output and parameter gradients for every position scheme; SP x DP training from a latent store, killed
+and resumed, equals one process; the size checks."""
 
 import dataclasses
 import json
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 from cogpipe import checkpoint
 from cogpipe import sequence_parallel as sp
 
-from helpers import REPO, free_port, launch
+from helpers import REPO, assert_store_reads, free_port, launch, store_from_folder
 
 # fp64 throughout: the SP run sums the same products in another order (tokens split over ranks, gradients summed
 # over the group), so the results differ by rounding only: about 1e-16 of the values' scale a step; 1e-12 of the
@@ -101,18 +102,30 @@ def _all_to_alls(r) -> int:
 
 
 @pytest.mark.slow
-def test_sp2_x_dp2_on_four_processes_resumes_to_the_weights_of_dp2(clips, trained, tmp_path):
-    """SP 2 x DP 2 (4 processes, batch 1 a DP rank), killed at step 3 and resumed from the step-2 checkpoint, ends
-    with the weights of the same global batch of 2 without sequence parallel (1 process here; tests/
-    test_multiprocess.py shows DP 2 on 2 processes gives these too); the end-of-run render runs across the first
-    SP group and writes its video once."""
-    out = tmp_path / "out"
-    sp4 = {"train.sequence_parallel": 2, "processes": 4, "validation.prompts": "[a purple square]"}
-    killed = launch("ddp", clips, out, trained[2], failpoint="train-step:3", check=False, **sp4)
+def test_sp2_x_dp2_on_four_processes_resumes_to_the_weights_of_dp2(trained, tmp_path):
+    """SP 2 x DP 2 (4 processes, batch 1 a DP rank) trained from a latent store (data.store, no data.root), killed
+    at step 3 and resumed from the step-2 checkpoint, ends with the weights of the same global batch of 2 without
+    sequence parallel (1 process here, from the clip folder; tests/test_multiprocess.py shows DP 2 on 2 processes
+    gives these too). The store holds the folder cache's examples in the folder's order (helpers.store_from_folder),
+    so the data are the reference's; both processes of an SP group received the same sample from the store's reader
+    at every micro-step, and the two groups the two parts of each global batch (tests/store_reads.py). The
+    end-of-run render runs across the first SP group and writes its video once."""
+    store = store_from_folder(trained[1], tmp_path / "store")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    sp4 = {"train.sequence_parallel": 2, "processes": 4, "validation.prompts": "[a purple square]",
+           "data.store": store.url}
+    killed = launch("ddp", "null", out, cache, failpoint="train-step:3", check=False, reads=tmp_path / "reads-killed",
+                    **sp4)
     assert killed.returncode != 0 and (out / "checkpoints" / "checkpoint-000002").is_dir()
     assert not (out / "checkpoints" / "checkpoint-000004").exists()
-    r = launch("ddp", clips, out, trained[2], **{"train.resume_from": "latest", **sp4})
+    r = launch("ddp", "null", out, cache, reads=tmp_path / "reads-resumed", **{"train.resume_from": "latest", **sp4})
     assert "resumed from" in r.stdout + r.stderr
+    for run in (killed, r):  # the data order of 2 data-parallel ranks: 2 global batches of 2 an epoch
+        assert f"data.store {store.url}: 4 rows in 1 shards, buckets [[17, 64, 64]], 2 batches an epoch" in run.stdout
+    seed = trained[1].train.seed
+    assert_store_reads(tmp_path / "reads-killed", store, seed, range(3), 4, sp=2, killed=True)
+    assert_store_reads(tmp_path / "reads-resumed", store, seed, range(2, 4), 4, sp=2)
+    assert not cache.exists()  # nothing encoded: no clip cache made
     # tiny preset: 2 layers; per block and micro-step 2 all-to-alls forward, 3 backward; steps 3 and 4
     assert _all_to_alls(r) == 2 * 2 * 5
     _assert_same_weights(_weights(trained[0]), _weights(out))

@@ -18,7 +18,7 @@ from cogpipe.data import store as S
 from cogpipe.data.batches import epoch_batches
 from cogpipe.data.reader import StoreDataset, store_epoch
 
-from helpers import NEEDS_DATA, REPO, run_tiny
+from helpers import NEEDS_DATA, REPO, run_tiny, store_from_folder
 
 pytestmark = NEEDS_DATA  # the extras these tests need: skipped, named, where missing
 
@@ -138,21 +138,6 @@ def test_store_order_keeps_buckets_and_splits_global_batches():
 
 
 # ---- training from a store --------------------------------------------------------------------------------------
-
-def store_from_folder(cfg, url, **options):
-    """A store holding the folder cache's examples of `cfg`'s clips, in the folder's order (as an encoder would)."""
-    from cogpipe.data.cache import build_cache
-    from cogpipe.data.checks import usable_samples
-
-    samples = usable_samples(cfg, log=lambda *_: None, device=torch.device("cpu"))
-    entries = build_cache(cfg, samples, torch.device("cpu"), log=lambda *_: None)
-    with S.StoreWriter(url, S.store_identity(cfg, torch.device("cpu")), **options) as w:
-        for sample, e in zip(samples, entries):
-            latents = load_file(str(e.latents))
-            w.add(sample.shape, [{"key": e.latents.stem, "caption": e.caption, "uri": str(sample.video),
-                                  "prompt_embeds": load_file(str(e.prompt))["prompt_embeds"], **latents}])
-    return S.open_store(url, options.get("storage_options"))
-
 
 def weights(out, step=4):
     return load_file(str(out / "checkpoints" / f"checkpoint-{step:06d}" / checkpoint.TRAINABLE))
