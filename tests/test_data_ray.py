@@ -95,7 +95,7 @@ def _assert_matches_reference(url, manifest_dir, reference, expected=None):
     rows, seen = _store_rows(url)
     expected = len(latents) if expected is None else expected
     assert len(seen) == len(set(seen)) == expected, "every key in the store exactly once"
-    by_key = {r["key"]: r for r in encode_mod.plan(cfg, index_mod.read_manifest(manifest_dir), set())[0]}
+    by_key = {r["key"]: r for r in encode_mod.plan(cfg, manifest_dir, set()).sorted_rows()}
     digests = {r["uri"]: r["digest"] for r in index_mod.read_manifest(manifest_dir)}
     for key, (caption, uri, t) in rows.items():
         assert key in by_key

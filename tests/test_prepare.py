@@ -300,8 +300,8 @@ def test_cli_prepares_a_folder_for_the_tiny_recipe_and_resumes(prepared, capsys)
     samples, problems = scan(out)
     assert len(samples) == report["kept"] and not problems
     assert [s.caption for s in samples] == (out / "prompts.txt").read_text().splitlines()
-    todo, skipped, _ = plan(load_config(RECIPE, []), rows, set())
-    assert len(todo) == report["kept"] and len(skipped) == 9 - report["kept"]
+    planned = plan(load_config(RECIPE, []), rows, set())
+    assert len(planned) == report["kept"] and planned.problems == 9 - report["kept"]
     # started again: nothing is split, scored or captioned again
     before = {p: p.stat().st_mtime_ns for p in (out / "work").rglob("*.json")}
     assert main(argv) == 0

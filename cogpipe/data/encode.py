@@ -34,7 +34,7 @@ import numpy as np
 
 from cogpipe import atomic
 from cogpipe.data.folders import DataError
-from cogpipe.data.index import Progress, assign_buckets, read_manifest
+from cogpipe.data.index import Progress, assign_buckets
 from cogpipe.data.sources import read_bytes
 
 FAULT_ENV = "COGPIPE_FAULT_ENCODER"  # "N:FILE": an encoding actor kills itself on its Nth batch, once (FILE records it)
@@ -215,31 +215,139 @@ def extra_prompts(cfg) -> list[str]:
     return prompts + ([""] if cfg.train.caption_dropout > 0 or prompts else [])
 
 
-def plan(cfg, manifest: list[dict], have: set[str]) -> tuple[list[dict], list[dict], int]:
-    """(the rows to encode, sorted by bucket, caption and key; the rows with a problem; how many keys the store
-    holds already). Each clip gets the recipe's bucket and key (whatever bucket the index chose); for an
+PLAN_ROWS = 8192  # manifest rows planned at a time (one Parquet batch)
+PROBED = ("size", "mtime", "digest", "frames", "fps", "height", "width", "bucket", "key", "problem", "image_size",
+          "image_mtime", "image_digest")  # the index's probe columns: plan reads them; the rows to encode carry the
+# manifest's other columns (uri, locator, caption, and for an image-to-video recipe image and image_locator)
+IMAGE = ("image", "image_locator")  # a listed first-frame image: read to encode by an image-to-video recipe only
+SHOWN = 10  # rows skipped for their problem that the log names
+
+
+def manifest_batches(manifest):
+    """The manifest's rows, PLAN_ROWS at a time (pyarrow record batches; without the key and bucket columns, which
+    plan chooses again): read from its folder or URL a Parquet batch at a time, or from a list of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cogpipe.data.index import MANIFEST
+    from cogpipe.data.store import filesystem
+
+    if isinstance(manifest, list):
+        if manifest:
+            table = pa.Table.from_pylist(manifest)
+            yield from table.select([c for c in table.column_names if c not in ("key", "bucket")]).to_batches(
+                PLAN_ROWS)
+        return
+    fs, root = filesystem(manifest)
+    path = f"{root}/{MANIFEST}"
+    if not fs.exists(path):
+        return
+    with fs.open(path, "rb") as f:  # a row group at a time: pre-buffering would keep every row group read so far
+        pf = pq.ParquetFile(f, pre_buffer=False)
+        yield from pf.iter_batches(PLAN_ROWS, columns=[c for c in pf.schema_arrow.names if c not in ("key", "bucket")],
+                                   use_threads=False)
+
+
+class SortedRows:
+    """A plan's rows to encode as dicts, in encoding order, made 1024 at a time as they are read: a sequence for
+    `ray.data.from_items` (which takes len and items in order), without every row as Python objects at once."""
+
+    CHUNK = 1024
+
+    def __init__(self, table, order):
+        self.table, self.order, self._start, self._rows = table, order, -1, []
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        start = i - i % self.CHUNK
+        if start != self._start:
+            self._rows, self._start = self.table.take(self.order[start:start + self.CHUNK]).to_pylist(), start
+        return self._rows[i - start]
+
+
+class Plan:
+    """What `plan` found in a manifest. `todo` (a pyarrow table: key, uri, locator, caption, bucket and any other
+    column of the manifest but the probe's) holds the rows to encode, `order` the order they are encoded in;
+    `present`: usable keys the store holds already; `problems`: rows skipped for their problem, `shown` the first
+    SHOWN of them as (uri, problem); `rows`: rows in the manifest."""
+
+    def __init__(self, todo, order: np.ndarray, present: int, problems: int, shown: list, rows: int):
+        self.todo, self.order, self.present, self.problems, self.shown, self.rows = (todo, order, present, problems,
+                                                                                      shown, rows)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def sorted_rows(self) -> SortedRows:
+        return SortedRows(self.todo, self.order)
+
+
+def plan(cfg, manifest, have) -> Plan:
+    """The manifest's rows (its folder or URL, or a list of rows) to encode, sorted by bucket, caption and key: not
+    those with a problem, each key once, none the store holds (`have`: a KeySet, StoreWriter.existing_keys(), or any
+    set of keys). Each clip gets the recipe's bucket and key (whatever bucket the index chose). The manifest is read
+    PLAN_ROWS rows at a time, and only the rows to encode are kept (as Arrow columns), so the driver's memory grows
+    with what is to do, not with the manifest: about 64 bytes a row the store holds (the KeySet). For an
     image-to-video recipe, a clip's listed first-frame image is part of its key and is read to encode."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from cogpipe.data.folders import recipe_buckets
     from cogpipe.data.stages import recipe_i2v
+    from cogpipe.data.store import KeySet, key_bytes
 
-    i2v = recipe_i2v(cfg)
-    rows = [dict(r) for r in manifest]
-    assign_buckets(rows, recipe_buckets(cfg.data), i2v)
-    problems = [r for r in rows if r.get("problem")]
-    todo, seen, present = [], set(), 0
-    for r in rows:
-        if r.get("problem") or r["key"] in seen:
-            continue
-        seen.add(r["key"])
-        if r["key"] in have:
-            present += 1
-            continue
-        image = i2v and bool(r.get("image_locator"))
-        todo.append(dict(key=r["key"], uri=r["uri"], locator=r["locator"], caption=r["caption"],
-                         bucket=list(r["bucket"]), image=r["image"] if image else "",
-                         image_locator=r["image_locator"] if image else ""))
-    todo.sort(key=lambda r: (r["bucket"], r["caption"], r["key"]))
-    return todo, problems, present
+    shapes, i2v = recipe_buckets(cfg.data), recipe_i2v(cfg)
+    dropped = PROBED if i2v else PROBED + IMAGE
+    have = have if isinstance(have, KeySet) else KeySet(have)
+    have.merge()
+    hit = np.zeros(len(have), dtype=bool)  # the stored keys the manifest names (each counted once)
+    parts, keys, problems, shown, rows = [], [], 0, [], 0
+    for batch in manifest_batches(manifest):
+        rows += batch.num_rows
+        probe = batch.select([c for c in ("uri", "digest", "frames", "height", "width", "problem", "image_digest")
+                              if c in batch.schema.names]).to_pylist()
+        assign_buckets(probe, shapes, i2v)
+        usable = []
+        for i, r in enumerate(probe):
+            if r.get("problem"):
+                problems += 1
+                if len(shown) < SHOWN:
+                    shown.append((r["uri"], r["problem"]))
+            else:
+                usable.append(i)
+        usable_keys = key_bytes(probe[i]["key"] for i in usable)
+        where = have.find(usable_keys)
+        hit[where[where >= 0]] = True
+        new = [usable[j] for j in np.flatnonzero(where < 0)]
+        if new:
+            part = batch.select([c for c in batch.schema.names if c not in dropped])
+            part = pa.Table.from_batches([part]).take(new)
+            part = part.add_column(0, "key", pa.array([probe[i]["key"] for i in new], pa.string()))
+            part = part.append_column("bucket", pa.array([probe[i]["bucket"] for i in new], pa.list_(pa.int64())))
+            parts.append(part)
+            keys.append(usable_keys[where < 0])
+    todo = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
+    order = np.arange(0)
+    if todo.num_rows:
+        keys = np.concatenate(keys)
+        by_key = np.argsort(keys, kind="stable")  # a key twice: its first row is encoded
+        keys = keys[by_key]
+        again = np.zeros(len(keys), dtype=bool)
+        again[by_key[1:][keys[1:] == keys[:-1]]] = True
+        del keys, by_key
+        buckets = todo.column("bucket")
+        by = pa.table({"f": pc.list_element(buckets, 0), "h": pc.list_element(buckets, 1),
+                       "w": pc.list_element(buckets, 2), "caption": todo.column("caption"), "key": todo.column("key")})
+        order = pc.sort_indices(by, [(c, "ascending") for c in by.column_names]).to_numpy()
+        order = order[~again[order]]
+    return Plan(todo=todo, order=order, present=int(hit.sum()), problems=problems, shown=shown, rows=rows)
 
 
 def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options: Optional[dict] = None,
@@ -255,24 +363,25 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     identity = store.store_identity(cfg, device)
     kwargs = dict(max_rows=shard_rows) if shard_rows else {}
     writer = store.StoreWriter(out, identity, storage_options=storage_options, log=log, **kwargs)
-    rows = read_manifest(manifest) if not isinstance(manifest, list) else manifest
-    if not rows:
+    planned = plan(cfg, manifest, writer.existing_keys())
+    if not planned.rows:
         raise DataError(f"{manifest}: no manifest here (run `cogpipe data index SOURCE --out {manifest}` first)")
-    todo, problems, present = plan(cfg, rows, writer.existing_keys())
-    for r in problems[:10]:
-        log(f"  skipped {r['uri']}: {r['problem']}")
-    if len(problems) > 10:
-        log(f"  ... and {len(problems) - 10} more skipped (the manifest's problem column names each)")
+    for uri, problem in planned.shown:
+        log(f"  skipped {uri}: {problem}")
+    if planned.problems > SHOWN:
+        log(f"  ... and {planned.problems - SHOWN} more skipped (the manifest's problem column names each)")
     workers = workers or gpus or int(ray.cluster_resources().get("CPU", 1))
-    log(f"encode: {len(todo)} clips to encode, {present} in the store already, {len(problems)} skipped for their "
+    todo, present, skipped = len(planned), planned.present, planned.problems
+    log(f"encode: {todo} clips to encode, {present} in the store already, {skipped} skipped for their "
         f"problem; {workers} encoding worker(s) on {'GPU' if gpus else 'CPU'}")
     t0 = time.monotonic()
-    added, failed, pids, arrived, spans, texts = 0, [], set(), [], [], {}
+    added, failed, pids, arrived, busy, texts = 0, [], set(), [], [float("inf"), 0.0], {}
     published = len(writer.store.shards)
     if todo:
         size = cfg.data.encode_batch
-        blocks = max(workers, min(-(-len(todo) // size), 10_000))  # a block is about one VAE batch
-        ds = ray.data.from_items(todo, override_num_blocks=min(blocks, len(todo)))
+        blocks = max(workers, min(-(-todo // size), 10_000))  # a block is about one VAE batch
+        ds = ray.data.from_items(planned.sorted_rows(), override_num_blocks=min(blocks, todo))
+        planned = None  # the rows are Ray's now (the object store)
         if gpus:  # decoding as CPU tasks beside the GPU actors; on a CPU cluster each actor decodes its own
             ds = ds.map(decode_row, num_cpus=1)  # batches (an actor holds its core: tasks beside it would wait)
         with warnings.catch_warnings():  # Ray 2.60 warns of passing actor options by keyword; it has no other way
@@ -281,11 +390,11 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
                                 num_cpus=1, num_gpus=1 if gpus else 0,
                                 fn_constructor_kwargs=dict(cfg=cfg, fault=os.environ.get(FAULT_ENV)),
                                 max_restarts=3, max_task_retries=3)  # a dead actor: restarted, its batch run again
-        progress = Progress(len(todo), "encode")
+        progress = Progress(todo, "encode")
         for row in ds.iter_rows():
             progress.update(1)
             arrived.append(time.monotonic() - t0)
-            spans.append(tuple(row["span"]))
+            busy[:] = min(busy[0], row["span"][0]), max(busy[1], row["span"][1])
             texts[int(row["pid"])] = max(texts.get(int(row["pid"]), 0), int(row["texts"]))
             pids.add(int(row["pid"]))
             if row["problem"]:
@@ -308,10 +417,9 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
         log(f"  failed {uri}: {problem}")
     log(f"encode {out}: {added} clips added in {seconds:.1f} s ({added / max(seconds, 1e-9):.2f} clips/s), "
         f"{len(writer.store.shards)} shards, {writer.store.rows} rows")
-    return dict(added=added, present=present, skipped=len(problems), failed=len(failed), seconds=seconds,
+    return dict(added=added, present=present, skipped=skipped, failed=len(failed), seconds=seconds,
                 workers=workers, pids=sorted(pids), rows=writer.store.rows, arrived=arrived,
-                busy_seconds=(max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0,
-                text_encodes=sum(texts.values()))
+                busy_seconds=max(0.0, busy[1] - busy[0]), text_encodes=sum(texts.values()))
 
 
 def add_arguments(parser) -> None:

@@ -177,7 +177,7 @@ def write_manifest(out, rows: list[dict], summary: dict) -> None:
     fs, root = filesystem(out)
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=_schema())
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=8192)  # encode plans a row group at a time: its memory stays bounded
     _put_atomic(fs, f"{root}/{MANIFEST}", sink.getvalue())
     _put_atomic(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=1).encode())
 
