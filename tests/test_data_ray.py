@@ -337,11 +337,13 @@ def test_index_names_bad_clips_and_probes_only_new_ones(ray_local, folder, tmp_p
 
 def test_encode_on_ray_equals_train_py_encoding(ray_local, manifest, reference, tmp_path):
     """The store's latents and prompt embeddings are the bits train.py's folder cache encodes, with 2 workers (the
-    other tests encode with 1); run again, nothing is encoded."""
+    other tests encode with 1), and its rows are in the plan's order; run again, nothing is encoded."""
     cfg = reference[0]
     result = encode_mod.encode(cfg, manifest, tmp_path / "s", workers=2, log=lambda *_: None)
     assert result["added"] == len(SPECS) and result["workers"] == 2 and result["failed"] == 0
     _assert_matches_reference(tmp_path / "s", manifest, reference)
+    _, stored_order = _store_rows(tmp_path / "s")  # the plan's order, whichever worker finished first
+    assert stored_order == [r["key"] for r in encode_mod.plan(cfg, manifest, set()).sorted_rows()]
     assert store.verify(tmp_path / "s") == []
     again = encode_mod.encode(cfg, manifest, tmp_path / "s", workers=2, log=lambda *_: None)
     assert again["added"] == 0 and again["present"] == len(SPECS)

@@ -13,7 +13,9 @@ from cogpipe.data import index as index_mod
 from cogpipe.data import store
 from cogpipe.data.folders import recipe_buckets
 
-from helpers import REPO
+from helpers import NEEDS_DATA, REPO
+
+pytestmark = NEEDS_DATA  # the extras these tests need: skipped, named, where missing
 
 CAPTIONS = ["a red square", "a red square", "", "é accent", "e plain", "Zebra", "zebra", "日本語", "🙂 emoji",
             "a red square moving", "a red squar"]

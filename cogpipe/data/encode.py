@@ -57,7 +57,7 @@ def decode_row(row: dict) -> dict:
     reading = "the clip's bytes"
     try:
         clip = decode_clip(read_bytes(json.loads(row["locator"])), frames, height, width, row["uri"])
-        if row.get("image_locator"):
+        if isinstance(row.get("image_locator"), str) and row["image_locator"]:  # (a missing one may come as NaN)
             reading = "first-frame image"
             image = read_bytes(json.loads(row["image_locator"]))
             out["image_pixels"] = load_image(row["image"], height, width, image).numpy().tobytes()
@@ -380,6 +380,10 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     if todo:
         size = cfg.data.encode_batch
         blocks = max(workers, min(-(-todo // size), 10_000))  # a block is about one VAE batch
+        # rows come back in the plan's order whatever the worker count or speed, so the store's rows (and a training
+        # order drawn over them) are the same on every encode of a manifest (a dataset keeps the context it is made in)
+        context = ray.data.DataContext.get_current()
+        ordered, context.execution_options.preserve_order = context.execution_options.preserve_order, True
         ds = ray.data.from_items(planned.sorted_rows(), override_num_blocks=min(blocks, todo))
         planned = None  # the rows are Ray's now (the object store)
         if gpus:  # decoding as CPU tasks beside the GPU actors; on a CPU cluster each actor decodes its own
@@ -390,6 +394,7 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
                                 num_cpus=1, num_gpus=1 if gpus else 0,
                                 fn_constructor_kwargs=dict(cfg=cfg, fault=os.environ.get(FAULT_ENV)),
                                 max_restarts=3, max_task_retries=3)  # a dead actor: restarted, its batch run again
+        context.execution_options.preserve_order = ordered
         progress = Progress(todo, "encode")
         for row in ds.iter_rows():
             progress.update(1)
