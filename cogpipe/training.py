@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from cogpipe import checkpoint, models, offload, rundir, sequence_parallel, sharding, tracking, video
 from cogpipe.config import Config, save_config, to_yaml
+from cogpipe.data import stages
 from cogpipe.data.batches import Draws, EpochPlan, PlanSampler, draw_batch, examples
 from cogpipe.data.cache import CachedDataset, build_cache, load_prompt_embeds
 from cogpipe.data.checks import usable_samples
@@ -180,8 +181,7 @@ def _prepare_data(run: Run) -> TrainData:
         save_config(cfg, run.out / "config.yaml")
         for path in checkpoint.remove_partial(run.out):
             run.log(f"removed {path}, left by a killed write")
-    val_prompts = [p for p, _ in validation_inputs(cfg)] if cfg.validation.every else []
-    extra = val_prompts + ([""] if cfg.train.caption_dropout > 0 or val_prompts else [])
+    extra = stages.extra_prompts(cfg, [p for p, _ in validation_inputs(cfg)] if cfg.validation.every else [])
     if cfg.data.store:
         dataset, plan, extra_embeds = training_data(cfg, run.layout.dp_rank, run.layout.dp_world, acc.device, extra,
                                                     acc.process_index, acc.num_processes, acc.wait_for_everyone,

@@ -210,9 +210,10 @@ def store_row(row: dict) -> dict:
 
 
 def extra_prompts(cfg) -> list[str]:
-    """The prompts training reads besides the rows': the validation prompts and "" (caption dropout, guidance)."""
-    prompts = list(cfg.validation.prompts) if cfg.validation.every else []
-    return prompts + ([""] if cfg.train.caption_dropout > 0 or prompts else [])
+    """The prompts training reads besides the rows' (stages.extra_prompts), for the recipe's validation prompts."""
+    from cogpipe.data.stages import extra_prompts as training_extras
+
+    return training_extras(cfg, cfg.validation.prompts if cfg.validation.every else [])
 
 
 PLAN_ROWS = 8192  # manifest rows planned at a time (one Parquet batch)
@@ -227,25 +228,14 @@ def manifest_batches(manifest):
     """The manifest's rows, PLAN_ROWS at a time (pyarrow record batches; without the key and bucket columns, which
     plan chooses again): read from its folder or URL a Parquet batch at a time, or from a list of rows."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from cogpipe.data.index import MANIFEST
-    from cogpipe.data.store import filesystem
+    from cogpipe.data.index import manifest_batches as read_batches
 
-    if isinstance(manifest, list):
-        if manifest:
-            table = pa.Table.from_pylist(manifest)
-            yield from table.select([c for c in table.column_names if c not in ("key", "bucket")]).to_batches(
-                PLAN_ROWS)
-        return
-    fs, root = filesystem(manifest)
-    path = f"{root}/{MANIFEST}"
-    if not fs.exists(path):
-        return
-    with fs.open(path, "rb") as f:  # a row group at a time: pre-buffering would keep every row group read so far
-        pf = pq.ParquetFile(f, pre_buffer=False)
-        yield from pf.iter_batches(PLAN_ROWS, columns=[c for c in pf.schema_arrow.names if c not in ("key", "bucket")],
-                                   use_threads=False)
+    if not isinstance(manifest, list):
+        yield from read_batches(manifest, PLAN_ROWS, skip=("key", "bucket"))
+    elif manifest:
+        table = pa.Table.from_pylist(manifest)
+        yield from table.select([c for c in table.column_names if c not in ("key", "bucket")]).to_batches(PLAN_ROWS)
 
 
 class SortedRows:

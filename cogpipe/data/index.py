@@ -151,8 +151,9 @@ def _probe_all(items: list, chunk: int, progress: Progress) -> list[dict]:
     return results
 
 
-def read_manifest(out) -> list[dict]:
-    """The rows of the manifest in folder (or URL) `out`; [] where there is none."""
+def manifest_batches(out, rows: int = 8192, skip=()):
+    """The manifest in folder (or URL) `out`, `rows` rows at a time (pyarrow record batches, without the columns in
+    `skip`), read a Parquet batch at a time; nothing where there is none."""
     import pyarrow.parquet as pq
 
     from cogpipe.data.store import filesystem
@@ -160,9 +161,16 @@ def read_manifest(out) -> list[dict]:
     fs, root = filesystem(out)
     path = f"{root}/{MANIFEST}"
     if not fs.exists(path):
-        return []
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f).to_pylist()
+        return
+    with fs.open(path, "rb") as f:  # a row group at a time: pre-buffering would keep every row group read so far
+        pf = pq.ParquetFile(f, pre_buffer=False)
+        yield from pf.iter_batches(rows, columns=[c for c in pf.schema_arrow.names if c not in skip],
+                                   use_threads=False)
+
+
+def read_manifest(out) -> list[dict]:
+    """The rows of the manifest in folder (or URL) `out`; [] where there is none."""
+    return [r for batch in manifest_batches(out) for r in batch.to_pylist()]
 
 
 def write_manifest(out, rows: list[dict], summary: dict) -> None:

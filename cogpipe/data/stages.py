@@ -45,6 +45,13 @@ def clip_key(digest: str, shape, image: str | None = None) -> str:
     return json_digest(key)
 
 
+def extra_prompts(cfg, validation_prompts) -> list[str]:
+    """The prompts training encodes besides its rows': the validation prompts, and "" (the unconditional embedding)
+    where caption dropout or validation's guidance needs it."""
+    prompts = list(validation_prompts)
+    return prompts + ([""] if cfg.train.caption_dropout > 0 or prompts else [])
+
+
 def recipe_i2v(cfg) -> bool:
     """Whether a recipe's model is image-to-video (its transformer's config)."""
     from cogpipe import models

@@ -120,8 +120,8 @@ def store_identity(cfg, device) -> dict:
     from cogpipe.data.cache import encoder_identity
     from cogpipe.devices import DTYPE_NAMES, encoder_dtype
 
-    transformer_config, _ = models.component_configs(cfg.model)
-    i2v = bool(models.model_facts(transformer_config, models.component_configs(cfg.model)[1])["i2v"])
+    transformer_config, vae_config = models.component_configs(cfg.model)
+    i2v = bool(models.model_facts(transformer_config, vae_config)["i2v"])
     return {"vae": encoder_identity(cfg.model, "vae"), "text_encoder": encoder_identity(cfg.model, "text_encoder"),
             "tokenizer": encoder_identity(cfg.model, "tokenizer"), "dtype": DTYPE_NAMES[encoder_dtype(device)],
             "max_text_len": int(transformer_config["max_text_seq_length"]), "i2v": i2v,
