@@ -89,7 +89,7 @@ def prepare(args, log=print) -> int:
     if args.caption_model == "source" and stage is None:
         captions = source_caption_records(records, pipeline.source_captions(items), cfg, limit, args.trigger)
         if not args.recaption:  # a caption already kept (an edit on the page, say) stays, as the model path does
-            captions.update(pipeline.read_captions(args.out, [c["clip"] for c in pipeline.clip_rows(records)]))
+            captions.update(pipeline.read_captions(args.out, [c["clip"] for c in clips]))
         pipeline.save_captions(args.out, captions)  # so a later `write` alone finds them
     elif stage in (None, "caption"):
         captions = pipeline.run_captions(

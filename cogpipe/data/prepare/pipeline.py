@@ -200,11 +200,7 @@ def run_captions(out, clips: list[str], cfg, *, model_id: str, recaption: bool =
 
     d = _dirs(out)
     d["captions"].mkdir(parents=True, exist_ok=True)
-    have = {}
-    for c in clips:
-        f = d["captions"] / f"{c}.json"
-        if f.exists() and not recaption:
-            have[c] = json.loads(f.read_text())
+    have = {} if recaption else read_captions(out, clips)
     todo = [c for c in clips if c not in have]
     run = uuid.uuid4().hex[:12]
     log(f"caption: {len(clips)} clip(s), {len(todo)} to caption, {len(have)} captioned already "
@@ -269,8 +265,7 @@ def run_write(out, target: split.Target, records: list[dict], drops: dict[str, s
     """The manifest (cogpipe/data/index.py's schema: `cogpipe data encode --manifest OUT` reads it as it is), the
     folder layouts (prompts.txt + videos.txt, metadata.jsonl; `data.root: OUT` trains on them), clips.jsonl (every
     clip: scores, drop reason, caption) and the report (report.json, printed)."""
-    import hashlib
-
+    from cogpipe.data.cache import file_digest
     from cogpipe.data.index import write_manifest
     from cogpipe.data.stages import clip_key
 
@@ -281,8 +276,7 @@ def run_write(out, target: split.Target, records: list[dict], drops: dict[str, s
         path = d["clips"] / c["clip"]
         if not path.exists():
             continue
-        data = path.read_bytes()
-        digest = hashlib.sha256(data).hexdigest()
+        digest = file_digest(path)  # remembered by (path, size, mtime): a caption edit on the page hashes nothing again
         bucket = [c["frames"], c["height"], c["width"]]
         cap = captions.get(c["clip"]) or {}
         problem = drops.get(c["clip"])

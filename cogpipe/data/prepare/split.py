@@ -39,12 +39,12 @@ class Target:
 def target_for(cfg) -> Target:
     """The recipe's target: fps from its model's version (cogpipe/family.py), shapes from data."""
     from cogpipe import family
-    from cogpipe.data.checks import buckets
+    from cogpipe.data.folders import recipe_buckets
     from cogpipe.models import component_configs
 
     transformer_config, _ = component_configs(cfg.model)
     rules = family.rules(transformer_config)
-    return Target(fps=float(rules.fps), shapes=tuple(tuple(int(x) for x in s) for s in buckets(cfg)),
+    return Target(fps=float(rules.fps), shapes=tuple(tuple(int(x) for x in s) for s in recipe_buckets(cfg.data)),
                   version=rules.version)
 
 
