@@ -28,11 +28,6 @@ from cogpipe.data.folders import (
 from cogpipe.devices import inference_device
 
 
-def buckets(cfg) -> list[tuple[int, int, int]]:
-    """The (frames, height, width) shapes trained on: `data.buckets`, or the single configured shape."""
-    return recipe_buckets(cfg.data)
-
-
 def check_dataset(cfg, log=lambda *_: None, device=None) -> tuple[list[Sample], list[Problem]]:
     """The usable samples, each with the shape of its bucket, and the problems of the rest.
 
@@ -40,7 +35,7 @@ def check_dataset(cfg, log=lambda *_: None, device=None) -> tuple[list[Sample], 
     fits none is skipped and counted instead (reported in the log)."""
     samples, problems = scan(cfg.data.root)
     cache = Cache.for_config(cfg, device if device is not None else inference_device())
-    shapes = buckets(cfg)
+    shapes = recipe_buckets(cfg.data)
     good, unfit = [], {}
     for s in samples:
         try:

@@ -72,12 +72,9 @@ def _is_remote(url: str) -> bool:
 
 def _url(fs, path: str) -> str:
     """A path `fs` listed, as a URL any process can open again."""
-    return fs.unstrip_protocol(path) if _is_remote_fs(fs) else path
+    from cogpipe.data.store import is_local
 
-
-def _is_remote_fs(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol not in ("file", "local")
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _stat(info: dict) -> tuple[Optional[int], Optional[float]]:
@@ -478,9 +475,8 @@ def open_source(source: str, video_column: Optional[str] = None, caption_column:
                              caption_column)
     if is_dir:
         try:
-            samples, problems = scan(url)
+            return folder_source(url)  # scans now (not a generator): its DataError is raised here
         except DataError:  # "no dataset found"
             raise _no_layout(source, url, sorted(p.name for p in Path(url).iterdir())) from None
-        return _folder_clips(samples, problems, _local_stat)
     raise SourceError(f"{source}: no clips found here: no .tar or .parquet files, and not a dataset folder "
                       f"(looked for {LOOKED_FOR})")

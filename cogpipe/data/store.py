@@ -229,17 +229,22 @@ def _to_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def row_tensors(row: dict) -> dict[str, torch.Tensor]:
-    """A writer's row -> the stored tensors: latents = [mean, std] stacked, prompt_embeds[, image_latents]."""
+def _row_parts(row: dict) -> dict[str, torch.Tensor]:
+    """A writer's row's tensors as given: mean, std, prompt_embeds[, image_latents] (no copies of numpy arrays)."""
     try:
-        out = {"latents": torch.stack([_tensor(row["mean"]), _tensor(row["std"])]),
-               "prompt_embeds": _tensor(row["prompt_embeds"])}
+        out = {k: _tensor(row[k]) for k in ("mean", "std", "prompt_embeds")}
     except KeyError as e:
         raise StoreError(f"row {row.get('key')!r}: no {e.args[0]!r} (a row needs key, caption, mean, std, "
                          f"prompt_embeds)") from None
     if row.get("image_latents") is not None:
         out["image_latents"] = _tensor(row["image_latents"])
     return out
+
+
+def row_tensors(row: dict) -> dict[str, torch.Tensor]:
+    """A writer's row -> the stored tensors: latents = [mean, std] stacked, prompt_embeds[, image_latents]."""
+    parts = _row_parts(row)
+    return {"latents": torch.stack([parts.pop("mean"), parts.pop("std")]), **parts}
 
 
 def prompt_tensors(row: dict) -> dict[str, torch.Tensor]:
@@ -476,7 +481,7 @@ class StoreWriter:
         for row in rows:
             if row["key"] in keys:
                 continue
-            size = sum(t.numel() * t.element_size() for t in row_tensors(row).values())
+            size = sum(t.numel() * t.element_size() for t in _row_parts(row).values())  # as stored
             if self._buffers.get(bucket) and self._buffer_bytes[bucket] + size > self.max_bytes:
                 self._publish(bucket)
             self._buffers.setdefault(bucket, []).append(row)
