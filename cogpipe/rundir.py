@@ -68,14 +68,17 @@ def holder_alive(h: dict) -> Optional[bool]:
         return None
 
 
-def _lock_problem(out: Path) -> Optional[str]:
-    """Why a live (or unknowable) holder keeps this launch out, or None."""
-    h = _holder(out)
+def _mine(h: Optional[dict]) -> bool:
+    """Whether a lock's holder is this very process."""
+    return bool(h) and (h.get("host"), h.get("pid"), h.get("start")) == atomic._owner()
+
+
+def _lock_problem(out: Path, h: Optional[dict]) -> Optional[str]:
+    """Why a live (or unknowable) holder `h` of out's lock (as read by _holder) keeps this launch out, or None."""
     if h is None:
         return None
     alive = holder_alive(h)
-    host, pid, start = atomic._owner()
-    if alive is False or (h.get("host"), h.get("pid"), h.get("start")) == (host, pid, start):
+    if alive is False or _mine(h):
         return None  # gone, or this very process (a run it started before has ended)
     if alive is None:
         return (f"output_dir {out}: locked by a run elsewhere ({_describe(h)}; {out / LOCK}) whose state cannot be "
@@ -109,7 +112,7 @@ def refusal(out, resume_from=None, overwrite: bool = False, cache_dir=None) -> O
     """Why a launch into `out` would be refused now (a live holder; a used folder on a fresh start without
     train.overwrite), or None. Takes nothing: the page asks this before it launches."""
     out = Path(out).expanduser().resolve()
-    problem = _lock_problem(out)
+    problem = _lock_problem(out, _holder(out))
     if problem is None and resume_from is None and not overwrite and (entries := _run_entries(out, cache_dir)):
         problem = _used_problem(out, entries)
     return problem
@@ -133,10 +136,10 @@ def _take_lock(out: Path, log: Callable) -> None:
     for _ in range(3):
         if _link_lock(out):
             return
-        problem = _lock_problem(out)
+        h = _holder(out)
+        problem = _lock_problem(out, h)
         if problem is not None:
             raise OutputDirInUse(problem)
-        h = _holder(out)
         stale = out / f"{LOCK}.stale-{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):  # one of several launches moves the stale lock away
             os.rename(out / LOCK, stale)
@@ -195,7 +198,5 @@ def claim(out, resume_from=None, overwrite: bool = False, cache_dir=None, log: C
 def release(out) -> None:
     """Remove the lock if this process holds it."""
     out = Path(out).expanduser().resolve()
-    h = _holder(out)
-    host, pid, start = atomic._owner()
-    if h and (h.get("host"), h.get("pid"), h.get("start")) == (host, pid, start):
+    if _mine(_holder(out)):
         (out / LOCK).unlink(missing_ok=True)
