@@ -360,7 +360,8 @@ def test_encode_worker_killed_mid_task_is_retried_and_problems_skipped(ray_local
         r["caption"] = rows[1]["caption"]  # one caption for every clip: T5 runs once
     marker = tmp_path / "killed"
     monkeypatch.setenv(encode_mod.FAULT_ENV, f"1:{marker}")
-    result = encode_mod.encode(reference[0], rows, tmp_path / "s", workers=1, log=lambda *_: None)
+    index_mod.write_manifest(tmp_path / "m", rows, {})
+    result = encode_mod.encode(reference[0], tmp_path / "m", tmp_path / "s", workers=1, log=lambda *_: None)
     assert marker.exists(), "the actor did not kill itself"
     assert int(marker.read_text()) not in result["pids"]  # the rows came from the restarted actor
     assert result["added"] == len(SPECS) - 1 and result["skipped"] == 1 and result["text_encodes"] == 1

@@ -3,6 +3,7 @@ the whole manifest (skip problems, each key once, skip stored keys, sort by buck
 manifest comes as rows or as Parquet read a batch at a time; the store's keys held as a KeySet behave as a set."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -70,29 +71,20 @@ def test_plan_is_the_python_plan(source, tmp_path, monkeypatch):
     stored = {r["key"] for r in want_all[::3]} | {"not-in-the-manifest"}
     want, problems, present = _python_plan(cfg, manifest, stored)
     assert len({r["bucket"][0] for r in want}) > 1 and len(problems) > 10 and present > 10
+    monkeypatch.setattr(encode_mod, "GROUP_ROWS", 16)  # many row groups (a list of rows)
+    monkeypatch.setattr(index_mod, "GROUP_ROWS", 16)  # (a manifest folder)
     if source == "parquet":
         index_mod.write_manifest(tmp_path / "m", manifest, {})
         manifest = tmp_path / "m"
-        monkeypatch.setattr(encode_mod, "PLAN_ROWS", 16)  # many batches
     for have in (stored, store.KeySet(stored)):
         got = encode_mod.plan(cfg, manifest, have)
-        assert list(got.sorted_rows()) == want
+        assert got.sorted_rows() == want and len(got) == len(want)
+        assert len(got.items) > 5 and all(len(item["keep"]) == 2 for item in got.items)  # a bit a row
         assert (got.present, got.problems, got.rows) == (present, len(problems), 300)
         assert got.shown == [(r["uri"], r["problem"]) for r in problems[:encode_mod.SHOWN]]
     none = encode_mod.plan(cfg, manifest, {r["key"] for r in want_all})
-    assert len(none) == 0 and list(none.sorted_rows()) == [] and none.present == len(want_all)
+    assert len(none) == 0 and none.sorted_rows() == [] and none.items == [] and none.present == len(want_all)
     assert encode_mod.plan(cfg, tmp_path / "nothing", set()).rows == 0
-
-
-def test_sorted_rows_is_a_sequence_in_order():
-    cfg = _cfg()
-    got = encode_mod.plan(cfg, _manifest(3000), set())
-    rows = got.sorted_rows()
-    assert len(rows) == len(got) > rows.CHUNK * 2
-    assert rows[rows.CHUNK + 3] == list(rows)[rows.CHUNK + 3] and rows[-1] == rows[len(rows) - 1]
-    assert rows[5:8] == [rows[5], rows[6], rows[7]]
-    with pytest.raises(IndexError):
-        rows[len(rows)]
 
 
 def test_keyset_is_a_set_of_keys():
@@ -140,3 +132,22 @@ def test_existing_keys_reads_every_shard(tmp_path):
     have = w.existing_keys()
     assert len(w.store.shards) == 4 and len(have) == len(keys) and all(k in have for k in keys)
     assert w.add((1, 16, 16), [{**row, "key": keys[0]}, {**row, "key": "new"}]) == 1 and "new" in have
+
+
+def test_a_local_manifest_is_read_on_the_drivers_node_of_a_two_node_cluster(tmp_path, monkeypatch):
+    """A manifest folder on the driver's machine is read by tasks on the driver's node; the same tasks unpinned
+    spread over both nodes of the cluster (two Ray nodes on this machine)."""
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(index_mod, "GROUP_ROWS", 16)
+    index_mod.write_manifest(tmp_path / "m", _manifest(480), {})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "ray_two_nodes.py"), str(tmp_path / "m")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert got["items"] == 30
+    assert got["local"] == [got["driver"]]
+    assert len(got["unpinned"]) == 2 and got["driver"] in got["unpinned"]

@@ -1,7 +1,11 @@
 """`cogpipe data encode --config RECIPE --manifest M --out STORE [--address ADDR]`: a manifest's clips encoded on Ray
 Data into a latent store (cogpipe.data.store).
 
-    manifest rows -> skip problems and keys already in the store -> sorted by (bucket, caption, key)
+    plan (this process)                             the manifest's key columns, a row group at a time: skip problems,
+                                                     keys on several rows and keys already in the store; a bit a row
+      -> read the rows to encode                    Ray tasks, one a row group (on this machine where the manifest is
+                                                     a local folder): no row's text passes through this process
+      -> sort by (bucket, caption, key)             Ray Data's sort; cut into blocks and kept in Ray's object store
       -> read + decode + resize                     Ray tasks (CPU; on a cluster without GPUs, in the actors below,
                                                      which hold every core); for an image-to-video recipe, also the
                                                      clip's listed first-frame image, where it has one
@@ -27,6 +31,7 @@ import signal
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +39,7 @@ import numpy as np
 
 from cogpipe import atomic
 from cogpipe.data.folders import DataError
-from cogpipe.data.index import Progress, assign_buckets
+from cogpipe.data.index import GROUP_ROWS, Progress
 from cogpipe.data.sources import read_bytes
 
 FAULT_ENV = "COGPIPE_FAULT_ENCODER"  # "N:FILE": an encoding actor kills itself on its Nth batch, once (FILE records it)
@@ -216,134 +221,202 @@ def extra_prompts(cfg) -> list[str]:
     return training_extras(cfg, cfg.validation.prompts if cfg.validation.every else [])
 
 
-PLAN_ROWS = 8192  # manifest rows planned at a time (one Parquet batch)
+KEYED = ("uri", "digest", "frames", "height", "width", "problem", "image_digest")  # what a row's key and bucket
+# are chosen from (plan and the reading tasks choose them alike)
 PROBED = ("size", "mtime", "digest", "frames", "fps", "height", "width", "bucket", "key", "problem", "image_size",
-          "image_mtime", "image_digest")  # the index's probe columns: plan reads them; the rows to encode carry the
-# manifest's other columns (uri, locator, caption, and for an image-to-video recipe image and image_locator)
+          "image_mtime", "image_digest")  # the index's probe columns: the rows to encode carry the manifest's other
+# columns (uri, locator, caption, and for an image-to-video recipe image and image_locator)
 IMAGE = ("image", "image_locator")  # a listed first-frame image: read to encode by an image-to-video recipe only
+SORT = ("frames_b", "height_b", "width_b", "caption", "key")  # the encoding order: bucket, caption, key
 SHOWN = 10  # rows skipped for their problem that the log names
+BIG_ROWS = 1024  # rows in a block past which Ray keeps it in its object store whatever the rows hold (a row has its
+# 64-character key and bucket, more than 100 bytes: Ray keeps a result under 100 KiB in the driver's own memory)
+MAX_BLOCKS = 2048  # blocks at most: the driver keeps about 4.5 KB of Ray's bookkeeping for each until the encode ends
 
 
-def manifest_batches(manifest):
-    """The manifest's rows, PLAN_ROWS at a time (pyarrow record batches; without the key and bucket columns, which
-    plan chooses again): read from its folder or URL a Parquet batch at a time, or from a list of rows."""
+def block_rows(todo: int, batch: int, workers: int) -> int:
+    """Rows in each block of the sorted rows to encode (a block is what an encoding actor takes at a time): at least
+    one VAE batch; BIG_ROWS where there are enough rows for 4 blocks a worker, so that the rows' text stays in Ray's
+    object store rather than in the driver (a set too small for that has under 4 x BIG_ROWS rows a worker in the
+    driver); and no more than MAX_BLOCKS blocks."""
+    return max(batch, min(BIG_ROWS, -(-todo // (4 * workers))), -(-todo // MAX_BLOCKS))
+
+
+class RowGroups:
+    """A manifest given as a list of rows, read as the Parquet manifest is (num_row_groups, read_row_group)."""
+
+    def __init__(self, rows: list[dict]):
+        import pyarrow as pa
+
+        self.table = pa.Table.from_pylist(rows) if rows else None
+        self.num_row_groups = -(-len(rows) // GROUP_ROWS)
+        self.schema_arrow = self.table.schema if rows else None
+
+    def read_row_group(self, group: int, columns=None):
+        part = self.table.slice(group * GROUP_ROWS, GROUP_ROWS)
+        return part.select(columns) if columns is not None else part
+
+
+@contextmanager
+def open_groups(manifest):
+    """The manifest (its folder or URL, or a list of rows) as row groups; None where there is none."""
+    from cogpipe.data.index import open_manifest
+
+    if isinstance(manifest, list):
+        yield RowGroups(manifest) if manifest else None
+    else:
+        with open_manifest(manifest) as pf:
+            yield pf
+
+
+def keyed(table, shapes, i2v: bool) -> list[dict]:
+    """A manifest table's rows as dicts of the KEYED columns, each with the recipe's bucket and key, or its problem
+    (index.assign_buckets, whatever bucket the index chose)."""
+    from cogpipe.data.index import assign_buckets
+
+    rows = table.select([c for c in KEYED if c in table.schema.names]).to_pylist()
+    assign_buckets(rows, shapes, i2v)
+    return rows
+
+
+def read_group(item: dict):
+    """A row group's rows to encode (a pyarrow table: key, bucket and its three sizes, and the manifest's columns
+    but the probe's), the rows whose bit is set in the plan's `keep`. A Ray task: it reads the manifest itself, so no
+    row's text passes through the driver; plan's sorted_rows calls it in process."""
     import pyarrow as pa
 
-    from cogpipe.data.index import manifest_batches as read_batches
-
-    if not isinstance(manifest, list):
-        yield from read_batches(manifest, PLAN_ROWS, skip=("key", "bucket"))
-    elif manifest:
-        table = pa.Table.from_pylist(manifest)
-        yield from table.select([c for c in table.column_names if c not in ("key", "bucket")]).to_batches(PLAN_ROWS)
-
-
-class SortedRows:
-    """A plan's rows to encode as dicts, in encoding order, made 1024 at a time as they are read: a sequence for
-    `ray.data.from_items` (which takes len and items in order), without every row as Python objects at once."""
-
-    CHUNK = 1024
-
-    def __init__(self, table, order):
-        self.table, self.order, self._start, self._rows = table, order, -1, []
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = i + len(self) if i < 0 else i
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        start = i - i % self.CHUNK
-        if start != self._start:
-            self._rows, self._start = self.table.take(self.order[start:start + self.CHUNK]).to_pylist(), start
-        return self._rows[i - start]
+    with open_groups(item["manifest"]) as pf:
+        names = pf.schema_arrow.names
+        dropped = PROBED if item["i2v"] else PROBED + IMAGE
+        table = pf.read_row_group(item["group"], columns=[c for c in names if c not in dropped or c in KEYED])
+    keep = np.flatnonzero(np.unpackbits(np.frombuffer(item["keep"], np.uint8), count=table.num_rows))
+    table = table.take(pa.array(keep, pa.int64()))
+    rows = keyed(table, item["shapes"], item["i2v"])
+    table = table.select([c for c in table.column_names if c not in dropped])
+    table = table.add_column(0, "key", pa.array([r["key"] for r in rows], pa.string()))
+    buckets = [r["bucket"] for r in rows]
+    table = table.append_column("bucket", pa.array(buckets, pa.list_(pa.int64())))
+    for i, name in enumerate(SORT[:3]):
+        table = table.append_column(name, pa.array([b[i] for b in buckets], pa.int64()))
+    return table
 
 
 class Plan:
-    """What `plan` found in a manifest. `todo` (a pyarrow table: key, uri, locator, caption, bucket and any other
-    column of the manifest but the probe's) holds the rows to encode, `order` the order they are encoded in;
-    `present`: usable keys the store holds already; `problems`: rows skipped for their problem, `shown` the first
-    SHOWN of them as (uri, problem); `rows`: rows in the manifest."""
+    """What `plan` found in a manifest: `items`, one for each row group that holds rows to encode (its index and a
+    bit for each of its rows: read_group's input); `todo`: rows to encode; `present`: usable keys the store holds
+    already; `problems`: rows skipped for their problem, `shown` the first SHOWN of them as (uri, problem); `rows`:
+    rows in the manifest."""
 
-    def __init__(self, todo, order: np.ndarray, present: int, problems: int, shown: list, rows: int):
-        self.todo, self.order, self.present, self.problems, self.shown, self.rows = (todo, order, present, problems,
+    def __init__(self, items: list[dict], todo: int, present: int, problems: int, shown: list, rows: int):
+        self.items, self.todo, self.present, self.problems, self.shown, self.rows = (items, todo, present, problems,
                                                                                       shown, rows)
 
     def __len__(self) -> int:
-        return len(self.order)
+        return self.todo
 
-    def sorted_rows(self) -> SortedRows:
-        return SortedRows(self.todo, self.order)
+    def sorted_rows(self) -> list[dict]:
+        """The rows to encode, read and sorted in this process (the order encode's Ray sort gives them)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not self.items:
+            return []
+        table = pa.concat_tables([read_group(item) for item in self.items])
+        table = table.take(pc.sort_indices(table, [(c, "ascending") for c in SORT]))
+        return table.drop_columns(list(SORT[:3])).to_pylist()
+
+
+def _digests(keys) -> np.ndarray:
+    """Keys -> 16-byte digests of them (blake2b), which plan sorts to find a key on several rows: a quarter of a
+    sha256 key's 64 characters."""
+    import hashlib
+
+    return np.array([hashlib.blake2b(k.encode(), digest_size=16).digest() for k in keys], dtype="S16")
 
 
 def plan(cfg, manifest, have) -> Plan:
-    """The manifest's rows (its folder or URL, or a list of rows) to encode, sorted by bucket, caption and key: not
-    those with a problem, each key once, none the store holds (`have`: a KeySet, StoreWriter.existing_keys(), or any
-    set of keys). Each clip gets the recipe's bucket and key (whatever bucket the index chose). The manifest is read
-    PLAN_ROWS rows at a time, and only the rows to encode are kept (as Arrow columns), so the driver's memory grows
-    with what is to do, not with the manifest: about 64 bytes a row the store holds (the KeySet). For an
-    image-to-video recipe, a clip's listed first-frame image is part of its key and is read to encode."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    """Which rows of the manifest (its folder or URL, or a list of rows) to encode: not those with a problem, each
+    key once (its first row), none the store holds (`have`: a KeySet, StoreWriter.existing_keys(), or any set of
+    keys). Each clip gets the recipe's bucket and key (whatever bucket the index chose). The manifest is read a row
+    group at a time and only the KEYED columns: the driver keeps a bit for each manifest row, and a 16-byte digest
+    of each key to encode until keys on several rows are found (about 24 bytes a row), besides `have` (the KeySet:
+    about 64 bytes a key the store holds). The rows' text (locators, captions) is read by the encoding tasks themselves
+    (read_group), and sorted by Ray. For an image-to-video recipe, a clip's listed first-frame image is part of its
+    key and is read to encode."""
     from cogpipe.data.folders import recipe_buckets
     from cogpipe.data.stages import recipe_i2v
     from cogpipe.data.store import KeySet, key_bytes
 
-    shapes, i2v = recipe_buckets(cfg.data), recipe_i2v(cfg)
-    dropped = PROBED if i2v else PROBED + IMAGE
+    shapes, i2v = [list(s) for s in recipe_buckets(cfg.data)], recipe_i2v(cfg)
     have = have if isinstance(have, KeySet) else KeySet(have)
     have.merge()
     hit = np.zeros(len(have), dtype=bool)  # the stored keys the manifest names (each counted once)
-    parts, keys, problems, shown, rows = [], [], 0, [], 0
-    for batch in manifest_batches(manifest):
-        rows += batch.num_rows
-        probe = batch.select([c for c in ("uri", "digest", "frames", "height", "width", "problem", "image_digest")
-                              if c in batch.schema.names]).to_pylist()
-        assign_buckets(probe, shapes, i2v)
-        usable = []
-        for i, r in enumerate(probe):
-            if r.get("problem"):
-                problems += 1
-                if len(shown) < SHOWN:
-                    shown.append((r["uri"], r["problem"]))
-            else:
-                usable.append(i)
-        usable_keys = key_bytes(probe[i]["key"] for i in usable)
-        where = have.find(usable_keys)
-        hit[where[where >= 0]] = True
-        new = [usable[j] for j in np.flatnonzero(where < 0)]
-        if new:
-            part = batch.select([c for c in batch.schema.names if c not in dropped])
-            part = pa.Table.from_batches([part]).take(new)
-            part = part.add_column(0, "key", pa.array([probe[i]["key"] for i in new], pa.string()))
-            part = part.append_column("bucket", pa.array([probe[i]["bucket"] for i in new], pa.list_(pa.int64())))
-            parts.append(part)
-            keys.append(usable_keys[where < 0])
-    todo = pa.concat_tables(parts) if parts else pa.table({"key": pa.array([], pa.string())})
-    order = np.arange(0)
-    if todo.num_rows:
-        keys = np.concatenate(keys)
-        by_key = np.argsort(keys, kind="stable")  # a key twice: its first row is encoded
+    keep, keys, where_new, offsets, problems, shown, rows = [], [], [], [], 0, [], 0
+    with open_groups(manifest) as pf:
+        for group in range(pf.num_row_groups if pf is not None else 0):
+            table = pf.read_row_group(group, columns=[c for c in KEYED if c in pf.schema_arrow.names])
+            probe = keyed(table, shapes, i2v)
+            offsets.append(rows)
+            usable = []
+            for i, r in enumerate(probe):
+                if r.get("problem"):
+                    problems += 1
+                    if len(shown) < SHOWN:
+                        shown.append((r["uri"], r["problem"]))
+                else:
+                    usable.append(i)
+            usable_keys = key_bytes(probe[i]["key"] for i in usable)
+            found = have.find(usable_keys)
+            hit[found[found >= 0]] = True
+            bits = np.zeros(len(probe), dtype=bool)
+            new = np.asarray(usable, dtype=np.int64)[found < 0]
+            bits[new] = True
+            keep.append(bits)
+            keys.append(_digests(probe[i]["key"] for i in new))
+            where_new.append(new + rows)
+            rows += len(probe)
+    keep = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
+    if keys:  # a key on several rows: its first row is encoded
+        keys, where_new = np.concatenate(keys), np.concatenate(where_new)
+        by_key = np.argsort(keys, kind="stable")
         keys = keys[by_key]
-        again = np.zeros(len(keys), dtype=bool)
-        again[by_key[1:][keys[1:] == keys[:-1]]] = True
-        del keys, by_key
-        buckets = todo.column("bucket")
-        by = pa.table({"f": pc.list_element(buckets, 0), "h": pc.list_element(buckets, 1),
-                       "w": pc.list_element(buckets, 2), "caption": todo.column("caption"), "key": todo.column("key")})
-        order = pc.sort_indices(by, [(c, "ascending") for c in by.column_names]).to_numpy()
-        order = order[~again[order]]
-    return Plan(todo=todo, order=order, present=int(hit.sum()), problems=problems, shown=shown, rows=rows)
+        keep[where_new[by_key[1:][keys[1:] == keys[:-1]]]] = False
+        del keys, where_new, by_key
+    ends = offsets[1:] + [rows]
+    location = manifest if isinstance(manifest, list) else str(manifest)
+    items = [dict(manifest=location, group=g, keep=np.packbits(keep[start:end]).tobytes(), shapes=shapes, i2v=i2v)
+             for g, (start, end) in enumerate(zip(offsets, ends)) if keep[start:end].any()]
+    return Plan(items=items, todo=int(keep.sum()), present=int(hit.sum()), problems=problems, shown=shown,
+                rows=rows)
+
+
+def _read_items(batch):
+    """Ray Data: a block of plan items (one row group each) -> that row group's rows to encode."""
+    import pyarrow as pa
+
+    return pa.concat_tables([read_group(item) for item in batch.to_pylist()])
+
+
+def read_plan(planned: Plan):
+    """The plan's rows to encode as a Ray dataset, unsorted: a task for each row group reads it from the manifest
+    (on the driver's machine where the manifest is a local folder, anywhere where it is a URL)."""
+    import ray
+
+    from cogpipe.data.store import filesystem, is_local
+
+    where = {}  # the driver's node: Ray labels every node with its id
+    if is_local(filesystem(planned.items[0]["manifest"])[0]):
+        where["label_selector"] = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+    return ray.data.from_items(planned.items, override_num_blocks=len(planned.items)).map_batches(
+        _read_items, batch_size=1, batch_format="pyarrow", **where)
 
 
 def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options: Optional[dict] = None,
            shard_rows: Optional[int] = None, log=print) -> dict:
-    """Encode the manifest's usable clips missing from the store at `out`; returns what was done (counts, seconds,
-    the pids of the encoding actors)."""
+    """Encode the usable clips of the manifest (its folder or URL) missing from the store at `out`; returns what was
+    done (counts, seconds, the pids of the encoding actors)."""
+    if isinstance(manifest, list):
+        raise TypeError("encode reads a manifest folder or URL (cogpipe.data.index.write_manifest writes one)")
     import ray
 
     from cogpipe.data import raycluster, store
@@ -369,13 +442,15 @@ def encode(cfg, manifest, out, *, workers: Optional[int] = None, storage_options
     published = len(writer.store.shards)
     if todo:
         size = cfg.data.encode_batch
-        blocks = max(workers, min(-(-todo // size), 10_000))  # a block is about one VAE batch
         # rows come back in the plan's order whatever the worker count or speed, so the store's rows (and a training
         # order drawn over them) are the same on every encode of a manifest (a dataset keeps the context it is made in)
         context = ray.data.DataContext.get_current()
         ordered, context.execution_options.preserve_order = context.execution_options.preserve_order, True
-        ds = ray.data.from_items(planned.sorted_rows(), override_num_blocks=min(blocks, todo))
-        planned = None  # the rows are Ray's now (the object store)
+        # read, sorted and cut into blocks by Ray before the encoding actors start (on a CPU cluster they hold every
+        # core: reading and sorting tasks would wait for one forever); the sorted rows wait in Ray's object store
+        ds = read_plan(planned).sort(list(SORT)).repartition(target_num_rows_per_block=block_rows(todo, size, workers))
+        ds = ds.materialize()
+        planned = None
         if gpus:  # decoding as CPU tasks beside the GPU actors; on a CPU cluster each actor decodes its own
             ds = ds.map(decode_row, num_cpus=1)  # batches (an actor holds its core: tasks beside it would wait)
         with warnings.catch_warnings():  # Ray 2.60 warns of passing actor options by keyword; it has no other way

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 from cogpipe.data.folders import DataError
@@ -31,6 +32,7 @@ from cogpipe.data.sources import Clip, open_source, read_bytes
 MANIFEST = "manifest.parquet"
 SUMMARY = "manifest.json"
 CHUNK = 8  # clips a probing task takes
+GROUP_ROWS = 8192  # rows of a manifest's Parquet row group: encode plans and reads a row group at a time
 READ_ERROR = "cannot read the clip's bytes"  # the one problem a re-index tries again
 
 COLUMNS = ("uri", "locator", "size", "mtime", "caption", "digest", "frames", "fps", "height", "width", "bucket",
@@ -151,9 +153,10 @@ def _probe_all(items: list, chunk: int, progress: Progress) -> list[dict]:
     return results
 
 
-def manifest_batches(out, rows: int = 8192, skip=()):
-    """The manifest in folder (or URL) `out`, `rows` rows at a time (pyarrow record batches, without the columns in
-    `skip`), read a Parquet batch at a time; nothing where there is none."""
+@contextmanager
+def open_manifest(out):
+    """The manifest in folder (or URL) `out` as a pyarrow ParquetFile, read a row group at a time (write_manifest
+    writes row groups of GROUP_ROWS rows); None where there is none."""
     import pyarrow.parquet as pq
 
     from cogpipe.data.store import filesystem
@@ -161,11 +164,19 @@ def manifest_batches(out, rows: int = 8192, skip=()):
     fs, root = filesystem(out)
     path = f"{root}/{MANIFEST}"
     if not fs.exists(path):
+        yield None
         return
     with fs.open(path, "rb") as f:  # a row group at a time: pre-buffering would keep every row group read so far
-        pf = pq.ParquetFile(f, pre_buffer=False)
-        yield from pf.iter_batches(rows, columns=[c for c in pf.schema_arrow.names if c not in skip],
-                                   use_threads=False)
+        yield pq.ParquetFile(f, pre_buffer=False)
+
+
+def manifest_batches(out, rows: int = 8192, skip=()):
+    """The manifest in folder (or URL) `out`, `rows` rows at a time (pyarrow record batches, without the columns in
+    `skip`), read a Parquet batch at a time; nothing where there is none."""
+    with open_manifest(out) as pf:
+        if pf is not None:
+            yield from pf.iter_batches(rows, columns=[c for c in pf.schema_arrow.names if c not in skip],
+                                       use_threads=False)
 
 
 def read_manifest(out) -> list[dict]:
@@ -185,7 +196,7 @@ def write_manifest(out, rows: list[dict], summary: dict) -> None:
     fs, root = filesystem(out)
     table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in rows], schema=_schema())
     sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=8192)  # encode plans a row group at a time: its memory stays bounded
+    pq.write_table(table, sink, row_group_size=GROUP_ROWS)
     _put_atomic(fs, f"{root}/{MANIFEST}", sink.getvalue())
     _put_atomic(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=1).encode())
 
