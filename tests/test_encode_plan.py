@@ -151,3 +151,15 @@ def test_a_local_manifest_is_read_on_the_drivers_node_of_a_two_node_cluster(tmp_
     assert got["items"] == 30
     assert got["local"] == [got["driver"]]
     assert len(got["unpinned"]) == 2 and got["driver"] in got["unpinned"]
+
+
+def test_a_manifest_changed_after_planning_is_named_not_misread(tmp_path):
+    """The reading tasks find the row groups the plan counted, or stop with an error naming the manifest."""
+    from cogpipe.data.folders import DataError
+
+    index_mod.write_manifest(tmp_path / "m", _manifest(100), {})
+    planned = encode_mod.plan(_cfg(), tmp_path / "m", set())
+    assert len(planned.sorted_rows()) == len(planned) > 0
+    index_mod.write_manifest(tmp_path / "m", _manifest(120), {})  # re-indexed meanwhile: more rows
+    with pytest.raises(DataError, match="manifest changed while it was encoded"):
+        planned.sorted_rows()

@@ -289,9 +289,15 @@ def read_group(item: dict):
         names = pf.schema_arrow.names
         dropped = PROBED if item["i2v"] else PROBED + IMAGE
         table = pf.read_row_group(item["group"], columns=[c for c in names if c not in dropped or c in KEYED])
-    keep = np.flatnonzero(np.unpackbits(np.frombuffer(item["keep"], np.uint8), count=table.num_rows))
-    table = table.take(pa.array(keep, pa.int64()))
+    changed = DataError(f"{item['manifest']}: the manifest changed while it was encoded (row group {item['group']} "
+                        f"is not the one planned); run `cogpipe data encode` again")
+    if table.num_rows != item["rows"]:
+        raise changed
+    bits = np.unpackbits(np.frombuffer(item["keep"], np.uint8), count=item["rows"])
+    table = table.take(pa.array(np.flatnonzero(bits), pa.int64()))
     rows = keyed(table, item["shapes"], item["i2v"])
+    if any(r["key"] is None for r in rows):  # a row the plan kept that now has a problem
+        raise changed
     table = table.select([c for c in table.column_names if c not in dropped])
     table = table.add_column(0, "key", pa.array([r["key"] for r in rows], pa.string()))
     buckets = [r["bucket"] for r in rows]
@@ -302,10 +308,10 @@ def read_group(item: dict):
 
 
 class Plan:
-    """What `plan` found in a manifest: `items`, one for each row group that holds rows to encode (its index and a
-    bit for each of its rows: read_group's input); `todo`: rows to encode; `present`: usable keys the store holds
-    already; `problems`: rows skipped for their problem, `shown` the first SHOWN of them as (uri, problem); `rows`:
-    rows in the manifest."""
+    """What `plan` found in a manifest: `items`, one for each row group that holds rows to encode (its index, its
+    row count and a bit for each of its rows: read_group's input); `todo`: rows to encode; `present`: usable keys the
+    store holds already; `problems`: rows skipped for their problem, `shown` the first SHOWN of them as (uri,
+    problem); `rows`: rows in the manifest."""
 
     def __init__(self, items: list[dict], todo: int, present: int, problems: int, shown: list, rows: int):
         self.items, self.todo, self.present, self.problems, self.shown, self.rows = (items, todo, present, problems,
@@ -384,8 +390,8 @@ def plan(cfg, manifest, have) -> Plan:
         del keys, where_new, by_key
     ends = offsets[1:] + [rows]
     location = manifest if isinstance(manifest, list) else str(manifest)
-    items = [dict(manifest=location, group=g, keep=np.packbits(keep[start:end]).tobytes(), shapes=shapes, i2v=i2v)
-             for g, (start, end) in enumerate(zip(offsets, ends)) if keep[start:end].any()]
+    items = [dict(manifest=location, group=g, rows=end - start, keep=np.packbits(keep[start:end]).tobytes(),
+                  shapes=shapes, i2v=i2v) for g, (start, end) in enumerate(zip(offsets, ends)) if keep[start:end].any()]
     return Plan(items=items, todo=int(keep.sum()), present=int(hit.sum()), problems=problems, shown=shown,
                 rows=rows)
 
