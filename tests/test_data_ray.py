@@ -349,19 +349,24 @@ def test_encode_on_ray_equals_train_py_encoding(ray_local, manifest, reference, 
     assert again["added"] == 0 and again["present"] == len(SPECS)
 
 
-def test_encode_on_a_cluster_with_gpus_decodes_in_tasks_beside_one_gpu_actors(manifest, folder, reference, tmp_path):
-    """The GPU path of encode (decoding as CPU tasks, an actor a GPU) on a Ray that declares 2 logical GPUs on this
-    CPU machine (tests/ray_gpu_pool.py): 2 actors, every clip encoded once, the folder cache's bits (the actors find
-    no CUDA, so the encoders run on the CPU)."""
+def test_encode_on_a_two_node_cluster_with_gpus(manifest, folder, reference, tmp_path):
+    """On a Ray cluster of two nodes (tests/ray_cluster.py): the driver's head with 1 CPU and a node with 4 CPUs and 2
+    logical GPUs. A manifest folder on the driver's machine is read by tasks on the driver's node (the same tasks
+    unpinned go elsewhere); encode takes the GPU path (decoding tasks, an actor a GPU: 2 actors) and stores every
+    clip once, with the folder cache's bits (the actors find no CUDA, so the encoders run on the CPU)."""
     from cogpipe.devices import DTYPE_NAMES
 
     overrides = ["model.pretrained=null", f"data.root={folder}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"output_dir={tmp_path / 'out'}", "validation.every=0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "ray_gpu_pool.py"), str(RECIPE), str(manifest),
-                        str(tmp_path / "s"), *overrides], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "ray_cluster.py"), str(RECIPE), str(manifest),
+                        str(tmp_path / "s"), str(tmp_path), *overrides], env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    got = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    assert got["items"] == 30 and got["local"] == [got["driver"]]
+    assert len(got["unpinned"]) == 2 or got["unpinned"] != [got["driver"]], got  # the control: they do go elsewhere
+    result = got["result"]
     assert (result["workers"], result["added"], result["failed"]) == (2, len(SPECS), 0)
     assert store.open_store(tmp_path / "s").identity["dtype"] == DTYPE_NAMES[torch.bfloat16]  # the GPU path's
     _assert_matches_reference(tmp_path / "s", manifest, reference)

@@ -3,7 +3,6 @@ the whole manifest (skip problems, each key once, skip stored keys, sort by buck
 manifest comes as rows or as Parquet read a batch at a time; the store's keys held as a KeySet behave as a set."""
 
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -132,25 +131,6 @@ def test_existing_keys_reads_every_shard(tmp_path):
     have = w.existing_keys()
     assert len(w.store.shards) == 4 and len(have) == len(keys) and all(k in have for k in keys)
     assert w.add((1, 16, 16), [{**row, "key": keys[0]}, {**row, "key": "new"}]) == 1 and "new" in have
-
-
-def test_a_local_manifest_is_read_on_the_drivers_node_of_a_two_node_cluster(tmp_path, monkeypatch):
-    """A manifest folder on the driver's machine is read by tasks on the driver's node; the same tasks unpinned
-    spread over both nodes of the cluster (two Ray nodes on this machine)."""
-    import json
-    import subprocess
-    import sys
-
-    monkeypatch.setattr(index_mod, "GROUP_ROWS", 16)
-    index_mod.write_manifest(tmp_path / "m", _manifest(480), {})
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "ray_two_nodes.py"), str(tmp_path / "m")], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
-    assert got["items"] == 30
-    assert got["local"] == [got["driver"]]
-    assert len(got["unpinned"]) == 2 and got["driver"] in got["unpinned"]
 
 
 def test_a_manifest_changed_after_planning_is_named_not_misread(tmp_path):
