@@ -77,7 +77,7 @@ def main() -> None:
     overrides = ["model.pretrained=null", f"data.root={root}", "validation.every=0", f"output_dir={tmp / 'o'}"]
     cfg = load_config(RECIPE, overrides)
     t = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray_start = time.monotonic() - t
     index_mod.build_index([str(root)], tmp / "m", log=lambda *_: None)
 

@@ -37,7 +37,7 @@ def ray_local():
     import ray
 
     t0 = time.monotonic()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     print(f"ray.init on 2 CPUs: {time.monotonic() - t0:.1f} s")
     yield ray
     ray.shutdown()

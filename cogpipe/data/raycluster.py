@@ -24,7 +24,10 @@ def connect(address: str | None = None, num_cpus: int | None = None):
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=num_cpus or local_cpus(), include_dashboard=False, logging_level=logging.WARNING)
+            # "local": a new Ray of this process's own, even where `ray start` left a cluster on this machine (which
+            # ray.init() would join, refusing num_cpus)
+            ray.init(address="local", num_cpus=num_cpus or local_cpus(), include_dashboard=False,
+                     logging_level=logging.WARNING)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # cogpipe prints its own progress (clips/s, ETA)
     ctx.print_on_execution_start = False
