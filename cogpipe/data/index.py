@@ -170,18 +170,12 @@ def open_manifest(out):
         yield pq.ParquetFile(f, pre_buffer=False)
 
 
-def manifest_batches(out, rows: int = 8192, skip=()):
-    """The manifest in folder (or URL) `out`, `rows` rows at a time (pyarrow record batches, without the columns in
-    `skip`), read a Parquet batch at a time; nothing where there is none."""
-    with open_manifest(out) as pf:
-        if pf is not None:
-            yield from pf.iter_batches(rows, columns=[c for c in pf.schema_arrow.names if c not in skip],
-                                       use_threads=False)
-
-
 def read_manifest(out) -> list[dict]:
-    """The rows of the manifest in folder (or URL) `out`; [] where there is none."""
-    return [r for batch in manifest_batches(out) for r in batch.to_pylist()]
+    """The rows of the manifest in folder (or URL) `out`, read a row group at a time; [] where there is none."""
+    with open_manifest(out) as pf:
+        if pf is None:
+            return []
+        return [r for g in range(pf.num_row_groups) for r in pf.read_row_group(g, use_threads=False).to_pylist()]
 
 
 def write_manifest(out, rows: list[dict], summary: dict) -> None:
