@@ -8,9 +8,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,11 +86,39 @@ def _shot(pg, name):
         pg.screenshot(path=str(REPO / "docs" / f"ui_{name}.png"), full_page=True)
 
 
-def _text(pg, selector, pattern, timeout_s):
+def _text(pg, selector, pattern, timeout_s, log: Path | None = None):
     """Wait until the element's text matches `pattern`; returns the text."""
-    pg.wait_for_function("([s, p]) => { const e = document.querySelector(s); return e && new RegExp(p).test("
-                         "e.innerText) }", arg=[selector, pattern], timeout=timeout_s * 1000)
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        pg.wait_for_function("([s, p]) => { const e = document.querySelector(s); return e && new RegExp(p).test("
+                             "e.innerText) }", arg=[selector, pattern], timeout=timeout_s * 1000)
+    except PageTimeout:
+        shown = pg.inner_text(selector) if pg.query_selector(selector) else "(no such element)"
+        _timed_out(f"{selector} did not match {pattern!r} in {timeout_s} s; it shows {shown!r}", log)
     return pg.inner_text(selector)
+
+
+def _timed_out(what: str, log: Path | None):
+    """Fail with what the page showed, the end of a job's log and the machine's busiest processes."""
+    tail = log.read_text()[-4000:] if log is not None and log.is_file() else "(no log)"
+    busy = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etimes,args", "--sort=-pcpu"], capture_output=True,
+                          text=True).stdout.splitlines()[:15]
+    pytest.fail(f"{what}\n--- {log}:\n{tail}\n--- busiest processes:\n" + "\n".join(b[:200] for b in busy))
+
+
+def _end_job(run_dir: Path) -> None:
+    """Kill what a page job of `run_dir` left running (its own session: the launcher and the trainers), so that a
+    failed test does not hold the page's one-job queue for the tests after it."""
+    try:
+        job = json.loads((run_dir / "ui_job.json").read_text())
+    except (OSError, ValueError):
+        return
+    if job.get("pid") and job.get("returncode") is None:
+        try:
+            os.killpg(job["pid"], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _start(pg, name, overrides):
@@ -127,7 +157,7 @@ def finished_run(server, browser):
     pg.goto(url, wait_until="domcontentloaded")
     message = _start(pg, "page_run", "train.max_steps=20 train.log_every=5 " + FAST.format(outputs=outputs))
     assert "started" in message, message
-    jobs = _text(pg, "#train-jobs", r"page_run\s+(finished|failed)", 600)
+    jobs = _text(pg, "#train-jobs", r"page_run\s+(finished|failed)", 600, log=outputs / "page_run" / "ui_train.log")
     assert re.search(r"page_run\s+finished", jobs), (outputs / "page_run" / "ui_train.log").read_text()[-3000:]
     _shot(pg, "train")
     pg.close()
@@ -164,13 +194,14 @@ def test_runs_tab_shows_the_loss_plot(page, finished_run):
     _shot(page, "runs")
 
 
-def test_stop_a_running_run(page, server, finished_run):
+def test_stop_a_running_run(page, server, finished_run, request):
     outputs = server[1]
     overrides = f"train.max_steps={STOP_STEPS} train.log_every=1 " + FAST.format(outputs=outputs)
+    request.addfinalizer(lambda: _end_job(outputs / "stop_run"))
     message = _start(page, "stop_run", overrides)
     assert "stop_run" in message
     _open_run(page, "stop_run")
-    _text(page, "#runs-summary", r"running, step [1-9]", 300)
+    _text(page, "#runs-summary", r"running, step [1-9]", 300, log=outputs / "stop_run" / "ui_train.log")
     page.click("#runs-stop")
     assert "SIGTERM sent" in _text(page, "#runs-action", "SIGTERM|not", 30)
     summary = _text(page, "#runs-summary", "interrupted|failed", 120)
@@ -193,10 +224,17 @@ def test_data_tab_prepares_a_folder_and_edits_a_caption(page, server):
     page.locator("#data-name").get_by_role("textbox").fill("page_set")
     page.click("#data-start")
     assert "page_set" in _text(page, "#data-message", "prepare page_set|not started", 30)
-    log = page.wait_for_function("() => { const t = document.querySelector('#data-log textarea'); "
-                                 "return t && /\\[(finished|failed|interrupted)\\]/.test(t.value) ? t.value : null }",
-                                 timeout=240_000).json_value()
     folder = outputs / "data" / "page_set"
+    from playwright.sync_api import TimeoutError as PageTimeout
+
+    try:
+        log = page.wait_for_function(
+            "() => { const t = document.querySelector('#data-log textarea'); "
+            "return t && /\\[(finished|failed|interrupted)\\]/.test(t.value) ? t.value : null }",
+            timeout=240_000).json_value()
+    except PageTimeout:
+        _timed_out(f"prepare did not end in 240 s; the Train tab's jobs: {page.inner_text('#train-jobs')!r}",
+                   folder / "ui_prepare.log")
     assert "[finished]" in log, (folder / "ui_prepare.log").read_text()[-3000:]
     page.click("#data-refresh")
     page.locator("#data-chosen").get_by_role("combobox").click()
