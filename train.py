@@ -11,7 +11,7 @@ import sys
 from cogpipe.config import ConfigError, add_recipe_arguments, load_config
 from cogpipe.data.folders import DataError
 from cogpipe.rundir import RefusedByMainProcess
-from cogpipe.signals import Interrupted
+from cogpipe.signals import Interrupted, stacks_on_sigusr1
 from cogpipe.training import WorldNotFormed, train
 
 
@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_recipe_arguments(parser)
     args = parser.parse_args(argv)
+    stacks_on_sigusr1()  # kill -USR1 PID: where each thread of this process is (README: Troubleshooting)
     try:
         cfg = load_config(args.config, args.overrides)
         try:

@@ -46,17 +46,20 @@ def failpoints_armed() -> bool:
 def failpoint(name: str) -> str | None:
     """Fault injection for the fault tests: COGPIPE_FAILPOINT=<name> sends SIGKILL to this process here,
     COGPIPE_FAILPOINT=<name>=TERM (or any other signal name) that signal, <name>=SLEEP<seconds> a delay (a slow
-    process in a race), <name>=NAN returns "NAN" for the caller to poison a value. <name> may hold * wildcards."""
-    point, _, action = os.environ.get("COGPIPE_FAILPOINT", "").partition("=")
-    if not point or not fnmatch.fnmatchcase(name, point):
-        return None
-    if action == "NAN":
-        return action
-    if action.startswith("SLEEP"):
-        time.sleep(float(action[5:]))
-    else:
-        os.kill(os.getpid(), getattr(signal, f"SIG{action or 'KILL'}"))
-    return None
+    process in a race), <name>=NAN returns "NAN" for the caller to poison a value. <name> may hold * wildcards;
+    several points are separated by ';' (each that matches acts, in order)."""
+    result = None
+    for entry in os.environ.get("COGPIPE_FAILPOINT", "").split(";"):
+        point, _, action = entry.partition("=")
+        if not point or not fnmatch.fnmatchcase(name, point):
+            continue
+        if action == "NAN":
+            result = action
+        elif action.startswith("SLEEP"):
+            time.sleep(float(action[5:]))
+        else:
+            os.kill(os.getpid(), getattr(signal, f"SIG{action or 'KILL'}"))
+    return result
 
 
 def _proc_start(pid: int | str) -> int | None:

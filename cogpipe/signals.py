@@ -1,8 +1,11 @@
-"""SIGTERM and SIGINT during training: finish the optimizer step in flight, save a checkpoint, stop."""
+"""SIGTERM and SIGINT during training: finish the optimizer step in flight, save a checkpoint, stop. SIGUSR1 (not on
+Windows): every thread's stack to stderr, the run going on (where a run that seems stuck is waiting)."""
 
 from __future__ import annotations
 
+import faulthandler
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -34,3 +37,12 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def stacks_on_sigusr1() -> bool:
+    """`kill -USR1 PID` writes every thread's Python stack to the process's stderr (its log) and the process goes
+    on. Returns whether it is set up (there is no SIGUSR1 on Windows)."""
+    if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        return False
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+    return True

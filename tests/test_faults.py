@@ -294,9 +294,13 @@ def test_sigterm_saves_then_exits(clips, reference, tmp_path):
     out = tmp_path / "out"
     # SIGTERM arrives in the middle of step 3 (between forward and backward): a signal sent from outside
     # raced the 6 fast steps and could land after the last one.
-    proc = _launch(clips, out, cache, env={"COGPIPE_FAILPOINT": "train-step:3=TERM"},
+    # SIGUSR1 at step 2 first: every thread's stack to stderr (README: Troubleshooting), and the run goes on
+    proc = _launch(clips, out, cache, env={"COGPIPE_FAILPOINT": "train-step:2=USR1;train-step:3=TERM"},
                    **{"train.checkpoint_every": 0})
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM, proc.stderr.read().decode()[-2000:]
+    stderr = proc.stderr.read().decode()
+    assert re.search(r"Current thread 0x[0-9a-f]+ \(most recent call first\):\n(  File .*\n)*  File \".*training\.py\""
+                     r", line \d+ in _micro_step", stderr), stderr[-3000:]
     assert (out / "checkpoints" / "latest").read_text() == "checkpoint-000003"
     assert checkpoint.read_state(out / "checkpoints" / "checkpoint-000003")["step"] == 3
     assert not (out / "checkpoints" / "checkpoint-000004").exists()

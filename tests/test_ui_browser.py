@@ -3,6 +3,7 @@ with models/tiny-world and see it play, start a 20-step tiny run from the Train 
 plot in the Runs tab, stop a running run and see its checkpoint. One server (`cogpipe ui`, as a user starts it) and
 one browser serve every test; the finished run is shared. COGPIPE_UI_SCREENSHOTS=1 also writes docs/ui_*.png."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -100,11 +101,27 @@ def _text(pg, selector, pattern, timeout_s, log: Path | None = None):
 
 
 def _timed_out(what: str, log: Path | None):
-    """Fail with what the page showed, the end of a job's log and the machine's busiest processes."""
+    """Fail with what the page showed, the end of a job's log (a training job's trainers first write there where
+    each thread of theirs is: SIGUSR1) and the machine's busiest processes."""
+    if log is not None and log.name == "ui_train.log":
+        _stacks_to_log(log.parent)
     tail = log.read_text()[-4000:] if log is not None and log.is_file() else "(no log)"
     busy = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etimes,args", "--sort=-pcpu"], capture_output=True,
                           text=True).stdout.splitlines()[:15]
     pytest.fail(f"{what}\n--- {log}:\n{tail}\n--- busiest processes:\n" + "\n".join(b[:200] for b in busy))
+
+
+def _stacks_to_log(run_dir: Path) -> None:
+    import psutil
+
+    try:
+        trainers = psutil.Process(json.loads((run_dir / "ui_job.json").read_text())["pid"]).children()
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return
+    for proc in trainers:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGUSR1)
+    time.sleep(3)
 
 
 def _end_job(run_dir: Path) -> None:
