@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from helpers import REPO, SPECS, free_port, make_clips
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 STOP_STEPS = 100_000  # a run that cannot finish before the page, under load, has shown it running and stopped it
+SERVER_LOG = [None]  # where the page's server writes (the `server` fixture's)
+TICK_S = 2.5  # longer than the page's refresh period (2 s)
 FAST = ("data.root={outputs}/clips data.cache_dir={outputs}/.cache train.batch_size=1 lora.rank=4 lora.alpha=4 "
         "train.checkpoint_every=0 validation.steps=2 report_to=none train.warmup_steps=0")
 
@@ -38,10 +41,13 @@ def server(tmp_path_factory):
     outputs = tmp_path_factory.mktemp("ui") / "outputs"
     make_clips(outputs / "clips", SPECS)  # 4 clips (data/tiny has 12): less to encode; inside the page's folders
     port = free_port()
+    # every Runs-tab tick takes TICK_S (a loaded machine): a tick is in flight whenever the user chooses a run
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "-m", "cogpipe.cli", "ui", "--outputs", str(outputs), "--port",
-                             str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "GRADIO_ANALYTICS_ENABLED": "False", "COGPIPE_FAILPOINT": f"ui-runs-tick=SLEEP{TICK_S}"}
+    server_log = SERVER_LOG[0] = outputs.parent / "server.log"  # a file, not a pipe: a pipe nobody reads would
+    with open(server_log, "wb") as log:  # stop the server once it had written 64 KiB
+        proc = subprocess.Popen([sys.executable, "-m", "cogpipe.cli", "ui", "--outputs", str(outputs), "--port",
+                                 str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     import urllib.request
 
@@ -53,7 +59,7 @@ def server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                pytest.fail(f"cogpipe ui did not start: {proc.stdout.read()[-3000:]}")
+                pytest.fail(f"cogpipe ui did not start: {server_log.read_text()[-3000:]}")
             time.sleep(0.5)
     yield url, outputs
     proc.terminate()
@@ -108,7 +114,9 @@ def _timed_out(what: str, log: Path | None):
     tail = log.read_text()[-4000:] if log is not None and log.is_file() else "(no log)"
     busy = subprocess.run(["ps", "-eo", "pid,ppid,pcpu,etimes,args", "--sort=-pcpu"], capture_output=True,
                           text=True).stdout.splitlines()[:15]
-    pytest.fail(f"{what}\n--- {log}:\n{tail}\n--- busiest processes:\n" + "\n".join(b[:200] for b in busy))
+    server = SERVER_LOG[0].read_text(errors="replace")[-3000:] if SERVER_LOG[0] else ""
+    pytest.fail(f"{what}\n--- {log}:\n{tail}\n--- the page's server:\n{server}\n--- busiest processes:\n"
+                + "\n".join(b[:200] for b in busy))
 
 
 def _stacks_to_log(run_dir: Path) -> None:
@@ -209,6 +217,43 @@ def test_runs_tab_shows_the_loss_plot(page, finished_run):
     page.wait_for_function("() => { const v = document.querySelector('#runs-video video'); "
                            "return v && v.duration > 0 }")  # the validation video of step 20 plays
     _shot(page, "runs")
+
+
+def test_a_run_chosen_while_the_list_changes_stays_chosen(page, server, finished_run):
+    """The Runs tab's tick re-sends the run list when a run comes or changes state. A tick that read the chosen run
+    before the user chose (here every tick is slow, and the list changes on each) must not put the old choice back,
+    nor leave the old run's panels under the new choice."""
+    outputs = server[1]
+    stop = threading.Event()
+
+    def new_runs():  # a run folder appears every 0.5 s: the list the tick sends differs each time
+        k = 0
+        while not stop.wait(0.5):
+            (outputs / f"listed_{k}").mkdir()
+            (outputs / f"listed_{k}" / "config.yaml").write_text("{}\n")
+            k += 1
+
+    page.get_by_role("tab", name="Runs").click()
+    time.sleep(TICK_S)  # the page's first ticks have drawn the list
+    thread = threading.Thread(target=new_runs, daemon=True)
+    thread.start()
+    box = page.locator("#runs-choice").get_by_role("combobox")
+    try:
+        for name, first in [("page_run", "page_run: finished, step 20 of 20"),
+                            ("listed_0", "listed_0: failed, step 0 of ?")]:
+            box.click()
+            box.fill(f"{name}:")  # the list filtered to the one run (its options move as runs come)
+            page.get_by_role("option", name=re.compile(f"^{name}:")).click()
+            # a tick in flight at the choice may draw what it read before it; the next one draws the choice again
+            for _ in range(2):  # and so on, tick after tick, while the list changes; the choice itself never moves
+                _text(page, "#runs-summary", re.escape(first), 3 * TICK_S + 5)
+                assert box.input_value().startswith(f"{name}:"), box.input_value()
+                time.sleep(TICK_S)
+    finally:
+        stop.set()
+        thread.join()
+        for folder in outputs.glob("listed_*"):
+            shutil.rmtree(folder)
 
 
 def test_stop_a_running_run(page, server, finished_run, request):

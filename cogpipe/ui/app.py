@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from cogpipe.atomic import failpoint
 from cogpipe.attention import KERNELS
 from cogpipe.config import ConfigError
 from cogpipe.inference.pipeline import SCHEDULERS
@@ -211,16 +212,21 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
                     gr.update(choices=vids, value=vids[-1][1] if vids else None), ckpts,
                     runs.resolved_config(folder), log_text)
 
-        def live(name, shown):
+        def live(name, shown, drawn):
             """What changes while a run goes: the list, the state, the curves, the checkpoints, the log. The list
-            is sent only when a run came or changed state (an open list is left alone otherwise)."""
+            is sent only when a run came or changed state (an open list is left alone otherwise), and only its
+            choices: a tick that read the chosen run before the user chose another must not choose the old one
+            again. `drawn` is the run whose panels the page shows (the last writer's): a tick computed for the run
+            chosen before, landing after the new choice's view, is redrawn by the next tick."""
+            failpoint("ui-runs-tick")  # the page's test: a slow tick (a loaded machine), the user choosing meanwhile
             now = _run_choices(ctx)
-            listed = gr.update(choices=now, value=name) if now != shown else gr.update()
-            state = dict((n, label) for label, n in now).get(name, "")
-            if name and not state.endswith((": running", ": queued")) and now == shown:
-                return (listed, now, _runs_table(ctx)) + (gr.update(),) * 6  # nothing of this run moves
+            listed = gr.update(choices=now) if now != shown else gr.update()
+            state = dict((n, label) for label, n in now).get(name)
+            if name and (state is None  # not a run (the list's filter text being typed): its panels are left alone
+                         or name == drawn and not state.endswith((": running", ": queued")) and now == shown):
+                return (listed, now, _runs_table(ctx)) + (gr.update(),) * 6 + (drawn,)  # nothing of this run moves
             summary_, loss_, lr_, grad_, _, ckpts, _, log_ = view(name)
-            return listed, now, _runs_table(ctx), summary_, loss_, lr_, grad_, ckpts, log_
+            return listed, now, _runs_table(ctx), summary_, loss_, lr_, grad_, ckpts, log_, name
 
         def stop_run(name):
             if not name:
@@ -248,12 +254,14 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
             return f"{name}: export queued (log: ui_export.log in the run folder)"
 
         listed = gr.State([])  # the run list this page shows
+        drawn = gr.State(None)  # the run its panels show
         outputs = [summary, loss, lr, grad, videos, checkpoints, config, log]
-        choice.change(view, choice, outputs)
+        choice.change(lambda name: (*view(name), name), choice, [*outputs, drawn])
         videos.change(lambda v: v, videos, video)
         refresh.click(lambda: (gr.update(choices=_run_choices(ctx)), _runs_table(ctx)), None, [choice, table])
         tab.select(lambda: (gr.update(choices=_run_choices(ctx)), _runs_table(ctx)), None, [choice, table])
-        timer.tick(live, [choice, listed], [choice, listed, table, summary, loss, lr, grad, checkpoints, log])
+        timer.tick(live, [choice, listed, drawn],
+                   [choice, listed, table, summary, loss, lr, grad, checkpoints, log, drawn])
         stop.click(stop_run, choice, action)
         resume.click(resume_run, choice, action)
         export.click(export_run, choice, action)
