@@ -4,6 +4,7 @@ Windows): every thread's stack to stderr, the run going on (where a run that see
 from __future__ import annotations
 
 import faulthandler
+import io
 import signal
 import sys
 import threading
@@ -44,5 +45,8 @@ def stacks_on_sigusr1() -> bool:
     on. Returns whether it is set up (there is no SIGUSR1 on Windows)."""
     if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
         return False
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+    except (AttributeError, ValueError, io.UnsupportedOperation):  # a stderr with no file (captured, a notebook)
+        return False
     return True

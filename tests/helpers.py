@@ -7,6 +7,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def child_env(*paths, **variables) -> dict:
+    """The environment of a test's python subprocess: this one's, with `paths` and then the repository on
+    PYTHONPATH (so `cogpipe` imports from this checkout) and `variables` set."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), str(REPO)]), **variables}
+
+
 def needs(module: str, extra: str):
     """A mark for a test that needs an optional package: skipped, with the install line, where `module` is missing
     (the README's `pip install -e ".[test]"`); under CI (`CI` set: .ci/run installs every extra) it runs, so a missing

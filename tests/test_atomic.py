@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from cogpipe import atomic, checkpoint
 
-from helpers import REPO, SPECS, make_clips, tiny_overrides
+from helpers import REPO, SPECS, child_env, make_clips, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 VAE_RECIPE = REPO / "configs" / "world" / "tiny_world_vae.yaml"
@@ -27,8 +27,7 @@ VAE_RECIPE = REPO / "configs" / "world" / "tiny_world_vae.yaml"
 
 def _killed(code: str, point: str) -> None:
     """Run `code` in a fresh python with COGPIPE_FAILPOINT=atomic-write:<point>; it must die by SIGKILL there."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
-           "COGPIPE_FAILPOINT": f"atomic-write:{point}"}
+    env = child_env(REPO / "tests", COGPIPE_FAILPOINT=f"atomic-write:{point}")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
 
@@ -71,7 +70,7 @@ def test_failed_write_leaves_nothing_and_the_old_content(tmp_path):
 
 def test_sweep_removes_dead_owners_temps_and_keeps_live_ones(tmp_path):
     finished = subprocess.run([sys.executable, "-c", "from cogpipe import atomic; print(atomic.temp_path('x'))"],
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True)
+                              env=child_env(), capture_output=True, text=True, check=True)
     dead_name = finished.stdout.strip()[1:].split(".", 1)[1]  # "cogpipe-tmp-<host>-<pid>-<start>"
     deep = tmp_path / "a" / "b"
     deep.mkdir(parents=True)

@@ -22,7 +22,7 @@ from cogpipe.data import sources, store
 from cogpipe.data.cache import build_cache
 from cogpipe.data.folders import discover
 
-from helpers import NEEDS_DATA, REPO, make_clips
+from helpers import NEEDS_DATA, REPO, child_env, make_clips
 
 pytestmark = NEEDS_DATA  # the extras these tests need: skipped, named, where missing
 
@@ -358,7 +358,7 @@ def test_encode_on_a_two_node_cluster_with_gpus(manifest, folder, reference, tmp
 
     overrides = ["model.pretrained=null", f"data.root={folder}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"output_dir={tmp_path / 'out'}", "validation.every=0"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "HF_HUB_OFFLINE": "1"}
+    env = child_env(REPO / "tests", HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, str(REPO / "tests" / "ray_cluster.py"), str(RECIPE), str(manifest),
                         str(tmp_path / "s"), str(tmp_path), *overrides], env=env, capture_output=True, text=True,
                        timeout=600)
@@ -401,7 +401,7 @@ def test_cli_driver_killed_then_rerun_encodes_only_the_rest(ray_local, manifest,
     cmd = [sys.executable, "-m", "cogpipe.cli", "data", "encode", "--config", RECIPE, "--manifest", str(manifest),
            "--out", str(tmp_path / "S"), "--address", address, "--workers", "1", "--shard-rows", "2",
            "model.pretrained=null", "validation.every=0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "COGPIPE_FAILPOINT": "encode-published:1"}
+    env = child_env(COGPIPE_FAILPOINT="encode-published:1")
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert store.open_store(tmp_path / "S").rows == 2

@@ -1,7 +1,6 @@
 """cogpipe.family: the one table of CogVideoX variants, its rules, and that every consumer reads from it."""
 
 import inspect
-import os
 import subprocess
 import sys
 import warnings
@@ -12,7 +11,7 @@ import yaml
 from cogpipe import family
 from cogpipe.family import VARIANTS
 
-from helpers import REPO  # noqa: E402
+from helpers import REPO, child_env  # noqa: E402
 
 
 def test_import_is_light():
@@ -20,7 +19,7 @@ def test_import_is_light():
     code = ("import sys, cogpipe.family, cogpipe.convert.detect; "
             "print([m for m in ('diffusers', 'transformers') if m in sys.modules])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env=child_env())
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 

@@ -14,7 +14,7 @@ from cogpipe import rundir
 from cogpipe.config import ConfigError, load_config
 from cogpipe.training import train
 
-from helpers import REPO, launch, run_tiny, tiny_overrides
+from helpers import REPO, child_env, launch, run_tiny, tiny_overrides
 
 RECIPE = REPO / "configs" / "tiny_lora.yaml"
 
@@ -76,7 +76,7 @@ time.sleep(60)
 def test_a_live_lock_refuses_a_second_launch_and_a_dead_ones_is_taken_over(tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+                              env=child_env())
     try:
         assert holder.stdout.readline().strip() == "held"
         lock = json.loads((out / rundir.LOCK).read_text())

@@ -18,7 +18,7 @@ from cogpipe.data import store as S
 from cogpipe.data.batches import epoch_batches
 from cogpipe.data.reader import StoreDataset, store_epoch
 
-from helpers import NEEDS_DATA, REPO, run_tiny, store_from_folder
+from helpers import NEEDS_DATA, REPO, child_env, run_tiny, store_from_folder
 
 pytestmark = NEEDS_DATA  # the extras these tests need: skipped, named, where missing
 
@@ -74,7 +74,7 @@ def test_writer_killed_then_resumed_has_every_key_once(tmp_path):
         w.write_shard((9, 16, 16), rows(2, start=4))   # written, not yet listed
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    r = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = subprocess.run([sys.executable, "-c", script], env=child_env())
     assert r.returncode == -signal.SIGKILL
     assert len(list((url / "shards" / "9x16x16").glob("*.parquet"))) == 3
     assert S.open_store(url).rows == 4
@@ -174,7 +174,7 @@ def test_store_run_killed_and_resumed_equals_the_folder_run(store, clips, traine
     checkpoint: the rows are in the folder's order and the store is one window of shards, so the order is the
     folder's, and the weights equal the uninterrupted folder run's exactly."""
     overrides = {"data.store": store.url, "data.root": "null", "data.num_workers": 2}
-    env = {**os.environ, "COGPIPE_FAILPOINT": "train-step:3", "PYTHONPATH": str(REPO)}
+    env = child_env(COGPIPE_FAILPOINT="train-step:3")
     cmd = [sys.executable, "-c", "import sys; sys.path.insert(0, 'tests'); from helpers import run_tiny; "
            f"run_tiny({str(clips)!r}, {str(tmp_path / 'out')!r}, {str(tmp_path / 'cache')!r}, **{overrides!r})"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -3,7 +3,6 @@ frame-accurate access by index, the two backends giving the same frames, sources
 writer, and errors that name the clip. docs/video.md records what was measured."""
 
 import io
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 from cogpipe import video
 from cogpipe.video import VideoBackendError, VideoError, open_video, probe, read_video, write_mp4
 
-from helpers import REPO
+from helpers import REPO, child_env
 
 NO_DECORD = REPO / "tests" / "no_decord"
 
@@ -104,7 +103,7 @@ def test_backend_is_decord_where_installed_else_pyav_and_the_variable_forces_one
 
 
 def test_the_no_decord_folder_hides_decord_from_subprocesses_too():
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(NO_DECORD), str(REPO)])}
+    env = child_env(NO_DECORD)
     env.pop(video.ENV, None)
     code = ("import cogpipe.video as v; print(v.backend_name())\n"
             "try:\n import decord\nexcept ImportError as e: print('hidden:', e)")

@@ -232,7 +232,7 @@ def _runs_tab(ctx: Context, timer: gr.Timer) -> None:
             if not name:
                 return "choose a run"
             job = ctx.queue.find(run_dir(name))
-            if job is None or job.state not in ("queued", "running"):
+            if job is None or not job.active:
                 return f"{name}: not started from this page, or not running"
             return ctx.queue.stop(job)
 
@@ -306,9 +306,7 @@ def _train_tab(ctx: Context, timer: gr.Timer) -> None:
                                            ctx.train_py, ctx.configs, which, int(count or 1), jobs=list(ctx.queue.jobs))
             except (ConfigError, ValueError, FileNotFoundError) as e:
                 return f"**not started**: {e}"
-            waiting = ctx.queue.current() is not None or bool(ctx.queue.queued())
-            ctx.queue.submit(job)
-            return f"{job.name}: {'queued behind the running job' if waiting else 'started'} ({job.log})"
+            return ctx.queue.start(job)
 
         def live():
             rows = [(j.name, j.state, time.strftime("%H:%M:%S", time.localtime(j.started)) if j.started else "")
@@ -367,9 +365,7 @@ def _data_tab(ctx: Context, timer: gr.Timer) -> None:
                                           caption_model, flags, jobs=list(ctx.queue.jobs))
             except (ConfigError, ValueError, FileNotFoundError) as e:
                 return f"**not started**: {e}"
-            waiting = ctx.queue.current() is not None or bool(ctx.queue.queued())
-            ctx.queue.submit(job)
-            return f"{job.name}: {'queued behind the running job' if waiting else 'started'} ({job.log})"
+            return ctx.queue.start(job)
 
         def show(which):
             if not which:

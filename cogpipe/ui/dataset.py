@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cogpipe.config import ConfigError
-from cogpipe.ui.launcher import Job
+from cogpipe.ui.launcher import Job, active_job
 from cogpipe.ui.safety import PathGuard
 
 DATA = "data"  # prepared folders go to OUTPUTS/data/<name>
@@ -65,9 +65,8 @@ def prepare_job(source, name: str, recipe, outputs, guard: PathGuard, caption_mo
     if any(a.split("=")[0] in ("--out", "--for", "--caption-model", "--address") for a in args):
         raise ConfigError("extra flags: --out, --for, --caption-model and --address are set by the page")
     label = f"prepare {out.name}"
-    for job in jobs:
-        if job.name == label and job.state in ("queued", "running"):
-            raise ConfigError(f"dataset {out}: a prepare job of this page is already {job.state} there")
+    if (job := active_job(jobs, name=label)) is not None:
+        raise ConfigError(f"dataset {out}: a prepare job of this page is already {job.state} there")
     command = [sys.executable, "-m", "cogpipe.cli", "prepare", str(source), "--for", str(recipe), "--out", str(out),
                "--caption-model", model, *args]
     return Job(label, command, out / LOG)
@@ -107,9 +106,8 @@ def edit_caption(folder, clip: str, text: str, recipe, jobs=()) -> dict:
     from cogpipe.models import build_tokenizer, component_configs
 
     folder = Path(folder).resolve()
-    for job in jobs:
-        if job.name == f"prepare {folder.name}" and job.state in ("queued", "running"):
-            raise ValueError(f"{folder}: a prepare job is {job.state} on this folder; edit once it has ended")
+    if (job := active_job(jobs, name=f"prepare {folder.name}")) is not None:
+        raise ValueError(f"{folder}: a prepare job is {job.state} on this folder; edit once it has ended")
     clip = Path(clip).name
     everything = read_clips(folder)
     by_clip = {Path(r["clip"]).name: r for r in everything}

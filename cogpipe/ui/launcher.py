@@ -45,6 +45,11 @@ class Job:
     started: float | None = None
     ended: float | None = None
 
+    @property
+    def active(self) -> bool:
+        """Queued or running: the folder it writes is taken."""
+        return self.state in ("queued", "running")
+
     def record(self) -> dict:
         return {"name": self.name, "command": self.command, "log": str(self.log), "state": self.state,
                 "pid": self.pid, "returncode": self.returncode, "stop_requested": self.stop_requested,
@@ -54,6 +59,16 @@ class Job:
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.run_dir / JOB, json.dumps(self.record(), indent=1))
+
+
+def active_job(jobs, *, name: str | None = None, run_dir=None) -> Job | None:
+    """The job of `jobs` queued or running under `name` or in `run_dir` (a training run's folder), or None."""
+    run_dir = None if run_dir is None else Path(run_dir).resolve()
+    for job in jobs:
+        if job.active and (job.name == name or run_dir is not None and job.run_dir is not None
+                           and Path(job.run_dir).resolve() == run_dir):
+            return job
+    return None
 
 
 def train_command(train_py, recipe, overrides=(), launcher: str = "default", num_processes: int = 1,
@@ -106,6 +121,13 @@ class JobQueue:
             self.jobs.append(job)
             self._cond.notify_all()
         return job
+
+    def start(self, job: Job) -> str:
+        """Submit `job`; what the page says about it: started, or queued behind the job that runs."""
+        with self._cond:
+            waiting = any(j.active for j in self.jobs)
+        self.submit(job)
+        return f"{job.name}: {'queued behind the running job' if waiting else 'started'} ({job.log})"
 
     def current(self) -> Job | None:
         with self._cond:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cogpipe import rundir
 from cogpipe.config import Config, ConfigError, load_config
-from cogpipe.ui.launcher import Job, train_command
+from cogpipe.ui.launcher import Job, active_job, train_command
 from cogpipe.ui.runs import LOG
 from cogpipe.ui.safety import PathGuard, path_fields
 
@@ -92,11 +92,9 @@ def training_job(recipe, overrides_text: str, name: str, outputs, guard: PathGua
 
 def check_queue(jobs, run_dir) -> None:
     """ConfigError when one of the page's `jobs` is queued or running in `run_dir`."""
-    run_dir = Path(run_dir).resolve()
-    for job in jobs:
-        if job.run_dir is not None and Path(job.run_dir).resolve() == run_dir and job.state in ("queued", "running"):
-            raise ConfigError(f"output_dir {run_dir}: a job of this page is already queued or running there "
-                              f"({job.name}, {job.state}); wait for it, stop it, or choose another run name")
+    if (job := active_job(jobs, run_dir=run_dir)) is not None:
+        raise ConfigError(f"output_dir {Path(run_dir).resolve()}: a job of this page is already queued or running "
+                          f"there ({job.name}, {job.state}); wait for it, stop it, or choose another run name")
 
 
 def resume_job(run_dir, overrides_text: str, outputs, guard: PathGuard, train_py, configs_dir,
