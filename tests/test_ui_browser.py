@@ -3,7 +3,6 @@ with models/tiny-world and see it play, start a 20-step tiny run from the Train 
 plot in the Runs tab, stop a running run and see its checkpoint. One server (`cogpipe ui`, as a user starts it) and
 one browser serve every test; the finished run is shared. COGPIPE_UI_SCREENSHOTS=1 also writes docs/ui_*.png."""
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -120,16 +119,14 @@ def _timed_out(what: str, log: Path | None):
 
 
 def _stacks_to_log(run_dir: Path) -> None:
-    import psutil
+    from cogpipe.ui.launcher import signal_workers
 
     try:
-        trainers = psutil.Process(json.loads((run_dir / "ui_job.json").read_text())["pid"]).children()
-    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        pid = json.loads((run_dir / "ui_job.json").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
         return
-    for proc in trainers:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGUSR1)
-    time.sleep(3)
+    if pid and signal_workers(pid, signal.SIGUSR1, or_itself=False):  # accelerate's launcher has no handler
+        time.sleep(3)  # the stacks written
 
 
 def _end_job(run_dir: Path) -> None:

@@ -199,20 +199,28 @@ class JobQueue:
                 self._cond.notify_all()
 
 
-def terminate_workers(pid: int) -> str:
-    """SIGTERM to the processes `accelerate launch` (pid) started (the trainers), or to pid itself when it has none
-    (yet, or an export)."""
+def signal_workers(pid: int, signum: int, or_itself: bool = True) -> int:
+    """`signum` to the processes `accelerate launch` (pid) started (the trainers), or, `or_itself`, to pid itself
+    when it has none (yet, or an export); returns how many got it."""
     import psutil
 
     try:
         parent = psutil.Process(pid)
         children = parent.children()
     except psutil.NoSuchProcess:
-        return "already ended"
-    targets = children or [parent]
+        return 0
+    targets = children or ([parent] if or_itself else [])
     for proc in targets:
         try:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
         except psutil.NoSuchProcess:
             pass
-    return f"SIGTERM sent to {len(targets)} process{'es' if len(targets) > 1 else ''} (a checkpoint, then exit)"
+    return len(targets)
+
+
+def terminate_workers(pid: int) -> str:
+    """SIGTERM to the trainers of `accelerate launch` (pid): each saves a checkpoint, then exits."""
+    n = signal_workers(pid, signal.SIGTERM)
+    if not n:
+        return "already ended"
+    return f"SIGTERM sent to {n} process{'es' if n > 1 else ''} (a checkpoint, then exit)"
